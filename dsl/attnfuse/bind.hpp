@@ -1,0 +1,263 @@
+// Binding caller-owned memory to an expression's named inputs, and the
+// run-time shape rules every evaluator shares (the reference and both
+// backends): shapes of every node, the outer batch and head extents, and the
+// errors that name the operand and both shapes.
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#include "expr.hpp"
+#include "to_string.hpp"
+
+namespace attnfuse {
+
+// A read-only view of caller-owned memory: `batch` x `heads` matrices of
+// rows x cols, at any strides (in elements). Nothing is copied.
+template <class Element>
+struct tensor_view {
+    const Element* data = nullptr;
+    std::size_t rows = 0;
+    std::size_t cols = 0;
+    std::size_t batch = 1;
+    std::size_t heads = 1;
+    std::ptrdiff_t row_stride = 0;
+    std::ptrdiff_t col_stride = 1;
+    std::ptrdiff_t batch_stride = 0;
+    std::ptrdiff_t head_stride = 0;
+
+    const Element& at(std::size_t b, std::size_t h, std::size_t r, std::size_t c) const {
+        return data[static_cast<std::ptrdiff_t>(b) * batch_stride + static_cast<std::ptrdiff_t>(h) * head_stride +
+                    static_cast<std::ptrdiff_t>(r) * row_stride + static_cast<std::ptrdiff_t>(c) * col_stride];
+    }
+};
+
+// Packed rows: element (b, h, r, c) at ((b*heads + h)*rows + r)*cols + c.
+template <class Element>
+tensor_view<Element> row_major(const Element* data, std::size_t rows, std::size_t cols, std::size_t batch = 1,
+                               std::size_t heads = 1) {
+    const auto r = static_cast<std::ptrdiff_t>(rows), c = static_cast<std::ptrdiff_t>(cols),
+               h = static_cast<std::ptrdiff_t>(heads);
+    return {data, rows, cols, batch, heads, c, 1, h * r * c, r * c};
+}
+
+// Packed columns: element (r, c) at c*rows + r. A d x n matrix of column
+// vectors (the seeds' Q and K) stored this way has the bytes of an n x d
+// row-major array (the Transformer paper's Q and K).
+template <class Element>
+tensor_view<Element> col_major(const Element* data, std::size_t rows, std::size_t cols, std::size_t batch = 1,
+                               std::size_t heads = 1) {
+    const auto r = static_cast<std::ptrdiff_t>(rows), c = static_cast<std::ptrdiff_t>(cols),
+               h = static_cast<std::ptrdiff_t>(heads);
+    return {data, rows, cols, batch, heads, 1, r, h * r * c, r * c};
+}
+
+// Any layout: heads split out of a [batch, n, heads*d] tensor without a copy,
+// for example, are strided(data + 0, d, n, 1, heads*d, batch, heads, n*heads*d, d).
+template <class Element>
+tensor_view<Element> strided(const Element* data, std::size_t rows, std::size_t cols, std::ptrdiff_t row_stride,
+                             std::ptrdiff_t col_stride, std::size_t batch = 1, std::size_t heads = 1,
+                             std::ptrdiff_t batch_stride = 0, std::ptrdiff_t head_stride = 0) {
+    return {data, rows, cols, batch, heads, row_stride, col_stride, batch_stride, head_stride};
+}
+
+template <fixed_string Name, class Element>
+struct binding {
+    static constexpr auto name = Name;
+    tensor_view<Element> view;
+};
+
+// bind(Q, view): checks the view against Q's declared static shape.
+template <fixed_string Name, std::size_t R, std::size_t C, class El>
+binding<Name, El> bind(const matrix<Name, R, C, El>&, tensor_view<El> view) {
+    auto fail = [&](const std::string& why) {
+        throw shape_error("input " + std::string(Name.view()) + ": " + why);
+    };
+    if (view.data == nullptr) fail("bound to a null pointer");
+    if (view.rows == 0 || view.cols == 0 || view.batch == 0 || view.heads == 0)
+        fail("bound with an empty extent (" + std::to_string(view.batch) + " batch x " + std::to_string(view.heads) +
+             " heads of " + shape_to_string(view.rows, view.cols) + ")");
+    if ((R != dyn && R != view.rows) || (C != dyn && C != view.cols))
+        fail("declared " + shape_to_string(R, C) + " but bound to " + shape_to_string(view.rows, view.cols));
+    return {view};
+}
+template <fixed_string Name, std::size_t R, std::size_t C, class El>
+binding<Name, El> bind(const matrix<Name, R, C, El>& m, const El* data, std::size_t rows, std::size_t cols,
+                       std::size_t batch = 1, std::size_t heads = 1) {
+    return bind(m, row_major(data, rows, cols, batch, heads));
+}
+
+namespace detail {
+
+template <fixed_string Name, class Tuple, std::size_t I = 0>
+constexpr std::size_t binding_index() {
+    if constexpr (I == std::tuple_size_v<Tuple>) return I;
+    else if constexpr (std::tuple_element_t<I, Tuple>::name == Name) return I;
+    else return binding_index<Name, Tuple, I + 1>();
+}
+
+}  // namespace detail
+
+namespace check {
+template <fixed_string input_name, bool bound>
+constexpr void input_bound() {
+    static_assert(bound, "attnfuse: an input of the expression has no binding (its name is the input_name in this "
+                         "instantiation). Fix: pass bind(X, view) for every named input.");
+}
+template <class E>
+constexpr void no_pending_transpose() {
+    static_assert(!holds_marker_v<E>,
+                  "attnfuse: the expression holds a `T` that no `X^T` consumed (as in `auto s = T*K;`). "
+                  "Write the whole `Q^T*K`, or transpose(Q)*K.");
+}
+}  // namespace check
+
+// The bound inputs of one evaluation, found by name at compile time.
+template <class... Bindings>
+struct environment {
+    std::tuple<Bindings...> bindings;
+    std::size_t batch = 1;  // outer extents every expression broadcasts over
+    std::size_t heads = 1;
+
+    explicit environment(Bindings... bs) : bindings(std::move(bs)...) {
+        std::apply([&](const auto&... b) { ((batch = std::max(batch, b.view.batch)), ...); }, bindings);
+        std::apply([&](const auto&... b) { ((heads = std::max(heads, b.view.heads)), ...); }, bindings);
+        std::apply([&](const auto&... b) { (check_outer(b), ...); }, bindings);
+    }
+
+    template <fixed_string Name>
+    const auto& view() const {
+        constexpr std::size_t index = detail::binding_index<Name, std::tuple<Bindings...>>();
+        check::input_bound<Name, index < sizeof...(Bindings)>();
+        if constexpr (index < sizeof...(Bindings)) return (std::get<index>(bindings).view);
+        else return unbound_view_;
+    }
+
+    // Which of an input's own batch entries and heads serves output (b, h):
+    // an extent of 1 broadcasts; fewer heads than the output are shared by
+    // consecutive groups of query heads (grouped- and multi-query attention).
+    template <class El>
+    std::size_t source_batch(const tensor_view<El>& v, std::size_t b) const { return v.batch == 1 ? 0 : b; }
+    template <class El>
+    std::size_t source_head(const tensor_view<El>& v, std::size_t h) const { return h / (heads / v.heads); }
+
+private:
+    tensor_view<float> unbound_view_{};  // only named after a failed input_bound check
+
+    template <class B>
+    void check_outer(const B& b) const {
+        const std::string name(B::name.view());
+        if (b.view.batch != 1 && b.view.batch != batch)
+            throw shape_error("input " + name + ": batch extent " + std::to_string(b.view.batch) +
+                              " does not broadcast against " + std::to_string(batch) + " (must be 1 or " +
+                              std::to_string(batch) + ")");
+        if (heads % b.view.heads != 0)
+            throw shape_error("input " + name + ": " + std::to_string(b.view.heads) + " heads do not divide the " +
+                              std::to_string(heads) + " heads of the other inputs (grouped heads must divide evenly)");
+    }
+};
+
+namespace detail {
+
+[[noreturn]] inline void throw_operand_mismatch(const std::string& what, const std::string& whole,
+                                                const std::string& left, runtime_shape ls, const std::string& right,
+                                                runtime_shape rs, const std::string& rule) {
+    throw shape_error(what + " in `" + whole + "`: left operand `" + left + "` is " + shape_to_string(ls) +
+                      ", right operand `" + right + "` is " + shape_to_string(rs) + "; " + rule);
+}
+
+}  // namespace detail
+
+// Run-time shape of any node under an environment; throws shape_error.
+template <class E, class Env>
+runtime_shape shape_of(const E& e, const Env& env);
+
+// The inner extent of the first matrix product in e, depth first: the d_k of
+// scale(e).
+template <class E, class Env>
+std::size_t inner_extent(const E& e, const Env& env) {
+    if constexpr (has_kind_v<E, kind::product>) {
+        return shape_of(e.template kid<0>(), env).cols;
+    } else if constexpr (is_node_v<E>) {
+        std::size_t found = 0;
+        std::apply([&](const auto&... kids) { ((found = found ? found : inner_extent(kids, env)), ...); }, e.kids);
+        return found;
+    } else {
+        return 0;
+    }
+}
+
+template <class E, class Env>
+runtime_shape shape_of(const E& e, const Env& env) {
+    if constexpr (is_input_v<E>) {
+        const auto& v = env.template view<E::name>();
+        return {v.rows, v.cols};
+    } else if constexpr (!is_node_v<E>) {
+        return {1, 1};
+    } else if constexpr (has_kind_template<E, kind::elementwise>::value) {
+        runtime_shape result{1, 1};
+        bool first = true;
+        std::apply(
+            [&](const auto&... kids) {
+                auto merge = [&](const auto& kid) {
+                    const runtime_shape s = shape_of(kid, env);
+                    if (first) {
+                        result = s;
+                        first = false;
+                        return;
+                    }
+                    bool ok = true;
+                    runtime_shape merged{detail::broadcast_runtime(result.rows, s.rows, ok),
+                                         detail::broadcast_runtime(result.cols, s.cols, ok)};
+                    if (!ok)
+                        throw shape_error("elementwise " + std::string(E::kind_type::op::name) + " in `" +
+                                          to_string(e) + "`: operand `" + to_string(kid) + "` is " +
+                                          shape_to_string(s) + " but the operands before it are " +
+                                          shape_to_string(result) + "; extents must be equal or 1 to broadcast");
+                    result = merged;
+                };
+                (merge(kids), ...);
+            },
+            e.kids);
+        return result;
+    } else if constexpr (has_kind_v<E, kind::product>) {
+        const auto& a = e.template kid<0>();
+        const auto& b = e.template kid<1>();
+        const runtime_shape as = shape_of(a, env), bs = shape_of(b, env);
+        if (as.cols != bs.rows)
+            detail::throw_operand_mismatch("matrix product", to_string(e), to_string(a), as, to_string(b), bs,
+                                           "columns of the left must equal rows of the right");
+        return {as.rows, bs.cols};
+    } else if constexpr (has_kind_v<E, kind::transpose>) {
+        const runtime_shape s = shape_of(e.template kid<0>(), env);
+        return {s.cols, s.rows};
+    } else if constexpr (has_kind_template<E, kind::reduce_along_rows>::value) {
+        return {shape_of(e.template kid<0>(), env).rows, 1};
+    } else if constexpr (has_kind_template<E, kind::reduce_along_cols>::value) {
+        return {1, shape_of(e.template kid<0>(), env).cols};
+    } else if constexpr (has_kind_template<E, kind::pairwise>::value) {
+        const runtime_shape w = shape_of(e.template kid<0>(), env), q = shape_of(e.template kid<1>(), env),
+                            k = shape_of(e.template kid<2>(), env);
+        if (q.rows != k.rows)
+            detail::throw_operand_mismatch("pairwise score", to_string(e), to_string(e.template kid<1>()), q,
+                                           to_string(e.template kid<2>()), k,
+                                           "query and key features need the same number of rows d_a");
+        if (w.rows != q.rows || w.cols != 1)
+            throw shape_error("pairwise score in `" + to_string(e) + "`: weight `" + to_string(e.template kid<0>()) +
+                              "` is " + shape_to_string(w) + " but must be " + shape_to_string(q.rows, 1) +
+                              " (one weight per feature row)");
+        return {q.cols, k.cols};
+    } else if constexpr (has_kind_v<E, kind::lookup>) {
+        const runtime_shape t = shape_of(e.template kid<0>(), env);
+        if (t.rows != 1 && t.cols != 1)
+            throw shape_error("table lookup `" + to_string(e) + "`: table `" + to_string(e.template kid<0>()) +
+                              "` is " + shape_to_string(t) + " but must be one row or one column");
+        return shape_of(e.template kid<1>(), env);
+    } else {
+        return shape_of(e.template kid<0>(), env);  // kinds that keep their operand's shape
+    }
+}
+
+}  // namespace attnfuse
