@@ -1,60 +1,122 @@
-// attnfuse-zoo, the README's main job. For now it shows the DSL end to end:
-// an expression, its formula, its shape and its double-precision reference
-// result on small inputs, plus the machine's CPU and Vulkan devices.
+// attnfuse-zoo, the README's main job: every variant of VARIANTS.md at a
+// modest size, fused and unfused, with its error against the
+// double-precision reference, its time, its intermediate memory and its
+// kernels. Exits non-zero when an error exceeds its tolerance.
+//
+//   attnfuse-zoo [--json] [--list-devices]
 #include <attnfuse/cpu.hpp>
 #include <attnfuse/dsl.hpp>
 #include <attnfuse/vulkan.hpp>
+
+#include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <string>
 #include <vector>
+
+#include "variants.hpp"
 
 namespace af = attnfuse;
 
-int main() {
-    using af::matrix, af::T, af::causal;
-    matrix<"Q"> Q;
-    matrix<"K"> K;
-    matrix<"V"> V;
+namespace {
 
-    // Two heads, d_k = 3, four queries, five keys, d_v = 2, stored the way a
-    // Transformer codebase stores them: [heads, n, d] row-major.
-    const std::size_t heads = 2, d = 3, n_q = 4, n_k = 5, d_v = 2;
-    std::vector<float> q(heads * n_q * d), k(heads * n_k * d), v(heads * n_k * d_v);
-    for (std::size_t x = 0; x < q.size(); ++x) q[x] = static_cast<float>((x * 7 % 11) - 5) / 5.0f;
-    for (std::size_t x = 0; x < k.size(); ++x) k[x] = static_cast<float>((x * 5 % 13) - 6) / 6.0f;
-    for (std::size_t x = 0; x < v.size(); ++x) v[x] = static_cast<float>(x % 7) - 3.0f;
+struct row {
+    std::string variant, family, backend, mode, formula;
+    double milliseconds = 0, error = 0, tolerance = 0;
+    std::size_t intermediate_bytes = 0, kernels = 0;
+    bool ok() const { return error <= tolerance; }
+};
 
-    // Row-major n x d is column-major d x n: the seeds' Q and K, no copy.
-    auto bq = af::bind(Q, af::col_major(q.data(), d, n_q, 1, heads));
-    auto bk = af::bind(K, af::col_major(k.data(), d, n_k, 1, heads));
-    auto bv = af::bind(V, af::row_major(v.data(), n_k, d_v, 1, heads));
+// Largest |out - ref| over the largest |ref| (at least 1): the output's
+// relative error as a whole.
+double relative_error(const af::reference::result& ref, const std::vector<float>& out) {
+    double worst = 0, scale = 1;
+    for (std::size_t n = 0; n < ref.values.size(); ++n) {
+        if (std::isnan(ref.values[n]) != std::isnan(out[n])) return INFINITY;
+        if (std::isnan(ref.values[n])) continue;
+        worst = std::max(worst, std::abs(ref.values[n] - out[n]));
+        scale = std::max(scale, std::abs(ref.values[n]));
+    }
+    return worst / scale;
+}
 
-    auto show = [&](const auto& expr) {
-        const auto r = af::reference::evaluate(expr, bq, bk, bv);
-        std::printf("\n%s\n  shape: %zu batch x %zu heads x %zux%zu\n", af::to_string(expr).c_str(), r.batch,
-                    r.heads, r.rows, r.cols);
-        for (std::size_t h = 0; h < r.heads; ++h) {
-            std::printf("  head %zu:\n", h);
-            for (std::size_t row = 0; row < r.rows; ++row) {
-                std::printf("   ");
-                for (std::size_t col = 0; col < r.cols; ++col) std::printf(" %9.5f", r.at(0, h, row, col));
-                std::printf("\n");
-            }
-        }
-    };
-    std::printf("attnfuse zoo (reference evaluator, double precision)\n");
-    show(softmax(scale(Q^T*K))*V);
-    show(softmax(mask(scale(Q^T*K), causal))*V);
-    show(hard(Q^T*K)*V);
+std::string json_escape(const std::string& s) {
+    std::string out;
+    for (char c : s) {
+        if (c == '"' || c == '\\') out += '\\';
+        out += c;
+    }
+    return out;
+}
 
-    std::printf("\nCPU: %s\n", af::cpu::describe(af::cpu::this_machine()).c_str());
+void list_devices() {
+    std::printf("CPU: %s\n", af::cpu::describe(af::cpu::this_machine()).c_str());
     try {
         for (const auto& dev : af::vulkan::list_devices())
-            std::printf("Vulkan device %zu: %s (%s, Vulkan %s)\n", dev.index, dev.name.c_str(),
+            std::printf("Vulkan device %zu: %s (%s, Vulkan %s, %s)\n", dev.index, dev.name.c_str(),
                         std::string(af::vulkan::to_string(dev.kind)).c_str(),
-                        af::vulkan::api_version_to_string(dev.api_version).c_str());
+                        af::vulkan::api_version_to_string(dev.api_version).c_str(), dev.driver.c_str());
         std::printf("default Vulkan device: %s\n", af::vulkan::default_device().name.c_str());
     } catch (const af::vulkan::error& e) {
         std::printf("Vulkan: %s\n", e.what());
     }
-    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    bool json = false;
+    for (int a = 1; a < argc; ++a) {
+        if (!std::strcmp(argv[a], "--json")) json = true;
+        else if (!std::strcmp(argv[a], "--list-devices")) {
+            list_devices();
+            return 0;
+        } else {
+            std::fprintf(stderr, "usage: attnfuse-zoo [--json] [--list-devices]\n");
+            return 2;
+        }
+    }
+
+    // batch 2, heads 4, 100 queries, 333 keys, d_k 48, d_v 40: several tiles, none full
+    const af::variants::shape shape{2, 4, 100, 333, 48, 40};
+    std::vector<row> rows;
+    af::variants::for_each(shape, [&](const af::variants::variant& v, const auto& e, const auto&... bindings) {
+        if (!json) std::fprintf(stderr, "  running %-52s\r", v.name.c_str());
+        const auto ref = af::reference::evaluate(e, bindings...);
+        // scores near 1e4 carry fp32 rounding of ~1e-3 per score into softmax
+        const double tolerance = v.name.find("1e4") != std::string::npos ? 1e-2 : 1e-4;
+        for (const auto mode : {af::cpu::execution::fused, af::cpu::execution::unfused}) {
+            const auto [out, info] = af::cpu::run(e, af::cpu::options{mode, 0}, bindings...);
+            rows.push_back({v.name, v.family, "cpu", mode == af::cpu::execution::fused ? "fused" : "unfused",
+                            af::to_string(e), info.wall_seconds * 1e3, relative_error(ref, out.values), tolerance,
+                            info.intermediate_bytes, info.kernels.size()});
+        }
+    });
+
+    bool all_ok = true;
+    for (const auto& r : rows) all_ok = all_ok && r.ok();
+    if (json) {
+        std::printf("[\n");
+        for (std::size_t n = 0; n < rows.size(); ++n) {
+            const row& r = rows[n];
+            std::printf("  {\"variant\": \"%s\", \"family\": \"%s\", \"backend\": \"%s\", \"mode\": \"%s\", \"expression\": \"%s\", "
+                        "\"ms\": %.4f, \"error\": %.3e, \"tolerance\": %.0e, \"intermediate_bytes\": %zu, \"kernels\": %zu}%s\n",
+                        json_escape(r.variant).c_str(), r.family.c_str(), r.backend.c_str(), r.mode.c_str(),
+                        json_escape(r.formula).c_str(), r.milliseconds, r.error, r.tolerance, r.intermediate_bytes, r.kernels,
+                        n + 1 < rows.size() ? "," : "");
+        }
+        std::printf("]\n");
+    } else {
+        std::fprintf(stderr, "%70s\r", "");
+        std::printf("attnfuse zoo: batch %zu, heads %zu, n_q %zu, n_k %zu, d_k %zu, d_v %zu; error = max|out - ref| / max(1, max|ref|)\n\n",
+                    shape.batch, shape.heads, shape.n_q, shape.n_k, shape.d, shape.d_v);
+        std::printf("%-48s %-4s %-8s %9s %10s %14s %7s\n", "variant", "on", "mode", "ms", "error", "intermediate B", "kernels");
+        for (const auto& r : rows)
+            std::printf("%-48s %-4s %-8s %9.3f %10.2e %14zu %7zu%s\n", r.variant.c_str(), r.backend.c_str(), r.mode.c_str(),
+                        r.milliseconds, r.error, r.intermediate_bytes, r.kernels, r.ok() ? "" : "  <-- over tolerance");
+        std::printf("\n");
+        list_devices();
+        std::printf("\n%s\n", all_ok ? "every error within tolerance" : "SOME ERRORS EXCEED THEIR TOLERANCE");
+    }
+    return all_ok ? 0 : 1;
 }

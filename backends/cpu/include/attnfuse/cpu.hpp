@@ -1,7 +1,14 @@
-// The CPU backend's public face.
+// The CPU backend: run any expression fused (the default) or unfused.
+//
+//   auto [out, info] = attnfuse::cpu::run(softmax(scale(Q^T*K))*V, bind(Q, q), bind(K, k), bind(V, v));
+//   auto unfused = attnfuse::cpu::run(e, {.mode = attnfuse::cpu::execution::unfused}, ...);
 #pragma once
 #include <cstddef>
 #include <string>
+
+#include <attnfuse/dsl.hpp>
+
+#include "cpu/executor.hpp"
 
 namespace attnfuse::cpu {
 

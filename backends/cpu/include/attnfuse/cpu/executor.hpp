@@ -1,0 +1,620 @@
+// Lowering of the planner's kernels to CPU loops. The templates here only
+// walk the expression and run its pointwise parts; the heavy loops are the
+// compiled kernels of kernels.hpp.
+#pragma once
+#include <omp.h>
+
+#include <chrono>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <attnfuse/plan.hpp>
+
+#include "kernels.hpp"
+#include "pointwise.hpp"
+
+namespace attnfuse::cpu {
+
+enum class execution { fused, unfused };
+
+struct options {
+    execution mode = execution::fused;
+    std::size_t threads = 0;  // 0: every hardware thread
+};
+
+// What a run did.
+struct report {
+    std::vector<std::string> kernels;    // in execution order
+    std::size_t intermediate_bytes = 0;  // everything allocated besides inputs and the output
+    double wall_seconds = 0;
+    std::size_t threads = 1;
+};
+
+// An owning result: batch x heads matrices of rows x cols, row-major.
+struct tensor {
+    std::size_t batch = 0, heads = 0, rows = 0, cols = 0;
+    std::vector<float> values;
+    float at(std::size_t b, std::size_t h, std::size_t r, std::size_t c) const {
+        return values[((b * heads + h) * rows + r) * cols + c];
+    }
+};
+
+struct run_result {
+    tensor output;
+    report info;
+};
+
+namespace detail {
+
+// A matrix the kernels read: a bound input, or an intermediate that the
+// arena owns (all batch entries and heads, row-major with a padded stride).
+template <class Env>
+struct executor {
+    const Env& env;
+    options opt;
+    report& info;
+    std::deque<std::vector<float>> arena;
+
+    tensor_view<float> allocate(std::size_t rows, std::size_t cols, std::size_t row_stride, bool count = true) {
+        const std::size_t per_matrix = rows * row_stride;
+        arena.emplace_back(env.batch * env.heads * per_matrix, 0.0f);
+        if (count) info.intermediate_bytes += arena.back().size() * sizeof(float);
+        const auto rs = static_cast<std::ptrdiff_t>(row_stride), pm = static_cast<std::ptrdiff_t>(per_matrix);
+        return {arena.back().data(), rows, cols, env.batch, env.heads, rs, 1,
+                static_cast<std::ptrdiff_t>(env.heads) * pm, pm};
+    }
+    float* matrix_of(const tensor_view<float>& v, std::size_t b, std::size_t h) const {
+        return const_cast<float*>(matrix_base(v, env, b, h));
+    }
+    std::size_t heads_total() const { return env.batch * env.heads; }
+    int threads() const { return static_cast<int>(opt.threads); }
+};
+
+template <class E, class X> tensor_view<float> evaluate(const E& e, X& x);
+
+// ---- preparing pointwise trees ---------------------------------------------
+template <class Core, class E, class X>
+auto prepare(const E& e, X& x) {
+    if constexpr (!std::is_void_v<Core> && std::is_same_v<E, Core>) {
+        return core_slot{};
+    } else if constexpr (std::is_same_v<E, constant> || std::is_same_v<E, query_index> ||
+                         std::is_same_v<E, key_index>) {
+        return e;
+    } else if constexpr (!is_pointwise_v<E>) {
+        return memory_leaf{{}, evaluate(e, x), nullptr};
+    } else if constexpr (has_kind_v<E, kind::scale_by_inner_extent>) {
+        const double d = static_cast<double>(inner_extent(e, x.env));
+        return make_node(kind::scale_by{{}, 1.0 / std::sqrt(d)}, prepare<Core>(e.template kid<0>(), x));
+    } else {
+        return std::apply([&](const auto&... kids) { return make_node(e.kind, prepare<Core>(kids, x)...); }, e.kids);
+    }
+}
+
+// ---- unfused kernels ------------------------------------------------------------
+template <class E, class X>
+tensor_view<float> pointwise_loop(const E& e, X& x) {
+    const runtime_shape shape = shape_of(e, x.env);
+    const auto prepared = prepare<void>(e, x);
+    x.info.kernels.push_back(plan::kernel_name<plan::pointwise_kernel<E>>::get(e));
+    const tensor_view<float> out = x.allocate(shape.rows, shape.cols, kernels::round_up(shape.cols, simd::lanes));
+    const auto items = static_cast<std::ptrdiff_t>(x.heads_total() * shape.rows);
+#pragma omp parallel for schedule(static) num_threads(x.threads())
+    for (std::ptrdiff_t item = 0; item < items; ++item) {
+        const std::size_t bh = static_cast<std::size_t>(item) / shape.rows, row = static_cast<std::size_t>(item) % shape.rows;
+        const std::size_t b = bh / x.env.heads, h = bh % x.env.heads;
+        const auto tree = at_head(prepared, x.env, b, h);
+        float* dst = x.matrix_of(out, b, h) + static_cast<std::ptrdiff_t>(row) * out.row_stride;
+        for (std::size_t c = 0; c < shape.cols; c += simd::lanes)
+            simd::store(dst + c, lanes_of<lanes_along::keys>(tree, lane_position{row, c, nullptr, static_cast<std::uint32_t>(bh)}));
+    }
+    return out;
+}
+
+// C = A*B for every (batch, head), through the packed micro-kernel.
+template <class X>
+tensor_view<float> product_kernel(const tensor_view<float>& lhs, const tensor_view<float>& rhs, X& x) {
+    const std::size_t m = lhs.rows, depth = lhs.cols, n = rhs.cols;
+    const std::size_t panels = (n + kernels::panel_width - 1) / kernels::panel_width;
+    const std::size_t packed_size = panels * kernels::panel_width * depth;
+    const tensor_view<float> out = x.allocate(m, n, panels * kernels::panel_width);
+    std::vector<float> packed(x.heads_total() * packed_size);
+    x.info.intermediate_bytes += packed.size() * sizeof(float);
+    const auto bhs = static_cast<std::ptrdiff_t>(x.heads_total());
+    constexpr std::size_t rows_per_item = 8 * kernels::block_rows;
+    const std::size_t row_items = (m + rows_per_item - 1) / rows_per_item;
+    const auto items = static_cast<std::ptrdiff_t>(x.heads_total() * row_items);
+#pragma omp parallel num_threads(x.threads())
+    {
+#pragma omp for schedule(static)
+        for (std::ptrdiff_t bh = 0; bh < bhs; ++bh) {
+            const std::size_t b = static_cast<std::size_t>(bh) / x.env.heads, h = static_cast<std::size_t>(bh) % x.env.heads;
+            kernels::pack_panels(depth, n, matrix_base(rhs, x.env, b, h), rhs.row_stride, rhs.col_stride,
+                                 packed.data() + static_cast<std::size_t>(bh) * packed_size);
+        }
+#pragma omp for schedule(dynamic)
+        for (std::ptrdiff_t item = 0; item < items; ++item) {
+            const std::size_t bh = static_cast<std::size_t>(item) / row_items;
+            const std::size_t r0 = static_cast<std::size_t>(item) % row_items * rows_per_item;
+            const std::size_t b = bh / x.env.heads, h = bh % x.env.heads;
+            const float* a = matrix_base(lhs, x.env, b, h) + static_cast<std::ptrdiff_t>(r0) * lhs.row_stride;
+            kernels::multiply_packed(std::min(rows_per_item, m - r0), panels, depth, a, lhs.row_stride, lhs.col_stride,
+                                     packed.data() + bh * packed_size,
+                                     x.matrix_of(out, b, h) + static_cast<std::ptrdiff_t>(r0) * out.row_stride,
+                                     static_cast<std::size_t>(out.row_stride), false);
+        }
+    }
+    return out;
+}
+
+template <class X>
+tensor_view<float> dense_copy(const tensor_view<float>& v, X& x) {
+    const tensor_view<float> out = x.allocate(v.rows, v.cols, v.cols);
+    for (std::size_t b = 0; b < x.env.batch; ++b)
+        for (std::size_t h = 0; h < x.env.heads; ++h) {
+            const float* src = matrix_base(v, x.env, b, h);
+            float* dst = x.matrix_of(out, b, h);
+            for (std::size_t r = 0; r < v.rows; ++r)
+                for (std::size_t c = 0; c < v.cols; ++c)
+                    dst[r * v.cols + c] = src[static_cast<std::ptrdiff_t>(r) * v.row_stride + static_cast<std::ptrdiff_t>(c) * v.col_stride];
+        }
+    return out;
+}
+
+// ---- the fused attention kernel -----------------------------------------------
+template <class Core, class E>
+const Core* find_core(const E& e) {
+    if constexpr (std::is_same_v<E, Core>) {
+        return &e;
+    } else if constexpr (is_node_v<E> && is_pointwise_v<E>) {
+        const Core* found = nullptr;
+        std::apply([&](const auto&... kids) { ((found = found ? found : find_core<Core>(kids)), ...); }, e.kids);
+        return found;
+    } else {
+        return nullptr;
+    }
+}
+
+
+// The score under the normalisation: softmax(s), hard(s), dropout(softmax(s)).
+template <class W>
+const auto& score_of(const W& weights) {
+    if constexpr (has_kind_v<W, kind::dropout>) return weights.template kid<0>().template kid<0>();
+    else return weights.template kid<0>();
+}
+
+// f(qf, kf) of a pairwise score, eight key lanes at a time.
+template <class F>
+vf combine_lanes(const F& f, vf q, vf k) {
+    if constexpr (std::is_same_v<F, pair_query_feature>) return q;
+    else if constexpr (std::is_same_v<F, pair_key_feature>) return k;
+    else if constexpr (std::is_same_v<F, constant>) return simd::splat(static_cast<float>(f.value));
+    else {
+        using Op = typename F::kind_type::op;
+        return std::apply([&](const auto&... kids) { return simd::apply<Op>(combine_lanes(kids, q, k)...); }, f.kids);
+    }
+}
+
+// Tile extents of the fused kernel. The score tile is kept transposed,
+// keys x queries: the keys (columns of a d x n_k matrix) are then the
+// broadcast operand of the product and need no packing, the query tile is
+// packed once for all key tiles, and the online softmax runs down columns
+// with no horizontal reduction. 48 queries (three panels of 16) against 128
+// keys keep one thread's tiles within its share of L2.
+inline constexpr std::size_t query_tile = 3 * kernels::panel_width;
+inline constexpr std::size_t key_tile = 128;
+// Below this many queries (decode) the transposed tile would waste most of
+// its lanes: the row-oriented path with dot products runs instead.
+inline constexpr std::size_t few_queries = kernels::panel_width;
+
+// Everything one fused kernel reads, computed once before the tile loops.
+template <class E, class X>
+struct fused_operands {
+    using pattern = plan::attention_pattern<E>;
+    using Core = typename pattern::core;
+    using traits = plan::core_traits<Core>;
+    tensor_view<float> queries, keys, feature_weights, values;
+
+    fused_operands(const E& e, X& x) {
+        const Core& core = *find_core<Core>(score_of(e.template kid<0>()));
+        if constexpr (traits::pairwise) {
+            feature_weights = evaluate(core.template kid<0>(), x);
+            queries = evaluate(core.template kid<1>(), x);
+            keys = evaluate(core.template kid<2>(), x);
+        } else if constexpr (traits::general) {
+            const auto& left = core.template kid<0>();  // X^T*W: project W^T*X first
+            queries = evaluate(make_node(kind::product{}, transpose(left.template kid<1>()), left.template kid<0>().template kid<0>()), x);
+            keys = evaluate(core.template kid<1>(), x);
+        } else {
+            queries = evaluate(core.template kid<0>().template kid<0>(), x);
+            keys = evaluate(core.template kid<1>(), x);
+        }
+        values = evaluate(e.template kid<1>(), x);
+    }
+};
+
+template <class E, class X>
+tensor_view<float> fused_attention(const E& e, X& x) {
+    using pattern = plan::attention_pattern<E>;
+    using W = typename pattern::weights;
+    using Core = typename pattern::core;
+    using traits = plan::core_traits<Core>;
+    constexpr bool hard = plan::normaliser<W>::norm == plan::normalisation::hard;
+    constexpr bool with_dropout = plan::normaliser<W>::dropout;
+
+    const W& weights = e.template kid<0>();
+    const Core& core = *find_core<Core>(score_of(weights));
+    const fused_operands<E, X> in(e, x);
+    // scale(core) folds into the packed query tile, as FlashAttention scales
+    // Q; tiles whose masks keep everything run the epilogue without them.
+    // (A pairwise score is not a product of the queries: nothing folds.)
+    double core_factor = 1.0;
+    const auto prepared = [&] {
+        if constexpr (traits::pairwise) return prepare<Core>(score_of(weights), x);
+        else return fold_core_scale(prepare<Core>(score_of(weights), x), core_factor);
+    }();
+    const auto unmasked = strip_masks(prepared);
+    const auto query_factor = static_cast<float>(core_factor);
+    x.info.kernels.push_back(plan::kernel_name<plan::fused_attention_kernel<E>>::get(e));
+
+    const std::size_t n_q = in.queries.cols, n_k = in.keys.cols, depth = in.queries.rows, d_v = in.values.cols;
+    const bool transposed = n_q >= few_queries;
+    const std::size_t dv_padded = kernels::round_up(d_v, kernels::panel_width);
+    const std::size_t rows_per_tile = std::min(query_tile, n_q);
+    const std::size_t rows_padded = kernels::round_up(rows_per_tile, kernels::panel_width);
+    const std::size_t q_tiles = (n_q + rows_per_tile - 1) / rows_per_tile;
+    const tensor_view<float> out = x.allocate(n_q, d_v, d_v);
+    const auto items = static_cast<std::ptrdiff_t>(x.heads_total() * q_tiles);
+    // the values are their own panels when rows are contiguous and 16-wide
+    const bool values_in_place = in.values.col_stride == 1 && d_v % kernels::panel_width == 0;
+
+    double dropout_p = 0;
+    std::uint32_t dropout_seed = 0;
+    if constexpr (with_dropout) {
+        dropout_p = weights.kind.p;
+        dropout_seed = weights.kind.seed;
+    }
+    const std::uint32_t dropout_threshold = op::dropout_threshold(dropout_p);
+    const float keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+
+    // One thread's scratch: the whole extra memory of the fused kernel.
+    const std::size_t score_floats = key_tile * std::max(rows_padded, key_tile);
+    const std::size_t scratch_floats = score_floats + depth * std::max(rows_padded, key_tile) +
+                                       (values_in_place ? 0 : key_tile * dv_padded) + rows_padded * dv_padded +
+                                       4 * rows_padded;
+    std::size_t threads_used = 1;
+
+#pragma omp parallel num_threads(x.threads())
+    {
+#pragma omp single
+        threads_used = static_cast<std::size_t>(omp_get_num_threads());
+        std::vector<float> s(score_floats), packed(depth * std::max(rows_padded, key_tile)),
+            packed_values(values_in_place ? 0 : key_tile * dv_padded), acc(rows_padded * dv_padded),
+            tile_max(rows_padded), best(rows_padded);
+        std::vector<kernels::row_state> state(rows_padded);
+        std::vector<std::size_t> best_index(rows_padded);
+        std::unique_ptr<bool[]> nan_seen(new bool[rows_padded]);
+
+#pragma omp for schedule(dynamic)
+        for (std::ptrdiff_t item = 0; item < items; ++item) {
+            const std::size_t bh = static_cast<std::size_t>(item) / q_tiles;
+            const std::size_t q0 = static_cast<std::size_t>(item) % q_tiles * rows_per_tile;
+            const std::size_t rows = std::min(rows_per_tile, n_q - q0);
+            const std::size_t b = bh / x.env.heads, h = bh % x.env.heads;
+            const auto tree = at_head(prepared, x.env, b, h);
+            const auto tree_unmasked = at_head(unmasked, x.env, b, h);
+            const float* q_base = matrix_base(in.queries, x.env, b, h) + static_cast<std::ptrdiff_t>(q0) * in.queries.col_stride;
+            const float* k_base = matrix_base(in.keys, x.env, b, h);
+            const float* v_base = matrix_base(in.values, x.env, b, h);
+            const float* w_base = traits::pairwise ? matrix_base(in.feature_weights, x.env, b, h) : nullptr;
+            const auto batch_head = static_cast<std::uint32_t>(bh);
+
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (std::size_t r = 0; r < rows_padded; ++r) {
+                state[r] = {-std::numeric_limits<float>::infinity(), 0.0f};
+                best[r] = -std::numeric_limits<float>::infinity();
+                best_index[r] = n_k;
+                nan_seen[r] = false;
+            }
+            // the query tile, packed once: panels of 16 queries x depth
+            if (transposed && !traits::pairwise) {
+                kernels::pack_panels(depth, rows, q_base, in.queries.row_stride, in.queries.col_stride, packed.data());
+                if (query_factor != 1.0f)
+                    for (std::size_t n = 0; n < depth * rows_padded; ++n) packed[n] *= query_factor;
+            }
+
+            for (std::size_t k0 = 0; k0 < n_k; k0 += key_tile) {
+                const std::size_t cols = std::min(key_tile, n_k - k0);
+                // a tile whose every score is -inf contributes nothing: skip it
+                if (tile_bounds(tree, q0, q0 + rows, k0, k0 + cols).all_minus_infinity()) continue;
+                const float* k_tile = k_base + static_cast<std::ptrdiff_t>(k0) * in.keys.col_stride;
+
+                // ---- scores, with the epilogue inlined -------------------------------------
+                if (transposed) {
+                    // st(key, query), leading dimension rows_padded
+                    if constexpr (traits::pairwise) {
+                        const auto& combine = core.kind.combine;
+                        for (std::size_t k = 0; k < cols; ++k)
+                            for (std::size_t g = 0; g < rows_padded; g += simd::lanes) {
+                                vf sum{};
+                                for (std::size_t a = 0; a < depth; ++a) {
+                                    vf qa;
+                                    for (int l = 0; l < simd::lanes; ++l) {
+                                        const std::size_t r = std::min(g + static_cast<std::size_t>(l), rows - 1);
+                                        qa[l] = q_base[static_cast<std::ptrdiff_t>(a) * in.queries.row_stride +
+                                                       static_cast<std::ptrdiff_t>(r) * in.queries.col_stride];
+                                    }
+                                    const float ka = k_tile[static_cast<std::ptrdiff_t>(a) * in.keys.row_stride +
+                                                            static_cast<std::ptrdiff_t>(k) * in.keys.col_stride];
+                                    sum += simd::splat(w_base[static_cast<std::ptrdiff_t>(a) * in.feature_weights.row_stride]) *
+                                           combine_lanes(combine, qa, simd::splat(ka));
+                                }
+                                simd::store(s.data() + k * rows_padded + g, sum);
+                            }
+                    } else {
+                        kernels::multiply_panels(cols, rows_padded / kernels::panel_width, depth, k_tile, in.keys.col_stride,
+                                                 in.keys.row_stride, packed.data(), kernels::panel_width,
+                                                 static_cast<std::ptrdiff_t>(depth * kernels::panel_width), s.data(),
+                                                 rows_padded, false);
+                    }
+                    // epilogue and the column maxima in one pass, in memory order
+                    auto epilogue_and_maxima = [&](const auto& epilogue) {
+                        using tree_type = std::remove_cvref_t<decltype(epilogue)>;
+                        constexpr std::size_t max_groups = query_tile / simd::lanes;
+                        const std::size_t groups = rows_padded / simd::lanes;
+                        vf top[max_groups], nan[max_groups];
+                        for (std::size_t g = 0; g < groups; ++g) {
+                            top[g] = simd::splat(-std::numeric_limits<float>::infinity());
+                            nan[g] = vf{};
+                        }
+                        for (std::size_t k = 0; k < cols; ++k) {
+                            float* row = s.data() + k * rows_padded;
+                            for (std::size_t g = 0; g < groups; ++g) {
+                                vf v;
+                                if constexpr (std::is_same_v<tree_type, core_slot>) v = simd::load(row + g * simd::lanes);
+                                else {
+                                    v = lanes_of<lanes_along::queries>(epilogue, lane_position{q0 + g * simd::lanes, k0 + k, row + g * simd::lanes, batch_head});
+                                    simd::store(row + g * simd::lanes, v);
+                                }
+                                top[g] = simd::max(top[g], v);
+                                nan[g] = v != v ? simd::splat(1.0f) : nan[g];
+                            }
+                        }
+                        for (std::size_t g = 0; g < groups; ++g)
+                            simd::store(tile_max.data() + g * simd::lanes,
+                                        nan[g] != 0.0f ? simd::splat(std::numeric_limits<float>::quiet_NaN()) : top[g]);
+                    };
+                    if (masks_keep_all(tree, q0, q0 + rows, k0, k0 + cols)) epilogue_and_maxima(tree_unmasked);
+                    else epilogue_and_maxima(tree);
+                } else {
+                    // s(query, key), leading dimension key_tile: dot products, no packing
+                    if constexpr (traits::pairwise) {
+                        const auto& combine = core.kind.combine;
+                        for (std::size_t r = 0; r < rows; ++r)
+                            for (std::size_t c = 0; c < cols; c += simd::lanes) {
+                                vf sum{};
+                                for (std::size_t a = 0; a < depth; ++a) {
+                                    vf ka;
+                                    for (int l = 0; l < simd::lanes; ++l) {
+                                        const std::size_t k = std::min(c + static_cast<std::size_t>(l), cols - 1);
+                                        ka[l] = k_tile[static_cast<std::ptrdiff_t>(a) * in.keys.row_stride +
+                                                       static_cast<std::ptrdiff_t>(k) * in.keys.col_stride];
+                                    }
+                                    const float qa = q_base[static_cast<std::ptrdiff_t>(a) * in.queries.row_stride +
+                                                            static_cast<std::ptrdiff_t>(r) * in.queries.col_stride];
+                                    sum += simd::splat(w_base[static_cast<std::ptrdiff_t>(a) * in.feature_weights.row_stride]) *
+                                           combine_lanes(combine, simd::splat(qa), ka);
+                                }
+                                simd::store(s.data() + r * key_tile + c, sum);
+                            }
+                    } else {
+                        kernels::multiply_dots(rows, cols, depth, q_base, in.queries.col_stride, in.queries.row_stride, k_tile,
+                                               in.keys.col_stride, in.keys.row_stride, s.data(), key_tile);
+                        if (query_factor != 1.0f)
+                            for (std::size_t r = 0; r < rows; ++r)
+                                for (std::size_t c = 0; c < cols; ++c) s[r * key_tile + c] *= query_factor;
+                    }
+                    if constexpr (!std::is_same_v<std::remove_cvref_t<decltype(prepared)>, core_slot>) {
+                        for (std::size_t r = 0; r < rows; ++r) {
+                            float* sr = s.data() + r * key_tile;
+                            for (std::size_t c = 0; c < cols; c += simd::lanes)
+                                simd::store(sr + c, lanes_of<lanes_along::keys>(tree, lane_position{q0 + r, k0 + c, sr + c, batch_head}));
+                        }
+                    }
+                }
+
+                // ---- normalisation and the weighted sum of values -------------------------------
+                if constexpr (hard) {
+                    if (transposed)
+                        kernels::running_argmax_columns(s.data(), cols, rows, rows_padded, k0, best.data(), best_index.data(), nan_seen.get());
+                    else
+                        kernels::running_argmax(s.data(), rows, cols, key_tile, k0, best.data(), best_index.data(), nan_seen.get());
+                } else {
+                    if (transposed)
+                        kernels::online_softmax_columns(s.data(), cols, rows, rows_padded, tile_max.data(), state.data(), acc.data(),
+                                                        dv_padded, dv_padded);
+                    else
+                        kernels::online_softmax_step(s.data(), rows, cols, key_tile, state.data(), acc.data(), dv_padded, dv_padded);
+                    // weight (query r, key c) sits at s[r*ws_r + c*ws_c]
+                    const std::ptrdiff_t ws_r = transposed ? 1 : static_cast<std::ptrdiff_t>(key_tile);
+                    const std::ptrdiff_t ws_c = transposed ? static_cast<std::ptrdiff_t>(rows_padded) : 1;
+                    if constexpr (with_dropout)
+                        kernels::dropout_tile(s.data(), rows, cols, ws_r, ws_c, dropout_seed, dropout_threshold, keep_scale,
+                                              batch_head, q0, k0);
+                    const float* v_tile = v_base + static_cast<std::ptrdiff_t>(k0) * in.values.row_stride;
+                    if (values_in_place) {
+                        kernels::multiply_panels(rows, dv_padded / kernels::panel_width, cols, s.data(), ws_r, ws_c, v_tile,
+                                                 in.values.row_stride, kernels::panel_width, acc.data(), dv_padded, true);
+                    } else {
+                        kernels::pack_panels(cols, d_v, v_tile, in.values.row_stride, in.values.col_stride, packed_values.data());
+                        kernels::multiply_panels(rows, dv_padded / kernels::panel_width, cols, s.data(), ws_r, ws_c,
+                                                 packed_values.data(), kernels::panel_width,
+                                                 static_cast<std::ptrdiff_t>(cols * kernels::panel_width), acc.data(), dv_padded, true);
+                    }
+                }
+            }
+
+            float* dst = x.matrix_of(out, b, h) + static_cast<std::ptrdiff_t>(q0) * out.row_stride;
+            for (std::size_t r = 0; r < rows; ++r) {
+                float* row = dst + static_cast<std::ptrdiff_t>(r) * out.row_stride;
+                if constexpr (hard) {
+                    for (std::size_t c = 0; c < d_v; ++c)
+                        row[c] = nan_seen[r] ? std::numeric_limits<float>::quiet_NaN()
+                                 : best_index[r] < n_k
+                                     ? v_base[static_cast<std::ptrdiff_t>(best_index[r]) * in.values.row_stride +
+                                              static_cast<std::ptrdiff_t>(c) * in.values.col_stride]
+                                     : 0.0f;
+                } else {
+                    // a row with every key masked has sum 0: its context is 0
+                    const float inverse = state[r].sum == 0.0f ? 0.0f : 1.0f / state[r].sum;
+                    for (std::size_t c = 0; c < d_v; ++c) row[c] = acc[r * dv_padded + c] * inverse;
+                }
+            }
+        }
+    }
+    x.info.intermediate_bytes += threads_used * scratch_floats * sizeof(float);
+    return out;
+}
+
+// ---- the remaining kernels, one per node -----------------------------------------
+template <class E, class X>
+tensor_view<float> node_kernel(const E& e, X& x) {
+    if constexpr (has_kind_v<E, kind::product>) {
+        const tensor_view<float> a = evaluate(e.template kid<0>(), x), b = evaluate(e.template kid<1>(), x);
+        x.info.kernels.push_back(plan::kernel_name<plan::node_kernel<E>>::get(e));
+        return product_kernel(a, b, x);
+    } else if constexpr (has_kind_v<E, kind::softmax> || has_kind_v<E, kind::hard>) {
+        const tensor_view<float> in = evaluate(e.template kid<0>(), x);
+        x.info.kernels.push_back(plan::kernel_name<plan::node_kernel<E>>::get(e));
+        const tensor_view<float> out = dense_copy(in, x);
+        const auto bhs = static_cast<std::ptrdiff_t>(x.heads_total());
+#pragma omp parallel for schedule(static) num_threads(x.threads())
+        for (std::ptrdiff_t bh = 0; bh < bhs; ++bh) {
+            float* m = x.matrix_of(out, static_cast<std::size_t>(bh) / x.env.heads, static_cast<std::size_t>(bh) % x.env.heads);
+            if constexpr (has_kind_v<E, kind::softmax>) kernels::softmax_rows(m, out.rows, out.cols, out.cols);
+            else kernels::hard_rows(m, out.rows, out.cols, out.cols);
+        }
+        return out;
+    } else if constexpr (has_kind_template<E, kind::reduce_along_rows>::value ||
+                         has_kind_template<E, kind::reduce_along_cols>::value) {
+        using Op = typename E::kind_type::op;
+        constexpr bool along_rows = has_kind_template<E, kind::reduce_along_rows>::value;
+        const tensor_view<float> in = evaluate(e.template kid<0>(), x);
+        x.info.kernels.push_back(plan::kernel_name<plan::node_kernel<E>>::get(e));
+        const std::size_t rows = along_rows ? in.rows : 1, cols = along_rows ? 1 : in.cols;
+        const tensor_view<float> out = x.allocate(rows, cols, cols);
+        for (std::size_t b = 0; b < x.env.batch; ++b)
+            for (std::size_t h = 0; h < x.env.heads; ++h) {
+                const float* src = matrix_base(in, x.env, b, h);
+                float* dst = x.matrix_of(out, b, h);
+                const std::size_t outer = along_rows ? in.rows : in.cols, inner = along_rows ? in.cols : in.rows;
+                const std::ptrdiff_t outer_stride = along_rows ? in.row_stride : in.col_stride;
+                const std::ptrdiff_t inner_stride = along_rows ? in.col_stride : in.row_stride;
+                for (std::size_t o = 0; o < outer; ++o) {
+                    const float* line = src + static_cast<std::ptrdiff_t>(o) * outer_stride;
+                    float acc = line[0];
+                    for (std::size_t n = 1; n < inner; ++n) acc = Op::apply(acc, line[static_cast<std::ptrdiff_t>(n) * inner_stride]);
+                    dst[o] = acc;
+                }
+            }
+        return out;
+    } else {
+        static_assert(has_kind_template<E, kind::pairwise>::value, "attnfuse internal: the CPU has no kernel for this node");
+        const tensor_view<float> w = evaluate(e.template kid<0>(), x), qf_ = evaluate(e.template kid<1>(), x),
+                                 kf_ = evaluate(e.template kid<2>(), x);
+        x.info.kernels.push_back(plan::kernel_name<plan::node_kernel<E>>::get(e));
+        const tensor_view<float> out = x.allocate(qf_.cols, kf_.cols, kf_.cols);
+        for (std::size_t b = 0; b < x.env.batch; ++b)
+            for (std::size_t h = 0; h < x.env.heads; ++h) {
+                const float *wp = matrix_base(w, x.env, b, h), *qp = matrix_base(qf_, x.env, b, h), *kp = matrix_base(kf_, x.env, b, h);
+                float* dst = x.matrix_of(out, b, h);
+                for (std::size_t r = 0; r < qf_.cols; ++r)
+                    for (std::size_t c = 0; c < kf_.cols; ++c) {
+                        float sum = 0;
+                        for (std::size_t a = 0; a < qf_.rows; ++a)
+                            sum += wp[static_cast<std::ptrdiff_t>(a) * w.row_stride] *
+                                   combine_lanes(e.kind.combine,
+                                                 simd::splat(qp[static_cast<std::ptrdiff_t>(a) * qf_.row_stride + static_cast<std::ptrdiff_t>(r) * qf_.col_stride]),
+                                                 simd::splat(kp[static_cast<std::ptrdiff_t>(a) * kf_.row_stride + static_cast<std::ptrdiff_t>(c) * kf_.col_stride]))[0];
+                        dst[r * kf_.cols + c] = sum;
+                    }
+            }
+        return out;
+    }
+}
+
+template <class E, class X>
+tensor_view<float> evaluate(const E& e, X& x) {
+    if constexpr (is_input_v<E>) {
+        static_assert(std::is_same_v<typename E::element_type, float>, "attnfuse: the CPU backend runs fp32 inputs");
+        return x.env.template view<E::name>();
+    } else if constexpr (has_kind_v<E, kind::transpose>) {
+        tensor_view<float> v = evaluate(e.template kid<0>(), x);
+        std::swap(v.rows, v.cols);
+        std::swap(v.row_stride, v.col_stride);
+        return v;
+    } else if constexpr (plan::fuses_as_attention_v<E>) {
+        if (x.opt.mode == execution::fused) return fused_attention(e, x);
+        return node_kernel(e, x);
+    } else if constexpr (is_pointwise_v<E>) {
+        return pointwise_loop(e, x);
+    } else {
+        return node_kernel(e, x);
+    }
+}
+
+}  // namespace detail
+}  // namespace attnfuse::cpu
+
+namespace attnfuse::cpu {
+
+template <class X> struct is_binding : std::false_type {};
+template <fixed_string N, class El> struct is_binding<binding<N, El>> : std::true_type {};
+template <class X> concept a_binding = is_binding<std::remove_cvref_t<X>>::value;
+
+// Runs `e` on the CPU over the bound inputs (caller-owned, not copied).
+template <class E, class... Bindings>
+    requires expression<E> && (a_binding<Bindings> && ...)
+run_result run(const E& e, const options& opt, const Bindings&... bindings) {
+    attnfuse::check::no_pending_transpose<E>();
+    using Env = environment<Bindings...>;
+    const Env env(bindings...);
+    const runtime_shape shape = shape_of(e, env);  // every shape error, before any work
+    run_result result;
+    report& info = result.info;
+    options o = opt;
+    if (o.threads == 0) o.threads = static_cast<std::size_t>(omp_get_max_threads());
+    info.threads = o.threads;
+    const auto start = std::chrono::steady_clock::now();
+    {
+        detail::executor<Env> x{env, o, info, {}};
+        const tensor_view<float> v = detail::evaluate(e, x);
+        tensor& out = result.output;
+        out.batch = env.batch;
+        out.heads = env.heads;
+        out.rows = shape.rows;
+        out.cols = shape.cols;
+        out.values.resize(env.batch * env.heads * shape.rows * shape.cols);
+        for (std::size_t b = 0; b < env.batch; ++b)
+            for (std::size_t h = 0; h < env.heads; ++h) {
+                const float* src = detail::matrix_base(v, env, b, h);
+                float* dst = out.values.data() + (b * env.heads + h) * shape.rows * shape.cols;
+                for (std::size_t r = 0; r < shape.rows; ++r)
+                    for (std::size_t c = 0; c < shape.cols; ++c)
+                        dst[r * shape.cols + c] = src[static_cast<std::ptrdiff_t>(r) * v.row_stride + static_cast<std::ptrdiff_t>(c) * v.col_stride];
+            }
+        // the last kernel's buffer held the output, not an intermediate
+        if (!x.arena.empty() && x.arena.back().data() == v.data) info.intermediate_bytes -= x.arena.back().size() * sizeof(float);
+    }
+    info.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return result;
+}
+
+template <class E, class... Bindings>
+    requires expression<E> && (a_binding<Bindings> && ...)
+run_result run(const E& e, const Bindings&... bindings) {
+    return run(e, options{}, bindings...);
+}
+
+}  // namespace attnfuse::cpu

@@ -1,0 +1,88 @@
+// The CPU backend's compiled building blocks, shared by the fused and the
+// unfused paths so that comparing the two isolates fusion: one register-
+// blocked product micro-kernel, operand packing, and row normalisations.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace attnfuse::cpu::kernels {
+
+// Register block of the product micro-kernel: 6 rows x 16 columns, twelve
+// 8-lane accumulators.
+inline constexpr std::size_t block_rows = 6;
+inline constexpr std::size_t panel_width = 16;
+
+inline constexpr std::size_t round_up(std::size_t n, std::size_t m) { return (n + m - 1) / m * m; }
+
+// Packs B (depth x cols), B(p, c) = b[p*p_stride + c*c_stride], into panels of
+// 16 columns: panel q holds [depth][16], columns past `cols` zero.
+void pack_panels(std::size_t depth, std::size_t cols, const float* b, std::ptrdiff_t p_stride,
+                 std::ptrdiff_t c_stride, float* packed);
+
+// C (rows x panels*16) = or += A (rows x depth) * B, with B in panels of 16
+// columns: B(p, q*16 + c) = b[q*panel_stride + p*p_stride + c] (a packed
+// panel has p_stride 16, panel_stride depth*16; a row-major matrix whose
+// width is a multiple of 16 is its own panels: p_stride its row stride,
+// panel_stride 16), and A(r, p) = a[r*r_stride + p*p_stride] in any layout.
+void multiply_panels(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
+                     std::ptrdiff_t p_stride, const float* b, std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride,
+                     float* c, std::size_t ldc, bool accumulate);
+
+// C (rows x panels*16) = or += A (rows x depth) * packed B, where
+// A(r, p) = a[r*r_stride + p*p_stride] (any layout: A is read by broadcasts)
+// and C has leading dimension ldc (>= panels*16).
+void multiply_packed(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
+                     std::ptrdiff_t p_stride, const float* packed_b, float* c, std::size_t ldc, bool accumulate);
+
+// Running state of one query row in the fused kernel.
+struct row_state {
+    float max;  // -inf until a key is kept
+    float sum;  // sum of exp(s - max) over the keys seen
+};
+
+// Online-softmax step for one tile of scores s (rows x cols, leading
+// dimension lds): turns s into p = exp(s - new max) in place (columns up to
+// round_up(cols, 8) are written, past `cols` zero), rescales the rows of the
+// accumulator o (leading dimension ldo, o_cols columns) and updates state.
+void online_softmax_step(float* s, std::size_t rows, std::size_t cols, std::size_t lds, row_state* state, float* o,
+                         std::size_t ldo, std::size_t o_cols);
+
+// Online-softmax step on a transposed tile st (keys x queries, leading
+// dimension ld): query q's scores are column q, tile_max[q] their maximum
+// (NaN when one is NaN). Turns st into p = exp(st - new max) in place,
+// updates state[q] and rescales row q of the accumulator o.
+void online_softmax_columns(float* st, std::size_t keys, std::size_t queries, std::size_t ld, const float* tile_max,
+                            row_state* state, float* o, std::size_t ldo, std::size_t o_cols);
+
+// Inverted dropout on a tile of weights, after the running sum has taken
+// them: weight (query row0+r, key col0+c), stored at p[r*r_stride + c*c_stride],
+// is kept where the hash of (seed, batch_head, row, key) passes the threshold
+// and divided by 1 - probability.
+void dropout_tile(float* p, std::size_t rows, std::size_t cols, std::ptrdiff_t r_stride, std::ptrdiff_t c_stride,
+                  std::uint32_t seed, std::uint32_t threshold, float keep_scale, std::uint32_t batch_head,
+                  std::size_t row0, std::size_t col0);
+
+// Running argmax over a transposed tile (keys x queries): query q's best
+// score, its key and whether a NaN was seen (strictly greater replaces).
+void running_argmax_columns(const float* st, std::size_t keys, std::size_t queries, std::size_t ld, std::size_t key0,
+                            float* best, std::size_t* index, bool* nan_seen);
+
+// s[r][c] = sum_p a(r, p) * b(c, p) by dot products: the product for a few
+// rows (decode), where packing would cost as much as the arithmetic.
+void multiply_dots(std::size_t rows, std::size_t cols, std::size_t depth, const float* a, std::ptrdiff_t a_r_stride,
+                   std::ptrdiff_t a_p_stride, const float* b, std::ptrdiff_t b_c_stride, std::ptrdiff_t b_p_stride,
+                   float* s, std::size_t lds);
+
+// Softmax of each row of s (rows x cols), in place; -inf entries get exactly
+// 0, a row with every entry -inf becomes zeros, a row holding NaN becomes NaN.
+void softmax_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds);
+
+// One-hot argmax of each row (ties: the lowest column); all -inf: zeros.
+void hard_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds);
+
+// Largest entry of each row and its first column, folded into best/index
+// (strictly greater replaces: ties keep the earlier column).
+void running_argmax(const float* s, std::size_t rows, std::size_t cols, std::size_t lds, std::size_t col0,
+                    float* best, std::size_t* index, bool* nan_seen);
+
+}  // namespace attnfuse::cpu::kernels

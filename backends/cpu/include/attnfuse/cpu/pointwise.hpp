@@ -1,0 +1,204 @@
+// Pointwise trees prepared for the CPU: every non-pointwise operand replaced
+// by a leaf reading memory, every scale(e) resolved to its number, the core
+// of a fused score replaced by a slot reading the score tile. The same
+// vectorized evaluation serves the unfused pointwise loops and the fused
+// kernel's epilogue.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include <attnfuse/bind.hpp>
+#include <attnfuse/intervals.hpp>
+
+#include "simd.hpp"
+
+namespace attnfuse::cpu::detail {
+
+using simd::vf;
+
+// The score tile of a fused kernel, read where its core stood.
+struct core_slot : expr_base {
+    static constexpr std::size_t rows = dyn;
+    static constexpr std::size_t cols = dyn;
+};
+
+// A materialised operand (an input or an intermediate) read with broadcast.
+struct memory_leaf : expr_base {
+    static constexpr std::size_t rows = dyn;
+    static constexpr std::size_t cols = dyn;
+    tensor_view<float> view;
+    const float* base = nullptr;  // this (batch, head)'s matrix, set by at_head
+};
+
+// Where one vector of eight lanes sits. Lanes run along the keys (row fixed,
+// columns col .. col+7) or, in the fused kernel's transposed score tile,
+// along the queries (rows row .. row+7, column fixed).
+enum class lanes_along { keys, queries };
+
+struct lane_position {
+    std::size_t row = 0;
+    std::size_t col = 0;
+    const float* core = nullptr;  // the score tile's eight lanes
+    std::uint32_t batch_head = 0;
+};
+
+template <class Env>
+const float* matrix_base(const tensor_view<float>& v, const Env& env, std::size_t b, std::size_t h) {
+    return v.data + static_cast<std::ptrdiff_t>(env.source_batch(v, b)) * v.batch_stride +
+           static_cast<std::ptrdiff_t>(env.source_head(v, h)) * v.head_stride;
+}
+
+// Points every memory leaf of a prepared tree at one (batch, head).
+template <class E, class Env>
+E at_head(E e, const Env& env, std::size_t b, std::size_t h) {
+    if constexpr (std::is_same_v<E, memory_leaf>) {
+        e.base = matrix_base(e.view, env, b, h);
+        return e;
+    } else if constexpr (is_node_v<E>) {
+        std::apply([&](auto&... kids) { ((kids = at_head(kids, env, b, h)), ...); }, e.kids);
+        return e;
+    } else {
+        return e;
+    }
+}
+
+template <lanes_along Along>
+vf read_leaf(const memory_leaf& m, std::size_t row, std::size_t col) {
+    const tensor_view<float>& v = m.view;
+    constexpr bool over_keys = Along == lanes_along::keys;
+    // the fixed index, then the lanes' extent and stride
+    const std::size_t fixed = over_keys ? row : col, first = over_keys ? col : row;
+    const std::size_t fixed_extent = over_keys ? v.rows : v.cols, lane_extent = over_keys ? v.cols : v.rows;
+    const std::ptrdiff_t fixed_stride = over_keys ? v.row_stride : v.col_stride;
+    const std::ptrdiff_t lane_stride = over_keys ? v.col_stride : v.row_stride;
+    const float* p = m.base + (fixed_extent == 1 ? 0 : static_cast<std::ptrdiff_t>(fixed) * fixed_stride);
+    if (lane_extent == 1) return simd::splat(*p);
+    if (lane_stride == 1 && first + simd::lanes <= lane_extent) return simd::load(p + first);
+    vf out;
+    for (int l = 0; l < simd::lanes; ++l) {
+        const std::size_t n = std::min(first + static_cast<std::size_t>(l), lane_extent - 1);  // past the end: clamp
+        out[l] = p[static_cast<std::ptrdiff_t>(n) * lane_stride];
+    }
+    return out;
+}
+
+// Eight lanes of a prepared pointwise tree.
+template <lanes_along Along, class E>
+vf lanes_of(const E& e, const lane_position& at) {
+    constexpr bool over_keys = Along == lanes_along::keys;
+    if constexpr (std::is_same_v<E, constant>) return simd::splat(static_cast<float>(e.value));
+    else if constexpr (std::is_same_v<E, query_index>)
+        return over_keys ? simd::splat(static_cast<float>(at.row)) : simd::iota(static_cast<float>(at.row));
+    else if constexpr (std::is_same_v<E, key_index>)
+        return over_keys ? simd::iota(static_cast<float>(at.col)) : simd::splat(static_cast<float>(at.col));
+    else if constexpr (std::is_same_v<E, core_slot>) return simd::load(at.core);
+    else if constexpr (std::is_same_v<E, memory_leaf>) return read_leaf<Along>(e, at.row, at.col);
+    else if constexpr (has_kind_template<E, kind::elementwise>::value) {
+        using Op = typename E::kind_type::op;
+        return std::apply([&](const auto&... kids) { return simd::apply<Op>(lanes_of<Along>(kids, at)...); }, e.kids);
+    } else if constexpr (has_kind_v<E, kind::scale_by>) {
+        return lanes_of<Along>(e.template kid<0>(), at) * static_cast<float>(e.kind.factor);
+    } else if constexpr (has_kind_v<E, kind::dropout>) {
+        vf x = lanes_of<Along>(e.template kid<0>(), at);
+        const std::uint32_t threshold = op::dropout_threshold(e.kind.p);
+        const float keep_scale = static_cast<float>(1.0 / (1.0 - e.kind.p));
+        for (int l = 0; l < simd::lanes; ++l) {
+            const auto lane = static_cast<std::size_t>(l);
+            const auto bits = op::dropout_bits(e.kind.seed, at.batch_head, static_cast<std::uint32_t>(at.row + (over_keys ? 0 : lane)),
+                                               static_cast<std::uint32_t>(at.col + (over_keys ? lane : 0)));
+            x[l] = op::dropout_keeps(bits, threshold) ? x[l] * keep_scale : 0.0f;
+        }
+        return x;
+    } else if constexpr (has_kind_v<E, kind::lookup>) {
+        const memory_leaf& table = e.template kid<0>();
+        const vf index = lanes_of<Along>(e.template kid<1>(), at);
+        const std::size_t length = std::max(table.view.rows, table.view.cols);
+        const std::ptrdiff_t stride = table.view.rows == 1 ? table.view.col_stride : table.view.row_stride;
+        vf out;
+        for (int l = 0; l < simd::lanes; ++l) {
+            const float clamped = std::nearbyint(std::min(std::max(index[l], 0.0f), static_cast<float>(length - 1)));
+            out[l] = table.base[static_cast<std::ptrdiff_t>(clamped) * stride];
+        }
+        return out;
+    } else {  // named
+        return lanes_of<Along>(e.template kid<0>(), at);
+    }
+}
+
+// Does the tree read the score tile through scale(core)? Then the factor can
+// be applied to the packed queries instead (FlashAttention scales Q).
+template <class E> struct holds_scaled_core : std::false_type {};
+template <> struct holds_scaled_core<node<kind::scale_by, core_slot>> : std::true_type {};
+template <class Kind, class... Kids>
+struct holds_scaled_core<node<Kind, Kids...>> : std::bool_constant<(holds_scaled_core<Kids>::value || ...)> {};
+
+template <class E>
+auto fold_core_scale(const E& e, double& factor) {
+    if constexpr (std::is_same_v<E, node<kind::scale_by, core_slot>>) {
+        factor = e.kind.factor;
+        return core_slot{};
+    } else if constexpr (is_node_v<E> && holds_scaled_core<E>::value) {
+        return std::apply([&](const auto&... kids) { return make_node(e.kind, fold_core_scale(kids, factor)...); }, e.kids);
+    } else {
+        return e;
+    }
+}
+
+// mask(s, keep) is where(keep, s, -inf): the tree with every such mask
+// removed, for tiles where every mask is known to keep everything.
+template <class E> struct is_mask : std::false_type {};
+template <class C, class S> struct is_mask<node<kind::elementwise<op::select>, C, S, constant>> : std::true_type {};
+
+template <class E>
+auto strip_masks(const E& e) {
+    if constexpr (is_mask<E>::value) return strip_masks(e.template kid<1>());
+    else if constexpr (is_node_v<E>)
+        return std::apply([&](const auto&... kids) { return make_node(e.kind, strip_masks(kids)...); }, e.kids);
+    else return e;
+}
+
+// Bounds of a prepared tree over a tile, for skipping fully masked tiles.
+// Memory leaves of one value are exact; vectors are scanned over the tile.
+template <class E>
+interval tile_bounds(const E& e, std::size_t row0, std::size_t row1, std::size_t col0, std::size_t col1) {
+    auto leaf = [&](const auto& x) -> interval {
+        using X = std::remove_cvref_t<decltype(x)>;
+        if constexpr (std::is_same_v<X, memory_leaf>) {
+            const tensor_view<float>& v = x.view;
+            if (v.rows > 1 && v.cols > 1) return interval::everything();
+            interval out{std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity()};
+            const std::size_t from = v.rows > 1 ? row0 : (v.cols > 1 ? col0 : 0);
+            const std::size_t to = v.rows > 1 ? std::min(row1, v.rows) : (v.cols > 1 ? std::min(col1, v.cols) : 1);
+            const std::ptrdiff_t stride = v.rows > 1 ? v.row_stride : v.col_stride;
+            for (std::size_t n = from; n < to; ++n) {
+                const double value = x.base[static_cast<std::ptrdiff_t>(n) * stride];
+                if (value != value) return interval::everything();
+                out.lo = std::min(out.lo, value);
+                out.hi = std::max(out.hi, value);
+            }
+            return out;
+        } else {
+            return interval::everything();
+        }
+    };
+    auto factor = [](const auto& x) { return x.kind.factor; };
+    return bounds(e, {static_cast<double>(row0), static_cast<double>(row1 - 1)},
+                  {static_cast<double>(col0), static_cast<double>(col1 - 1)}, leaf, factor);
+}
+
+// True when every mask(s, keep) of the tree keeps the whole tile (and its -inf
+// branch is a true -inf), so that strip_masks(tree) computes the same scores.
+template <class E>
+bool masks_keep_all(const E& e, std::size_t row0, std::size_t row1, std::size_t col0, std::size_t col1) {
+    if constexpr (is_mask<E>::value) {
+        return e.template kid<2>().value == -std::numeric_limits<double>::infinity() &&
+               tile_bounds(e.template kid<0>(), row0, row1, col0, col1).surely_nonzero() &&
+               masks_keep_all(e.template kid<1>(), row0, row1, col0, col1);
+    } else if constexpr (is_node_v<E>) {
+        return std::apply([&](const auto&... kids) { return (masks_keep_all(kids, row0, row1, col0, col1) && ...); }, e.kids);
+    } else {
+        return true;
+    }
+}
+
+}  // namespace attnfuse::cpu::detail

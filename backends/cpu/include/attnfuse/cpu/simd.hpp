@@ -1,0 +1,142 @@
+// Eight-lane float vectors (GCC vector extensions: one AVX register with
+// -march=x86-64-v3, two SSE registers without) and the vector face of every
+// elementwise operation of the DSL.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <attnfuse/ops.hpp>
+
+namespace attnfuse::cpu::simd {
+
+inline constexpr int lanes = 8;
+typedef float vf __attribute__((vector_size(32)));
+typedef std::int32_t vi __attribute__((vector_size(32)));
+typedef std::uint32_t vu __attribute__((vector_size(32)));
+
+// Spelled lane by lane: `vf{} + x` would cost an add, since 0 + x is not x for x = -0.
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x}; }
+inline vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf iota(float start) { return vf{0, 1, 2, 3, 4, 5, 6, 7} + start; }
+inline vf select(vi mask, vf a, vf b) { return mask ? a : b; }
+inline vf from_mask(vi mask) { return mask ? splat(1.0f) : splat(0.0f); }
+inline vf max(vf a, vf b) { return a > b ? a : b; }
+inline vf min(vf a, vf b) { return a < b ? a : b; }
+inline float horizontal_max(vf v) {
+    float m = v[0];
+    for (int l = 1; l < lanes; ++l) m = v[l] > m ? v[l] : m;
+    return m;
+}
+inline float horizontal_sum(vf v) {
+    float s = 0;
+    for (int l = 0; l < lanes; ++l) s += v[l];
+    return s;
+}
+inline vi is_nan(vf v) { return v != v; }
+
+// exp with a relative error of about 2 ulp on [-87, 88]; exactly 0 below
+// (so exp(-inf) is 0, the weight of a masked key), +inf above, NaN kept.
+inline vf exp(vf x) {
+    const vf clamped = min(max(x, splat(-87.0f)), splat(88.0f));
+    // n = round(x * log2(e)), as floor(t + 0.5) from a truncating conversion
+    const vf t = clamped * 1.44269504088896341f + 0.5f;
+    vf fl = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
+    fl = fl > t ? fl - 1.0f : fl;
+    // r = x - n ln 2 in two parts (Cephes), then exp(r) by a degree-7 polynomial
+    const vf r = clamped - fl * 0.693359375f + fl * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const vi exponent = (__builtin_convertvector(fl, vi) + 127) << 23;
+    vf scale;
+    std::memcpy(&scale, &exponent, sizeof scale);
+    vf result = p * scale;
+    result = x < -87.0f ? splat(0.0f) : result;
+    result = x > 88.0f ? splat(INFINITY) : result;
+    return x != x ? x : result;
+}
+
+// exp for softmax weights, where the argument s - max is <= 0, -inf or NaN:
+// 16 vector operations instead of exp's 27. exp(-inf) and anything below
+// -87 give exactly 0; NaN stays NaN (the comparisons are ordered so that a
+// NaN operand falls through them).
+inline vf exp_nonpositive(vf x) {
+    const vf clamped = x < -87.0f ? splat(-87.0f) : x;
+    // n = round(x log2 e): adding 1.5 * 2^23 rounds to an integer in the low mantissa bits
+    const vf shifted = clamped * 1.44269504088896341f + 12582912.0f;
+    const vf n = shifted - 12582912.0f;
+    const vf r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;  // |r| <= ln2 / 2
+    // Taylor to r^6: relative error below 2e-7 on |r| <= 0.35
+    vf p = splat(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vi bits, n_bits;
+    std::memcpy(&bits, &p, sizeof p);
+    std::memcpy(&n_bits, &shifted, sizeof shifted);
+    bits += n_bits << 23;  // multiply by 2^n: the low bits of `shifted` are n
+    vf result;
+    std::memcpy(&result, &bits, sizeof result);
+    return x < -87.0f ? splat(0.0f) : result;
+}
+
+inline vf tanh(vf x) {
+    // tanh(x) = 1 - 2/(exp(2x)+1), saturated where exp overflows
+    const vf e = exp(min(x, splat(44.0f)) * 2.0f);
+    const vf t = 1.0f - 2.0f / (e + 1.0f);
+    return x != x ? x : t;
+}
+
+// The vector face of op::Op: same meaning as Op::apply, lane by lane.
+template <class Op> vf apply(vf a) {
+    if constexpr (std::is_same_v<Op, op::negate>) return -a;
+    else if constexpr (std::is_same_v<Op, op::logical_not>) return from_mask(a == 0.0f);
+    else if constexpr (std::is_same_v<Op, op::exp_>) return exp(a);
+    else if constexpr (std::is_same_v<Op, op::tanh_>) return tanh(a);
+    else if constexpr (std::is_same_v<Op, op::sigmoid>) return 1.0f / (1.0f + exp(-a));
+    else if constexpr (std::is_same_v<Op, op::relu>) return a > 0.0f ? a : splat(0.0f);
+    else if constexpr (std::is_same_v<Op, op::abs_>) return a < 0.0f ? -a : a;
+    else if constexpr (std::is_same_v<Op, op::square>) return a * a;
+    else {  // log, sqrt: lane by lane through the scalar face
+        vf out;
+        for (int l = 0; l < lanes; ++l) out[l] = Op::apply(a[l]);
+        return out;
+    }
+}
+
+template <class Op> vf apply(vf a, vf b) {
+    if constexpr (std::is_same_v<Op, op::add>) return a + b;
+    else if constexpr (std::is_same_v<Op, op::subtract>) return a - b;
+    else if constexpr (std::is_same_v<Op, op::multiply>) return a * b;
+    else if constexpr (std::is_same_v<Op, op::divide>) return a / b;
+    else if constexpr (std::is_same_v<Op, op::maximum>) return (a != a || b != b) ? a + b : max(a, b);
+    else if constexpr (std::is_same_v<Op, op::minimum>) return (a != a || b != b) ? a + b : min(a, b);
+    else if constexpr (std::is_same_v<Op, op::less>) return from_mask(a < b);
+    else if constexpr (std::is_same_v<Op, op::less_equal>) return from_mask(a <= b);
+    else if constexpr (std::is_same_v<Op, op::greater>) return from_mask(a > b);
+    else if constexpr (std::is_same_v<Op, op::greater_equal>) return from_mask(a >= b);
+    else if constexpr (std::is_same_v<Op, op::equal>) return from_mask(a == b);
+    else if constexpr (std::is_same_v<Op, op::not_equal>) return from_mask(a != b);
+    else if constexpr (std::is_same_v<Op, op::logical_and>) return from_mask((a != 0.0f) & (b != 0.0f));
+    else return from_mask((a != 0.0f) | (b != 0.0f));  // logical_or
+}
+
+template <class Op> vf apply(vf c, vf a, vf b) {  // select
+    return c != 0.0f ? a : b;
+}
+
+}  // namespace attnfuse::cpu::simd

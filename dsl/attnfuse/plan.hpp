@@ -1,0 +1,214 @@
+// The compile-time fusion planner. From an expression's type it derives which
+// kernels run, what each computes and which intermediates are materialised.
+// Both backends lower the same plan; nothing here knows of either.
+//
+// Rules:
+//  * normalise(score)*V, with normalise one of softmax, hard or dropout on a
+//    softmax, and score a pointwise epilogue around exactly one query-key
+//    core (X^T*Y, X^T*W*Y, or a pairwise score), is ONE fused kernel: tiles of
+//    queries against tiles of keys with a running maximum and sum (or a
+//    running argmax); the n_q x n_k score matrix is never written to memory.
+//  * A maximal tree of pointwise nodes is one loop.
+//  * Every other node (products of weights with inputs, reductions, a
+//    normalisation not followed by *V) is its own kernel; a transpose is a
+//    view of its operand, never a kernel.
+//  * Anything the fused rule does not match falls back to these kernels.
+//  * In unfused mode every non-pointwise node is its own kernel, so that a
+//    comparison with the fused mode isolates fusion.
+#pragma once
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "expr.hpp"
+#include "to_string.hpp"
+
+namespace attnfuse::plan {
+
+enum class mode { fused, unfused };
+
+template <class... Ts> struct list {
+    static constexpr std::size_t size = sizeof...(Ts);
+};
+template <class... Ls> struct concat;
+template <> struct concat<> { using type = list<>; };
+template <class... A> struct concat<list<A...>> { using type = list<A...>; };
+template <class... A, class... B, class... Rest>
+struct concat<list<A...>, list<B...>, Rest...> : concat<list<A..., B...>, Rest...> {};
+template <class... Ls> using concat_t = typename concat<Ls...>::type;
+
+// ------------------------------------------------ the nodes of a cluster ---
+// The non-pointwise nodes reached from E through pointwise nodes: what a
+// pointwise loop reads.
+template <class E, bool Pointwise = is_pointwise_v<E>> struct cluster_operands { using type = list<E>; };
+template <class E> struct cluster_operands<E, true> { using type = list<>; };  // constants, i, j
+template <class Kind, class... Kids> struct cluster_operands<node<Kind, Kids...>, true> {
+    using type = concat_t<typename cluster_operands<Kids>::type...>;
+};
+template <class E> using cluster_operands_t = typename cluster_operands<E>::type;
+
+// ------------------------------------------------- query-key cores ---
+template <class E> struct core_traits { static constexpr bool is_core = false; };
+// X^T*Y: the dot-product core, s[q, k] = x_q . y_k.
+template <class X, class Y> struct core_traits<node<kind::product, node<kind::transpose, X>, Y>> {
+    static constexpr bool is_core = true;
+    static constexpr bool pairwise = false;
+    static constexpr bool general = false;
+};
+// X^T*W*Y: the general (bilinear) core; W^T*X is projected first.
+template <class X, class W, class Y>
+struct core_traits<node<kind::product, node<kind::product, node<kind::transpose, X>, W>, Y>> {
+    static constexpr bool is_core = true;
+    static constexpr bool pairwise = false;
+    static constexpr bool general = true;
+};
+template <class F, class W, class QF, class KF> struct core_traits<node<kind::pairwise<F>, W, QF, KF>> {
+    static constexpr bool is_core = true;
+    static constexpr bool pairwise = true;
+    static constexpr bool general = false;
+};
+
+template <class L> struct count_cores;
+template <class... Ts> struct count_cores<list<Ts...>> {
+    static constexpr std::size_t value = (std::size_t{core_traits<Ts>::is_core} + ... + 0);
+};
+template <class L> struct first_core;
+template <class T0, class... Ts> struct first_core<list<T0, Ts...>> {
+    using type = std::conditional_t<core_traits<T0>::is_core, T0, typename first_core<list<Ts...>>::type>;
+};
+template <> struct first_core<list<>> { using type = void; };
+
+// ------------------------------------------------ normalisations ---
+enum class normalisation { none, softmax, hard };
+
+template <class N> struct normaliser {
+    static constexpr normalisation norm = normalisation::none;
+};
+template <class S> struct normaliser<node<kind::softmax, S>> {
+    static constexpr normalisation norm = normalisation::softmax;
+    static constexpr bool dropout = false;
+    using score = S;
+};
+template <class S> struct normaliser<node<kind::hard, S>> {
+    static constexpr normalisation norm = normalisation::hard;
+    static constexpr bool dropout = false;
+    using score = S;
+};
+template <class S> struct normaliser<node<kind::dropout, node<kind::softmax, S>>> {
+    static constexpr normalisation norm = normalisation::softmax;
+    static constexpr bool dropout = true;
+    using score = S;
+};
+
+// ---------------------------------------------------- the fused rule ---
+template <class E> struct attention_pattern {
+    static constexpr bool matches = false;
+};
+template <class N, class V> struct attention_pattern<node<kind::product, N, V>> {
+private:
+    static constexpr bool normalised = normaliser<N>::norm != normalisation::none;
+    template <class M, bool> struct detail_ { static constexpr bool ok = false; using core = void; };
+    template <class M> struct detail_<M, true> {
+        using operands = cluster_operands_t<typename normaliser<M>::score>;
+        static constexpr bool ok = count_cores<operands>::value == 1;
+        using core = typename first_core<operands>::type;
+    };
+    using found = detail_<N, normalised>;
+
+public:
+    static constexpr bool matches = found::ok;
+    using weights = N;
+    using values = V;
+    using core = typename found::core;
+};
+
+template <class E> inline constexpr bool fuses_as_attention_v = attention_pattern<std::remove_cvref_t<E>>::matches;
+
+// ------------------------------------------------------------ kernels ---
+// One type per kernel; E is the node it computes.
+template <class E> struct fused_attention_kernel { using expr = E; };
+template <class E> struct pointwise_kernel { using expr = E; };
+template <class E> struct node_kernel { using expr = E; };
+
+template <class E, mode M> struct kernels;
+template <class E, mode M> using kernels_t = typename kernels<std::remove_cvref_t<E>, M>::type;
+
+template <class L, mode M> struct kernels_of_all;
+template <class... Ts, mode M> struct kernels_of_all<list<Ts...>, M> {
+    using type = concat_t<kernels_t<Ts, M>...>;
+};
+
+// The operands a fused attention kernel reads, each computed first when it
+// is not a bound input: the core's two sides, every other leaf of the score
+// epilogue, and the values.
+template <class Core> struct core_operands;
+template <class X, class Y> struct core_operands<node<kind::product, node<kind::transpose, X>, Y>> {
+    using type = list<X, Y>;
+};
+template <class X, class W, class Y>
+struct core_operands<node<kind::product, node<kind::product, node<kind::transpose, X>, W>, Y>> {
+    // Q^T*W*K is (W^T*Q)^T*K: the projection W^T*Q is its own kernel.
+    using type = list<node<kind::product, node<kind::transpose, W>, X>, Y>;
+};
+template <class F, class W, class QF, class KF> struct core_operands<node<kind::pairwise<F>, W, QF, KF>> {
+    using type = list<W, QF, KF>;
+};
+
+template <class L, class Drop> struct without;
+template <class... Ts, class Drop> struct without<list<Ts...>, Drop> {
+    using type = concat_t<std::conditional_t<std::is_same_v<Ts, Drop>, list<>, list<Ts>>...>;
+};
+
+template <class E, mode M, bool Leaf = !is_node_v<E>, bool Fused = (M == mode::fused && fuses_as_attention_v<E>),
+          bool Pointwise = is_pointwise_v<E>>
+struct kernels_impl;
+// bound inputs and pointwise leaves run nothing
+template <class E, mode M, bool F, bool P> struct kernels_impl<E, M, true, F, P> { using type = list<>; };
+template <class E, mode M, bool P> struct kernels_impl<E, M, false, true, P> {
+    using pattern = attention_pattern<E>;
+    using side = typename without<cluster_operands_t<typename normaliser<typename pattern::weights>::score>,
+                                  typename pattern::core>::type;
+    using type = concat_t<typename kernels_of_all<typename core_operands<typename pattern::core>::type, M>::type,
+                          typename kernels_of_all<side, M>::type, kernels_t<typename pattern::values, M>,
+                          list<fused_attention_kernel<E>>>;
+};
+template <class E, mode M> struct kernels_impl<E, M, false, false, true> {
+    using type = concat_t<typename kernels_of_all<cluster_operands_t<E>, M>::type, list<pointwise_kernel<E>>>;
+};
+// A transpose is a view of its operand (strides swapped), never a kernel.
+template <class X, mode M> struct kernels_impl<node<kind::transpose, X>, M, false, false, false> {
+    using type = kernels_t<X, M>;
+};
+template <class Kind, class... Kids, mode M> struct kernels_impl<node<Kind, Kids...>, M, false, false, false> {
+    using type = concat_t<kernels_t<Kids, M>..., list<node_kernel<node<Kind, Kids...>>>>;
+};
+template <class E, mode M> struct kernels {
+    using type = typename kernels_impl<E, M>::type;
+};
+
+template <class E, mode M = mode::fused>
+inline constexpr std::size_t kernel_count = kernels_t<E, M>::size;
+
+template <class E, mode M = mode::fused> struct count_fused;
+template <class E, mode M> inline constexpr std::size_t fused_kernel_count = count_fused<E, M>::value;
+template <class L> struct count_fused_in;
+template <class... Ks> struct count_fused_in<list<Ks...>> {
+    template <class K> struct is_fused : std::false_type {};
+    template <class X> struct is_fused<fused_attention_kernel<X>> : std::true_type {};
+    static constexpr std::size_t value = (std::size_t{is_fused<Ks>::value} + ... + 0);
+};
+template <class E, mode M> struct count_fused : count_fused_in<kernels_t<E, M>> {};
+
+// ------------------------------------------------------------ printing ---
+template <class K> struct kernel_name;
+template <class E> struct kernel_name<fused_attention_kernel<E>> {
+    static std::string get(const E& e) { return "fused attention: " + to_string(e); }
+};
+template <class E> struct kernel_name<pointwise_kernel<E>> {
+    static std::string get(const E& e) { return "pointwise loop: " + to_string(e); }
+};
+template <class E> struct kernel_name<node_kernel<E>> {
+    static std::string get(const E& e) { return "kernel: " + to_string(e); }
+};
+
+}  // namespace attnfuse::plan

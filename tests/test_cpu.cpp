@@ -1,0 +1,193 @@
+// The CPU backend, fused and unfused, against the double-precision reference.
+//
+// Error measure, in every test here: the largest |cpu - reference| over the
+// output, divided by the largest |reference| (or 1 when that is smaller):
+// a relative error of the output as a whole. fp32 tolerance: 1e-4.
+#include <attnfuse/cpu.hpp>
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "variants.hpp"
+
+namespace af = attnfuse;
+using af::cpu::execution;
+using Catch::Matchers::Contains;
+
+namespace {
+
+constexpr double tolerance = 1e-4;
+
+double relative_error(const af::reference::result& ref, const af::cpu::tensor& out) {
+    REQUIRE(out.values.size() == ref.values.size());
+    double worst = 0, scale = 1;
+    for (std::size_t n = 0; n < ref.values.size(); ++n) {
+        const double r = ref.values[n], c = out.values[n];
+        if (std::isnan(r) != std::isnan(c)) return std::numeric_limits<double>::infinity();
+        if (std::isnan(r)) continue;
+        worst = std::max(worst, std::abs(r - c));
+        scale = std::max(scale, std::abs(r));
+    }
+    return worst / scale;
+}
+
+template <class E, class... B>
+void check_both_modes(const std::string& name, const E& e, double tol, const B&... bindings) {
+    const auto ref = af::reference::evaluate(e, bindings...);
+    for (const execution mode : {execution::fused, execution::unfused}) {
+        const auto [out, info] = af::cpu::run(e, af::cpu::options{mode, 0}, bindings...);
+        INFO(name << " | " << af::to_string(e) << " | " << (mode == execution::fused ? "fused" : "unfused"));
+        CHECK(relative_error(ref, out) <= tol);
+        // the executed kernels are the plan's
+        const std::size_t planned = mode == execution::fused ? af::plan::kernel_count<E, af::plan::mode::fused>
+                                                             : af::plan::kernel_count<E, af::plan::mode::unfused>;
+        CHECK(info.kernels.size() == planned);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("every variant runs fused and unfused on the CPU and agrees with the reference", "[cpu]") {
+    const af::variants::shape shapes[] = {
+        {2, 2, 7, 13, 5, 3},      // batch 2, heads 2
+        {2, 3, 33, 65, 31, 7},    // past one register block and one key panel
+        {1, 2, 127, 257, 33, 65}, // several query and key tiles, d_v past a panel
+        {3, 2, 1, 1, 1, 1},       // one of everything
+    };
+    for (const auto& s : shapes) {
+        af::variants::for_each(s, [&](const af::variants::variant& v, const auto& e, const auto&... bindings) {
+            // scores near 1e4 carry an fp32 rounding of about 1e-3 in each score,
+            // which softmax passes on: that row is held to finiteness and 1e-2.
+            const bool huge_scores = v.name.find("1e4") != std::string::npos;
+            check_both_modes(v.name, e, huge_scores ? 1e-2 : tolerance, bindings...);
+        });
+    }
+}
+
+TEST_CASE("scaled dot-product and causal attention at every awkward size", "[cpu]") {
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::size_t sizes[] = {1, 2, 3, 7, 31, 33, 65, 127, 257};
+    for (std::size_t n : sizes)
+        for (std::size_t d : {std::size_t{1}, std::size_t{7}, std::size_t{33}, std::size_t{65}}) {
+            af::variants::input_store in(static_cast<std::uint32_t>(n * 131 + d));
+            const std::size_t batch = 2, heads = 1;
+            auto q = af::bind(Q, af::col_major(in.random(batch * d * n), d, n, batch, heads));
+            auto k = af::bind(K, af::col_major(in.random(batch * d * n), d, n, batch, heads));
+            auto v = af::bind(V, af::row_major(in.random(batch * n * d), n, d, batch, heads));
+            check_both_modes("sdpa n=" + std::to_string(n) + " d=" + std::to_string(d), softmax(scale(Q^af::T*K))*V,
+                             tolerance, q, k, v);
+            check_both_modes("causal n=" + std::to_string(n) + " d=" + std::to_string(d),
+                             softmax(mask(scale(Q^af::T*K), af::causal))*V, tolerance, q, k, v);
+        }
+}
+
+TEST_CASE("fully masked rows give zeros, never NaN", "[cpu]") {
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::variants::input_store in(5);
+    const std::size_t n = 70, d = 9;
+    auto q = af::bind(Q, af::col_major(in.random(d * n), d, n));
+    auto k = af::bind(K, af::col_major(in.random(d * n), d, n));
+    auto v = af::bind(V, af::row_major(in.random(n * d), n, d));
+    // queries below 50 see no key at all
+    const auto e = softmax(mask(scale(Q^af::T*K), af::i >= 50 && af::causal))*V;
+    for (const execution mode : {execution::fused, execution::unfused}) {
+        const auto [out, info] = af::cpu::run(e, af::cpu::options{mode, 0}, q, k, v);
+        for (std::size_t r = 0; r < n; ++r)
+            for (std::size_t c = 0; c < d; ++c) {
+                const float x = out.at(0, 0, r, c);
+                REQUIRE(!std::isnan(x));
+                if (r < 50) REQUIRE(x == 0.0f);
+            }
+        const auto hard_out = af::cpu::run(hard(mask(Q^af::T*K, af::i >= 50))*V, af::cpu::options{mode, 0}, q, k, v).output;
+        for (std::size_t c = 0; c < d; ++c) CHECK(hard_out.at(0, 0, 3, c) == 0.0f);
+    }
+}
+
+TEST_CASE("a NaN in one query affects only that query's output", "[cpu]") {
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::variants::input_store in(6);
+    const std::size_t n = 61, d = 11;
+    const float* random_queries = in.random(d * n);
+    std::vector<float> qdata(random_queries, random_queries + d * n);
+    qdata[d * 17 + 3] = std::numeric_limits<float>::quiet_NaN();     // query 17
+    auto q = af::bind(Q, af::col_major(qdata.data(), d, n));
+    auto k = af::bind(K, af::col_major(in.random(d * n), d, n));
+    auto v = af::bind(V, af::row_major(in.random(n * d), n, d));
+    for (const execution mode : {execution::fused, execution::unfused}) {
+        const auto out = af::cpu::run(softmax(scale(Q^af::T*K))*V, af::cpu::options{mode, 0}, q, k, v).output;
+        for (std::size_t r = 0; r < n; ++r)
+            for (std::size_t c = 0; c < d; ++c) {
+                INFO("row " << r << (mode == execution::fused ? " fused" : " unfused"));
+                CHECK(std::isnan(out.at(0, 0, r, c)) == (r == 17));
+            }
+    }
+}
+
+TEST_CASE("wrong sizes at run time throw shape_error before any kernel runs", "[cpu]") {
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::vector<float> data(4096, 0.5f);
+    auto q = af::bind(Q, af::col_major(data.data(), 8, 10));
+    auto k = af::bind(K, af::col_major(data.data(), 8, 12));
+    auto v_bad = af::bind(V, af::row_major(data.data(), 11, 4));
+    for (const execution mode : {execution::fused, execution::unfused})
+        CHECK_THROWS_MATCHES(af::cpu::run(softmax(scale(Q^af::T*K))*V, af::cpu::options{mode, 0}, q, k, v_bad),
+                             af::shape_error,
+                             Catch::Matchers::Message("matrix product in `softmax(scale(Q^T*K))*V`: left operand "
+                                                      "`softmax(scale(Q^T*K))` is 10x12, right operand `V` is 11x4; "
+                                                      "columns of the left must equal rows of the right"));
+}
+
+TEST_CASE("the fused kernel's memory is independent of n; the unfused one holds the n x n scores", "[cpu]") {
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    std::size_t fused_bytes[2] = {}, unfused_bytes[2] = {};
+    const std::size_t sizes[2] = {200, 400};
+    for (int which = 0; which < 2; ++which) {
+        const std::size_t n = sizes[which], d = 16;
+        af::variants::input_store in(9);
+        auto q = af::bind(Q, af::col_major(in.random(d * n), d, n));
+        auto k = af::bind(K, af::col_major(in.random(d * n), d, n));
+        auto v = af::bind(V, af::row_major(in.random(n * d), n, d));
+        const auto e = softmax(scale(Q^af::T*K))*V;
+        fused_bytes[which] = af::cpu::run(e, af::cpu::options{execution::fused, 2}, q, k, v).info.intermediate_bytes;
+        unfused_bytes[which] = af::cpu::run(e, af::cpu::options{execution::unfused, 2}, q, k, v).info.intermediate_bytes;
+    }
+    CHECK(fused_bytes[0] == fused_bytes[1]);
+    CHECK(unfused_bytes[1] >= 4 * 400 * 400);  // at least one fp32 score matrix
+    CHECK(unfused_bytes[1] > 3 * unfused_bytes[0]);
+}
+
+TEST_CASE("the planner's decisions", "[cpu][plan]") {
+    using af::plan::kernel_count;
+    using af::plan::mode;
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"W"> W;
+    af::matrix<"w"> w;
+    using sdpa = decltype(softmax(scale(Q^af::T*K))*V);
+    STATIC_REQUIRE(kernel_count<sdpa, mode::fused> == 1);
+    STATIC_REQUIRE(kernel_count<sdpa, mode::unfused> == 4);  // product, scale, softmax, product
+    STATIC_REQUIRE(kernel_count<decltype(softmax(mask(scale(Q^af::T*K), af::causal))*V)> == 1);
+    STATIC_REQUIRE(kernel_count<decltype(hard(Q^af::T*K)*V)> == 1);
+    STATIC_REQUIRE(kernel_count<decltype(dropout(softmax(Q^af::T*K), 0.1, 1)*V)> == 1);
+    // general score: the projection W^T Q is its own kernel, then one fused kernel
+    STATIC_REQUIRE(kernel_count<decltype(softmax(Q^af::T*W*K)*V)> == 2);
+    // additive: both projections, then the fused pairwise kernel
+    STATIC_REQUIRE(kernel_count<decltype(softmax(additive(w, W*Q, W*K))*V)> == 3);
+    // two query-key products in one score: not the fused shape; falls back to unfused kernels
+    STATIC_REQUIRE(af::plan::fused_kernel_count<decltype(softmax(Q^af::T*K + (Q^af::T*K))*V), mode::fused> == 0);
+    STATIC_REQUIRE(kernel_count<decltype(softmax(Q^af::T*K + (Q^af::T*K))*V)> == 5);
+    // a softmax not followed by *V is not fused
+    STATIC_REQUIRE(kernel_count<decltype(softmax(Q^af::T*K))> == 2);
+}
