@@ -223,11 +223,11 @@ void dropout_tile(float* p, std::size_t rows, std::size_t cols, std::ptrdiff_t r
 }
 
 void running_argmax_columns(const float* st, std::size_t keys, std::size_t queries, std::size_t ld, std::size_t key0,
-                            float* best, std::size_t* index, bool* nan_seen) {
+                            float* best, std::size_t* index, unsigned char* nan_seen) {
     for (std::size_t k = 0; k < keys; ++k)
         for (std::size_t q = 0; q < queries; ++q) {
             const float x = st[k * ld + q];
-            if (x != x) nan_seen[q] = true;
+            if (x != x) nan_seen[q] = 1;
             else if (x > best[q]) {  // strictly: ties keep the earlier key; -inf never wins
                 best[q] = x;
                 index[q] = key0 + k;
@@ -273,7 +273,7 @@ void hard_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds) {
     for (std::size_t r = 0; r < rows; ++r) {
         float best = minus_inf;
         std::size_t index = cols;
-        bool nan = false;
+        unsigned char nan = 0;
         running_argmax(s + r * lds, 1, cols, lds, 0, &best, &index, &nan);
         for (std::size_t c = 0; c < cols; ++c)
             s[r * lds + c] = nan ? std::numeric_limits<float>::quiet_NaN() : (c == index ? 1.0f : 0.0f);
@@ -281,12 +281,12 @@ void hard_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds) {
 }
 
 void running_argmax(const float* s, std::size_t rows, std::size_t cols, std::size_t lds, std::size_t col0, float* best,
-                    std::size_t* index, bool* nan_seen) {
+                    std::size_t* index, unsigned char* nan_seen) {
     for (std::size_t r = 0; r < rows; ++r) {
         const float* sr = s + r * lds;
         for (std::size_t c = 0; c < cols; ++c) {
             const float x = sr[c];
-            if (x != x) nan_seen[r] = true;
+            if (x != x) nan_seen[r] = 1;
             else if (x > best[r]) {  // strictly: ties keep the earlier column; -inf never wins
                 best[r] = x;
                 index[r] = col0 + c;

@@ -8,6 +8,7 @@
 #include <deque>
 #include <memory>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include <attnfuse/plan.hpp>
@@ -56,6 +57,23 @@ struct executor {
     options opt;
     report& info;
     std::deque<std::vector<float>> arena;
+
+    // The node whose result is the run's output, and where that output goes:
+    // its kernel writes there directly instead of into the arena.
+    const void* root = nullptr;
+    float* root_target = nullptr;
+    const std::type_info* root_type = nullptr;
+
+    // Where node `e` writes a dense rows x cols result: the caller's output
+    // for the root, else a new intermediate.
+    template <class E>
+    tensor_view<float> destination(const E& e, std::size_t rows, std::size_t cols) {
+        if (static_cast<const void*>(&e) == root && root_target && typeid(E) == *root_type) {
+            const auto c = static_cast<std::ptrdiff_t>(cols), m = static_cast<std::ptrdiff_t>(rows * cols);
+            return {root_target, rows, cols, env.batch, env.heads, c, 1, static_cast<std::ptrdiff_t>(env.heads) * m, m};
+        }
+        return allocate(rows, cols, cols);
+    }
 
     tensor_view<float> allocate(std::size_t rows, std::size_t cols, std::size_t row_stride, bool count = true) {
         const std::size_t per_matrix = rows * row_stride;
@@ -208,6 +226,14 @@ inline constexpr std::size_t key_tile = 128;
 // its lanes: the row-oriented path with dot products runs instead.
 inline constexpr std::size_t few_queries = kernels::panel_width;
 
+// One thread's working set in the fused kernel.
+struct fused_scratch {
+    std::vector<float> scores, packed, packed_values, accumulator, tile_max, best;
+    std::vector<kernels::row_state> state;
+    std::vector<std::size_t> best_index;
+    std::vector<unsigned char> nan_seen;  // bytes: vector<bool> has no data()
+};
+
 // Everything one fused kernel reads, computed once before the tile loops.
 template <class E, class X>
 struct fused_operands {
@@ -264,7 +290,7 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     const std::size_t rows_per_tile = std::min(query_tile, n_q);
     const std::size_t rows_padded = kernels::round_up(rows_per_tile, kernels::panel_width);
     const std::size_t q_tiles = (n_q + rows_per_tile - 1) / rows_per_tile;
-    const tensor_view<float> out = x.allocate(n_q, d_v, d_v);
+    const tensor_view<float> out = x.destination(e, n_q, d_v);
     const auto items = static_cast<std::ptrdiff_t>(x.heads_total() * q_tiles);
     // the values are their own panels when rows are contiguous and 16-wide
     const bool values_in_place = in.values.col_stride == 1 && d_v % kernels::panel_width == 0;
@@ -289,12 +315,18 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     {
 #pragma omp single
         threads_used = static_cast<std::size_t>(omp_get_num_threads());
-        std::vector<float> s(score_floats), packed(depth * std::max(rows_padded, key_tile)),
-            packed_values(values_in_place ? 0 : key_tile * dv_padded), acc(rows_padded * dv_padded),
-            tile_max(rows_padded), best(rows_padded);
-        std::vector<kernels::row_state> state(rows_padded);
-        std::vector<std::size_t> best_index(rows_padded);
-        std::unique_ptr<bool[]> nan_seen(new bool[rows_padded]);
+        // scratch kept by each thread from run to run: no allocation, no
+        // page faults on the hot path
+        thread_local fused_scratch scratch;
+        auto& [s, packed, packed_values, acc, tile_max, best, state, best_index, nan_seen] = scratch;
+        s.resize(std::max(s.size(), score_floats));
+        packed.resize(std::max(packed.size(), depth * std::max(rows_padded, key_tile)));
+        packed_values.resize(std::max(packed_values.size(), values_in_place ? 0 : key_tile * dv_padded));
+        acc.resize(std::max(acc.size(), rows_padded * dv_padded));
+        for (auto* v : {&tile_max, &best}) v->resize(std::max(v->size(), rows_padded));
+        state.resize(std::max(state.size(), rows_padded));
+        best_index.resize(std::max(best_index.size(), rows_padded));
+        nan_seen.resize(std::max(nan_seen.size(), rows_padded));
 
 #pragma omp for schedule(dynamic)
         for (std::ptrdiff_t item = 0; item < items; ++item) {
@@ -310,12 +342,12 @@ tensor_view<float> fused_attention(const E& e, X& x) {
             const float* w_base = traits::pairwise ? matrix_base(in.feature_weights, x.env, b, h) : nullptr;
             const auto batch_head = static_cast<std::uint32_t>(bh);
 
-            std::fill(acc.begin(), acc.end(), 0.0f);
+            std::fill_n(acc.begin(), rows_padded * dv_padded, 0.0f);
             for (std::size_t r = 0; r < rows_padded; ++r) {
                 state[r] = {-std::numeric_limits<float>::infinity(), 0.0f};
                 best[r] = -std::numeric_limits<float>::infinity();
                 best_index[r] = n_k;
-                nan_seen[r] = false;
+                nan_seen[r] = 0;
             }
             // the query tile, packed once: panels of 16 queries x depth
             if (transposed && !traits::pairwise) {
@@ -427,9 +459,9 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 // ---- normalisation and the weighted sum of values -------------------------------
                 if constexpr (hard) {
                     if (transposed)
-                        kernels::running_argmax_columns(s.data(), cols, rows, rows_padded, k0, best.data(), best_index.data(), nan_seen.get());
+                        kernels::running_argmax_columns(s.data(), cols, rows, rows_padded, k0, best.data(), best_index.data(), nan_seen.data());
                     else
-                        kernels::running_argmax(s.data(), rows, cols, key_tile, k0, best.data(), best_index.data(), nan_seen.get());
+                        kernels::running_argmax(s.data(), rows, cols, key_tile, k0, best.data(), best_index.data(), nan_seen.data());
                 } else {
                     if (transposed)
                         kernels::online_softmax_columns(s.data(), cols, rows, rows_padded, tile_max.data(), state.data(), acc.data(),
@@ -588,14 +620,15 @@ run_result run(const E& e, const options& opt, const Bindings&... bindings) {
     info.threads = o.threads;
     const auto start = std::chrono::steady_clock::now();
     {
-        detail::executor<Env> x{env, o, info, {}};
-        const tensor_view<float> v = detail::evaluate(e, x);
         tensor& out = result.output;
         out.batch = env.batch;
         out.heads = env.heads;
         out.rows = shape.rows;
         out.cols = shape.cols;
         out.values.resize(env.batch * env.heads * shape.rows * shape.cols);
+        detail::executor<Env> x{env, o, info, {}, &e, out.values.data(), &typeid(E)};
+        const tensor_view<float> v = detail::evaluate(e, x);
+        if (v.data != out.values.data())  // the last kernel wrote elsewhere (or the output is an input): copy
         for (std::size_t b = 0; b < env.batch; ++b)
             for (std::size_t h = 0; h < env.heads; ++h) {
                 const float* src = detail::matrix_base(v, env, b, h);

@@ -65,7 +65,7 @@ void dropout_tile(float* p, std::size_t rows, std::size_t cols, std::ptrdiff_t r
 // Running argmax over a transposed tile (keys x queries): query q's best
 // score, its key and whether a NaN was seen (strictly greater replaces).
 void running_argmax_columns(const float* st, std::size_t keys, std::size_t queries, std::size_t ld, std::size_t key0,
-                            float* best, std::size_t* index, bool* nan_seen);
+                            float* best, std::size_t* index, unsigned char* nan_seen);
 
 // s[r][c] = sum_p a(r, p) * b(c, p) by dot products: the product for a few
 // rows (decode), where packing would cost as much as the arithmetic.
@@ -83,6 +83,6 @@ void hard_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds);
 // Largest entry of each row and its first column, folded into best/index
 // (strictly greater replaces: ties keep the earlier column).
 void running_argmax(const float* s, std::size_t rows, std::size_t cols, std::size_t lds, std::size_t col0,
-                    float* best, std::size_t* index, bool* nan_seen);
+                    float* best, std::size_t* index, unsigned char* nan_seen);
 
 }  // namespace attnfuse::cpu::kernels
