@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <memory>
 #include <string>
 
 namespace vk = attnfuse::vulkan;
@@ -83,4 +84,63 @@ TEST_CASE("the CPU backend reports this machine", "[cpu]") {
     const auto m = attnfuse::cpu::this_machine();
     CHECK(m.threads >= 1);
     CHECK_THAT(attnfuse::cpu::describe(m), Contains("threads"));
+}
+
+TEST_CASE("a device runs a kernel: buffers, push constants, timestamps, no validation message", "[vulkan]") {
+    std::unique_ptr<vk::device> dev;
+    try {
+        dev = std::make_unique<vk::device>(vk::default_device(), vk::device_options{true});
+    } catch (const vk::no_device_error& e) {
+        WARN("SKIP: no Vulkan device here: " << e.what());
+        return;
+    }
+    const std::uint32_t n = 1000;  // not a multiple of the workgroup size
+    std::vector<float> x(n), y(n);
+    for (std::uint32_t k = 0; k < n; ++k) {
+        x[k] = static_cast<float>(k);
+        y[k] = 1.0f;
+    }
+    const auto bx = dev->create_buffer(n * 4, "x"), by = dev->create_buffer(n * 4, "y");
+    dev->upload(bx, x.data(), n * 4);
+    dev->upload(by, y.data(), n * 4);
+    const auto kernel = dev->kernel(axpy_shader, "axpy", 2, 8);
+    struct {
+        float alpha;
+        std::uint32_t n;
+    } params{0.5f, n};
+    dev->dispatch(kernel, {bx, by}, &params, sizeof params, (n + 63) / 64);
+    dev->dispatch(kernel, {bx, by}, &params, sizeof params, (n + 63) / 64);
+    const double seconds = dev->submit_and_wait();
+    CHECK(seconds >= 0);
+    dev->download(by, y.data(), n * 4);
+    for (std::uint32_t k = 0; k < n; ++k) REQUIRE(y[k] == 1.0f + static_cast<float>(k));  // two dispatches of y += x/2
+    // the same source again is the same pipeline
+    CHECK(dev->kernel(axpy_shader, "axpy", 2, 8) == kernel);
+    CHECK(dev->validation_messages() == 0);
+    INFO(dev->last_validation_message());
+}
+
+TEST_CASE("a second device finds the SPIR-V in the disk cache", "[vulkan]") {
+    try {
+        vk::device first;
+        (void)first.kernel(axpy_shader, "axpy", 2, 8);
+    } catch (const vk::no_device_error& e) {
+        WARN("SKIP: no Vulkan device here: " << e.what());
+        return;
+    }
+    vk::device second;  // as a new process would: nothing compiled in it yet
+    CHECK(second.kernel_from_disk_cache(second.kernel(axpy_shader, "axpy", 2, 8)));
+}
+
+TEST_CASE("buffers beyond maxStorageBufferRange are refused with a clear error", "[vulkan]") {
+    std::unique_ptr<vk::device> dev;
+    try {
+        dev = std::make_unique<vk::device>();
+    } catch (const vk::no_device_error& e) {
+        WARN("SKIP: no Vulkan device here: " << e.what());
+        return;
+    }
+    const auto too_big = static_cast<std::size_t>(dev->limits().max_storage_buffer_range) + 4;
+    CHECK_THROWS_AS(dev->create_buffer(too_big, "the score matrix"), vk::out_of_memory_error);
+    CHECK_THROWS_WITH(dev->create_buffer(too_big, "the score matrix"), Contains("the score matrix") && Contains("maxStorageBufferRange"));
 }

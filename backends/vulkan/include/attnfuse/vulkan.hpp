@@ -2,6 +2,7 @@
 // here: both stay inside the library.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -17,6 +18,18 @@ public:
 
 // No Vulkan device (or no loader) on this machine.
 class no_device_error : public error {
+public:
+    using error::error;
+};
+
+// The device ran out of memory for an allocation the message names.
+class out_of_memory_error : public error {
+public:
+    using error::error;
+};
+
+// VK_ERROR_DEVICE_LOST: this device object is unusable; open a new one.
+class device_lost_error : public error {
 public:
     using error::error;
 };
@@ -52,5 +65,65 @@ device_info default_device();
 
 // GLSL compute shader text to SPIR-V words (Vulkan 1.1 target), with glslang.
 std::vector<std::uint32_t> compile_compute_shader(std::string_view glsl_source, std::string_view name = "shader");
+
+struct device_options {
+    // Enable VK_LAYER_KHRONOS_validation (also on when VK_INSTANCE_LAYERS or
+    // ATTNFUSE_VK_VALIDATION=1 ask for it); every message is counted.
+    bool validation = false;
+};
+
+struct device_limits {
+    std::uint64_t max_storage_buffer_range = 0;
+    std::uint32_t max_workgroup_count[3] = {0, 0, 0};
+    std::uint32_t max_workgroup_invocations = 0;
+    std::uint32_t max_shared_memory = 0;
+    std::uint32_t subgroup_size = 0;
+};
+
+// An open Vulkan device with a compute queue. The executor drives it through
+// this small interface: buffers, kernels compiled from GLSL (SPIR-V cached on
+// disk, pipelines in a VkPipelineCache), dispatches recorded into one
+// command buffer and submitted together.
+class device {
+public:
+    explicit device(const device_info& which, device_options options = {});
+    device();  // default_device()
+    ~device();
+    device(device&&) noexcept;
+    device& operator=(device&&) noexcept;
+
+    const device_info& info() const;
+    const device_limits& limits() const;
+
+    using buffer_id = std::uint32_t;
+    using kernel_id = std::uint32_t;
+
+    // `what` names the allocation in an out-of-memory error.
+    buffer_id create_buffer(std::size_t bytes, std::string_view what);
+    void upload(buffer_id, const void* data, std::size_t bytes, std::size_t offset = 0);
+    void download(buffer_id, void* data, std::size_t bytes, std::size_t offset = 0);
+    void release(buffer_id);
+    std::size_t buffer_bytes(buffer_id) const;
+
+    // A compute kernel from GLSL with `bindings` storage buffers (binding 0..)
+    // and `push_bytes` of push constants. Compiled once per process; SPIR-V
+    // comes from the disk cache when an earlier process compiled it.
+    kernel_id kernel(const std::string& glsl, std::string_view name, std::uint32_t bindings, std::uint32_t push_bytes);
+    bool kernel_from_disk_cache(kernel_id) const;
+
+    void dispatch(kernel_id, const std::vector<buffer_id>& buffers, const void* push, std::size_t push_bytes,
+                  std::uint32_t groups_x, std::uint32_t groups_y = 1, std::uint32_t groups_z = 1);
+    // Submits what was recorded and waits; returns device seconds measured
+    // with timestamps (0 where the queue has none).
+    double submit_and_wait();
+
+    std::size_t validation_messages() const;
+    std::string last_validation_message() const;
+
+    struct impl;  // opaque: Vulkan stays inside the library
+
+private:
+    std::unique_ptr<impl> impl_;
+};
 
 }  // namespace attnfuse::vulkan

@@ -1,0 +1,441 @@
+// The Vulkan device: instance (validation on request), one compute queue,
+// buffers, pipelines from cached SPIR-V, batched dispatches with timestamps.
+// Every Vulkan failure leaves as an attnfuse::vulkan exception naming the call
+// and its VkResult.
+#include <glslang/build_info.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <vulkan/vulkan_raii.hpp>
+
+#include "attnfuse/vulkan.hpp"
+
+namespace attnfuse::vulkan {
+
+namespace {
+
+[[noreturn]] void rethrow(const vk::SystemError& e, const std::string& what) {
+    const auto result = static_cast<vk::Result>(e.code().value());
+    const std::string message = "attnfuse: " + what + " failed: " + vk::to_string(result) + " (" + e.what() + ")";
+    if (result == vk::Result::eErrorDeviceLost) throw device_lost_error(message + "; open a new attnfuse::vulkan::device");
+    if (result == vk::Result::eErrorOutOfDeviceMemory || result == vk::Result::eErrorOutOfHostMemory)
+        throw out_of_memory_error(message);
+    throw error(message);
+}
+
+template <class F>
+auto guarded(const std::string& what, F&& f) {
+    try {
+        return f();
+    } catch (const vk::SystemError& e) {
+        rethrow(e, what);
+    }
+}
+
+std::uint64_t fnv1a(std::string_view text, std::uint64_t h = 1469598103934665603ull) {
+    for (unsigned char c : text) h = (h ^ c) * 1099511628211ull;
+    return h;
+}
+
+std::filesystem::path cache_directory() {
+    if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return std::filesystem::path(xdg) / "attnfuse";
+    if (const char* home = std::getenv("HOME"); home && *home) return std::filesystem::path(home) / ".cache" / "attnfuse";
+    return std::filesystem::temp_directory_path() / "attnfuse-cache";
+}
+
+bool env_flag(const char* name, std::string_view contains = "1") {
+    const char* v = std::getenv(name);
+    return v && std::string_view(v).find(contains) != std::string_view::npos;
+}
+
+VKAPI_ATTR VkBool32 VKAPI_CALL on_validation_message(VkDebugUtilsMessageSeverityFlagBitsEXT,
+                                                     VkDebugUtilsMessageTypeFlagsEXT,
+                                                     const VkDebugUtilsMessengerCallbackDataEXT* data, void* user);
+
+}  // namespace
+
+struct device::impl {
+    device_info info;
+    device_limits limits;
+    std::atomic<std::size_t> messages{0};
+    std::mutex message_mutex;
+    std::string last_message;
+
+    vk::raii::Context context;
+    vk::raii::Instance instance{nullptr};
+    vk::raii::DebugUtilsMessengerEXT messenger{nullptr};
+    vk::raii::PhysicalDevice physical{nullptr};
+    vk::raii::Device dev{nullptr};
+    vk::raii::Queue queue{nullptr};
+    std::uint32_t family = 0;
+    bool unified_memory = false;
+    float timestamp_period = 0;
+    bool has_timestamps = false;
+    vk::raii::CommandPool pool{nullptr};
+    vk::raii::CommandBuffer commands{nullptr};
+    vk::raii::DescriptorPool descriptors{nullptr};
+    vk::raii::PipelineCache pipeline_cache{nullptr};
+    vk::raii::QueryPool queries{nullptr};
+    std::filesystem::path pipeline_cache_file;
+    std::string device_key;
+
+    struct buffer {
+        vk::raii::Buffer handle{nullptr};
+        vk::raii::DeviceMemory memory{nullptr};
+        void* mapped = nullptr;
+        std::size_t bytes = 0;
+    };
+    std::vector<std::optional<buffer>> buffers;
+
+    struct kernel {
+        vk::raii::DescriptorSetLayout set_layout{nullptr};
+        vk::raii::PipelineLayout layout{nullptr};
+        vk::raii::Pipeline pipeline{nullptr};
+        std::uint32_t bindings = 0;
+        bool from_disk = false;
+    };
+    std::vector<kernel> kernels;
+    std::unordered_map<std::uint64_t, kernel_id> kernel_by_source;
+
+    bool recording = false;
+    std::vector<vk::raii::DescriptorSets> sets_in_flight;
+
+    std::uint32_t memory_type(std::uint32_t allowed, vk::MemoryPropertyFlags wanted) const {
+        const auto props = physical.getMemoryProperties();
+        for (std::uint32_t t = 0; t < props.memoryTypeCount; ++t)
+            if ((allowed & (1u << t)) && (props.memoryTypes[t].propertyFlags & wanted) == wanted) return t;
+        return UINT32_MAX;
+    }
+
+    buffer make_buffer(std::size_t bytes, vk::MemoryPropertyFlags wanted, const std::string& what) {
+        buffer b;
+        b.bytes = bytes;
+        const auto usage = vk::BufferUsageFlagBits::eStorageBuffer | vk::BufferUsageFlagBits::eTransferSrc |
+                           vk::BufferUsageFlagBits::eTransferDst;
+        b.handle = guarded("vkCreateBuffer for " + what, [&] {
+            return vk::raii::Buffer(dev, vk::BufferCreateInfo({}, std::max<std::size_t>(bytes, 4), usage));
+        });
+        const auto req = b.handle.getMemoryRequirements();
+        const std::uint32_t type = memory_type(req.memoryTypeBits, wanted);
+        if (type == UINT32_MAX) throw error("attnfuse: no Vulkan memory type suits " + what);
+        b.memory = guarded("vkAllocateMemory for " + what + " (" + std::to_string(bytes) + " bytes)",
+                           [&] { return vk::raii::DeviceMemory(dev, vk::MemoryAllocateInfo(req.size, type)); });
+        b.handle.bindMemory(*b.memory, 0);
+        if (wanted & vk::MemoryPropertyFlagBits::eHostVisible) b.mapped = b.memory.mapMemory(0, VK_WHOLE_SIZE);
+        return b;
+    }
+
+    void begin_if_needed() {
+        if (recording) return;
+        commands.reset();
+        commands.begin(vk::CommandBufferBeginInfo(vk::CommandBufferUsageFlagBits::eOneTimeSubmit));
+        if (has_timestamps) {
+            commands.resetQueryPool(*queries, 0, 2);
+            commands.writeTimestamp(vk::PipelineStageFlagBits::eTopOfPipe, *queries, 0);
+        }
+        recording = true;
+    }
+
+    double submit() {
+        if (!recording) return 0;
+        if (has_timestamps) commands.writeTimestamp(vk::PipelineStageFlagBits::eBottomOfPipe, *queries, 1);
+        commands.end();
+        recording = false;
+        vk::raii::Fence fence = guarded("vkCreateFence", [&] { return vk::raii::Fence(dev, vk::FenceCreateInfo()); });
+        guarded("vkQueueSubmit", [&] {
+            queue.submit(vk::SubmitInfo({}, {}, *commands), *fence);
+            return 0;
+        });
+        // A bound on the wait, so that a runaway kernel is an error rather
+        // than a hang: 10 minutes (lavapipe runs on the CPU and is slow).
+        const vk::Result waited = guarded("vkWaitForFences", [&] {
+            return dev.waitForFences(*fence, VK_TRUE, 600ull * 1000 * 1000 * 1000);
+        });
+        sets_in_flight.clear();
+        if (waited == vk::Result::eTimeout) throw error("attnfuse: a Vulkan submission did not finish within 10 minutes (VK_TIMEOUT)");
+        if (!has_timestamps) return 0;
+        const auto [result, stamps] =
+            queries.getResults<std::uint64_t>(0, 2, 2 * sizeof(std::uint64_t), sizeof(std::uint64_t), vk::QueryResultFlagBits::e64);
+        if (result != vk::Result::eSuccess) return 0;
+        return static_cast<double>(stamps[1] - stamps[0]) * timestamp_period * 1e-9;
+    }
+
+    void transfer(buffer& target, buffer& source, std::size_t bytes, std::size_t target_offset, std::size_t source_offset) {
+        const bool was_recording = recording;
+        if (was_recording) submit();  // keep order with what came before
+        begin_if_needed();
+        commands.copyBuffer(*source.handle, *target.handle, vk::BufferCopy(source_offset, target_offset, bytes));
+        submit();
+    }
+};
+
+namespace {
+VKAPI_ATTR VkBool32 VKAPI_CALL on_validation_message(VkDebugUtilsMessageSeverityFlagBitsEXT severity,
+                                                     VkDebugUtilsMessageTypeFlagsEXT,
+                                                     const VkDebugUtilsMessengerCallbackDataEXT* data, void* user) {
+    if (severity < VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT) return VK_FALSE;
+    auto* self = static_cast<device::impl*>(user);
+    self->messages.fetch_add(1);
+    std::lock_guard lock(self->message_mutex);
+    self->last_message = data && data->pMessage ? data->pMessage : "(no text)";
+    return VK_FALSE;
+}
+}  // namespace
+
+device::device() : device(default_device()) {}
+
+device::device(const device_info& which, device_options options) : impl_(std::make_unique<impl>()) {
+    impl& d = *impl_;
+    d.info = which;
+    const bool validation = options.validation || env_flag("ATTNFUSE_VK_VALIDATION") ||
+                            env_flag("VK_INSTANCE_LAYERS", "VK_LAYER_KHRONOS_validation");
+    try {
+        std::vector<const char*> layers, extensions;
+        bool debug_utils = false;
+        for (const auto& e : d.context.enumerateInstanceExtensionProperties())
+            if (std::strcmp(e.extensionName, VK_EXT_DEBUG_UTILS_EXTENSION_NAME) == 0) debug_utils = true;
+        if (validation) {
+            bool found = false;
+            for (const auto& l : d.context.enumerateInstanceLayerProperties())
+                found = found || std::strcmp(l.layerName, "VK_LAYER_KHRONOS_validation") == 0;
+            if (!found) throw error("attnfuse: validation asked for, but VK_LAYER_KHRONOS_validation is not installed (apt-get install vulkan-validationlayers)");
+            layers.push_back("VK_LAYER_KHRONOS_validation");
+        }
+        if (debug_utils) extensions.push_back(VK_EXT_DEBUG_UTILS_EXTENSION_NAME);
+        const vk::ApplicationInfo app("attnfuse", 1, "attnfuse", 1, VK_API_VERSION_1_1);
+        d.instance = vk::raii::Instance(d.context, vk::InstanceCreateInfo({}, &app, layers, extensions));
+        if (debug_utils) {
+            using sev = vk::DebugUtilsMessageSeverityFlagBitsEXT;
+            using type = vk::DebugUtilsMessageTypeFlagBitsEXT;
+            d.messenger = vk::raii::DebugUtilsMessengerEXT(
+                d.instance, vk::DebugUtilsMessengerCreateInfoEXT({}, sev::eWarning | sev::eError,
+                                                                 type::eGeneral | type::eValidation | type::ePerformance,
+                                                                 &on_validation_message, &d));
+        }
+        vk::raii::PhysicalDevices physicals(d.instance);
+        if (which.index >= physicals.size()) throw no_device_error("attnfuse: Vulkan device " + std::to_string(which.index) + " is gone");
+        d.physical = std::move(physicals[which.index]);
+
+        const auto families = d.physical.getQueueFamilyProperties();
+        d.family = UINT32_MAX;
+        for (std::uint32_t f = 0; f < families.size(); ++f)
+            if (families[f].queueFlags & vk::QueueFlagBits::eCompute) {
+                d.family = f;
+                break;
+            }
+        if (d.family == UINT32_MAX) throw no_device_error("attnfuse: " + which.name + " has no compute queue");
+        d.has_timestamps = families[d.family].timestampValidBits > 0;
+
+        const auto props = d.physical.getProperties();
+        d.timestamp_period = props.limits.timestampPeriod;
+        d.limits.max_storage_buffer_range = props.limits.maxStorageBufferRange;
+        for (int a = 0; a < 3; ++a) d.limits.max_workgroup_count[a] = props.limits.maxComputeWorkGroupCount[a];
+        d.limits.max_workgroup_invocations = props.limits.maxComputeWorkGroupInvocations;
+        d.limits.max_shared_memory = props.limits.maxComputeSharedMemorySize;
+        const auto sub = d.physical.getProperties2<vk::PhysicalDeviceProperties2, vk::PhysicalDeviceSubgroupProperties>();
+        d.limits.subgroup_size = sub.get<vk::PhysicalDeviceSubgroupProperties>().subgroupSize;
+        d.unified_memory = props.deviceType == vk::PhysicalDeviceType::eCpu ||
+                           props.deviceType == vk::PhysicalDeviceType::eIntegratedGpu;
+
+        const float priority = 1.0f;
+        const vk::DeviceQueueCreateInfo queue_info({}, d.family, 1, &priority);
+        d.dev = vk::raii::Device(d.physical, vk::DeviceCreateInfo({}, queue_info));
+        d.queue = vk::raii::Queue(d.dev, d.family, 0);
+        d.pool = vk::raii::CommandPool(d.dev, vk::CommandPoolCreateInfo(vk::CommandPoolCreateFlagBits::eResetCommandBuffer, d.family));
+        d.commands = std::move(vk::raii::CommandBuffers(d.dev, vk::CommandBufferAllocateInfo(*d.pool, vk::CommandBufferLevel::ePrimary, 1))[0]);
+        const vk::DescriptorPoolSize sizes(vk::DescriptorType::eStorageBuffer, 4096);
+        d.descriptors = vk::raii::DescriptorPool(d.dev, vk::DescriptorPoolCreateInfo(vk::DescriptorPoolCreateFlagBits::eFreeDescriptorSet, 512, sizes));
+        if (d.has_timestamps) d.queries = vk::raii::QueryPool(d.dev, vk::QueryPoolCreateInfo({}, vk::QueryType::eTimestamp, 2));
+
+        const auto driver = d.physical.getProperties2<vk::PhysicalDeviceProperties2, vk::PhysicalDeviceDriverProperties>()
+                                .get<vk::PhysicalDeviceDriverProperties>();
+        d.device_key = std::string(props.deviceName.data()) + "|" + driver.driverInfo.data() + "|" +
+                       std::to_string(props.driverVersion);
+        std::vector<std::uint8_t> initial;
+        d.pipeline_cache_file = cache_directory() / ("pipelines-" + std::to_string(fnv1a(d.device_key)) + ".bin");
+        if (std::ifstream in(d.pipeline_cache_file, std::ios::binary); in)
+            initial.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+        d.pipeline_cache = vk::raii::PipelineCache(d.dev, vk::PipelineCacheCreateInfo({}, initial.size(), initial.data()));
+    } catch (const vk::SystemError& e) {
+        rethrow(e, "opening Vulkan device " + which.name);
+    }
+}
+
+device::~device() {
+    if (!impl_) return;
+    try {  // keep the pipelines for the next process; a failure here only costs time later
+        std::filesystem::create_directories(impl_->pipeline_cache_file.parent_path());
+        const auto data = impl_->pipeline_cache.getData();
+        std::ofstream out(impl_->pipeline_cache_file, std::ios::binary);
+        out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+    } catch (...) {
+    }
+}
+
+device::device(device&&) noexcept = default;
+device& device::operator=(device&&) noexcept = default;
+
+const device_info& device::info() const { return impl_->info; }
+const device_limits& device::limits() const { return impl_->limits; }
+std::size_t device::validation_messages() const { return impl_->messages.load(); }
+std::string device::last_validation_message() const {
+    std::lock_guard lock(impl_->message_mutex);
+    return impl_->last_message;
+}
+
+device::buffer_id device::create_buffer(std::size_t bytes, std::string_view what) {
+    impl& d = *impl_;
+    const std::string name(what);
+    if (bytes > d.limits.max_storage_buffer_range)
+        throw out_of_memory_error("attnfuse: " + name + " needs " + std::to_string(bytes) + " bytes, more than this device's maxStorageBufferRange (" +
+                                  std::to_string(d.limits.max_storage_buffer_range) + " bytes) for one binding");
+    const auto wanted = d.unified_memory ? vk::MemoryPropertyFlagBits::eHostVisible | vk::MemoryPropertyFlagBits::eHostCoherent
+                                         : vk::MemoryPropertyFlags(vk::MemoryPropertyFlagBits::eDeviceLocal);
+    d.buffers.emplace_back(d.make_buffer(bytes, wanted, name));
+    return static_cast<buffer_id>(d.buffers.size() - 1);
+}
+
+std::size_t device::buffer_bytes(buffer_id id) const { return impl_->buffers.at(id)->bytes; }
+
+void device::upload(buffer_id id, const void* data, std::size_t bytes, std::size_t offset) {
+    impl& d = *impl_;
+    auto& b = *d.buffers.at(id);
+    if (b.mapped) {
+        if (d.recording) d.submit();  // a host write must not race a recorded dispatch
+        std::memcpy(static_cast<char*>(b.mapped) + offset, data, bytes);
+        return;
+    }
+    auto staging = d.make_buffer(bytes, vk::MemoryPropertyFlagBits::eHostVisible | vk::MemoryPropertyFlagBits::eHostCoherent, "a staging buffer");
+    std::memcpy(staging.mapped, data, bytes);
+    d.transfer(b, staging, bytes, offset, 0);
+}
+
+void device::download(buffer_id id, void* data, std::size_t bytes, std::size_t offset) {
+    impl& d = *impl_;
+    auto& b = *d.buffers.at(id);
+    if (d.recording) d.submit();
+    if (b.mapped) {
+        std::memcpy(data, static_cast<const char*>(b.mapped) + offset, bytes);
+        return;
+    }
+    auto staging = d.make_buffer(bytes, vk::MemoryPropertyFlagBits::eHostVisible | vk::MemoryPropertyFlagBits::eHostCoherent, "a staging buffer");
+    d.transfer(staging, b, bytes, 0, offset);
+    std::memcpy(data, staging.mapped, bytes);
+}
+
+void device::release(buffer_id id) {
+    impl& d = *impl_;
+    if (d.recording) d.submit();
+    d.buffers.at(id).reset();
+}
+
+device::kernel_id device::kernel(const std::string& glsl, std::string_view name, std::uint32_t bindings, std::uint32_t push_bytes) {
+    impl& d = *impl_;
+    const std::string version = std::to_string(GLSLANG_VERSION_MAJOR) + "." + std::to_string(GLSLANG_VERSION_MINOR) + "." +
+                                std::to_string(GLSLANG_VERSION_PATCH);
+    const std::uint64_t key = fnv1a(d.device_key, fnv1a(version, fnv1a(glsl)));
+    if (auto found = d.kernel_by_source.find(key); found != d.kernel_by_source.end()) return found->second;
+
+    // SPIR-V: from the disk cache, else glslang (and into the cache)
+    const auto cache_file = cache_directory() / ("spirv-" + std::to_string(key) + ".spv");
+    std::vector<std::uint32_t> spirv;
+    bool from_disk = false;
+    if (std::ifstream in(cache_file, std::ios::binary | std::ios::ate); in) {
+        const auto size = static_cast<std::size_t>(in.tellg());
+        if (size % 4 == 0 && size > 20) {
+            spirv.resize(size / 4);
+            in.seekg(0);
+            in.read(reinterpret_cast<char*>(spirv.data()), static_cast<std::streamsize>(size));
+            from_disk = in.good() && spirv[0] == 0x07230203u;
+        }
+    }
+    if (!from_disk) {
+        spirv = compile_compute_shader(glsl, name);
+        std::error_code ignored;
+        std::filesystem::create_directories(cache_file.parent_path(), ignored);
+        const auto temporary = cache_file.string() + ".tmp" + std::to_string(fnv1a(std::to_string(reinterpret_cast<std::uintptr_t>(this))));
+        if (std::ofstream out(temporary, std::ios::binary); out) {
+            out.write(reinterpret_cast<const char*>(spirv.data()), static_cast<std::streamsize>(spirv.size() * 4));
+            out.close();
+            std::filesystem::rename(temporary, cache_file, ignored);  // atomic: another process never reads half a file
+        }
+    }
+    if (const char* dump = std::getenv("ATTNFUSE_DUMP_SHADERS"); dump && *dump) {
+        std::error_code ignored;
+        std::filesystem::create_directories(dump, ignored);
+        const std::string base = std::string(dump) + "/" + std::string(name) + "-" + std::to_string(key);
+        std::ofstream(base + ".comp") << glsl;
+        std::ofstream(base + ".spv", std::ios::binary)
+            .write(reinterpret_cast<const char*>(spirv.data()), static_cast<std::streamsize>(spirv.size() * 4));
+    }
+
+    return guarded("creating the pipeline of kernel " + std::string(name), [&] {
+        impl::kernel k;
+        k.bindings = bindings;
+        k.from_disk = from_disk;
+        std::vector<vk::DescriptorSetLayoutBinding> slots;
+        for (std::uint32_t b = 0; b < bindings; ++b)
+            slots.emplace_back(b, vk::DescriptorType::eStorageBuffer, 1, vk::ShaderStageFlagBits::eCompute);
+        k.set_layout = vk::raii::DescriptorSetLayout(d.dev, vk::DescriptorSetLayoutCreateInfo({}, slots));
+        const vk::PushConstantRange range(vk::ShaderStageFlagBits::eCompute, 0, push_bytes);
+        vk::PipelineLayoutCreateInfo layout_info({}, *k.set_layout);
+        if (push_bytes) layout_info.setPushConstantRanges(range);
+        k.layout = vk::raii::PipelineLayout(d.dev, layout_info);
+        const vk::raii::ShaderModule module(d.dev, vk::ShaderModuleCreateInfo({}, spirv));
+        k.pipeline = vk::raii::Pipeline(
+            d.dev, d.pipeline_cache,
+            vk::ComputePipelineCreateInfo({}, vk::PipelineShaderStageCreateInfo({}, vk::ShaderStageFlagBits::eCompute, *module, "main"), *k.layout));
+        d.kernels.push_back(std::move(k));
+        const auto id = static_cast<kernel_id>(d.kernels.size() - 1);
+        d.kernel_by_source.emplace(key, id);
+        return id;
+    });
+}
+
+bool device::kernel_from_disk_cache(kernel_id id) const { return impl_->kernels.at(id).from_disk; }
+
+void device::dispatch(kernel_id id, const std::vector<buffer_id>& buffers, const void* push, std::size_t push_bytes,
+                      std::uint32_t gx, std::uint32_t gy, std::uint32_t gz) {
+    impl& d = *impl_;
+    const auto& k = d.kernels.at(id);
+    for (int a = 0; a < 3; ++a) {
+        const std::uint32_t g = a == 0 ? gx : a == 1 ? gy : gz;
+        if (g > d.limits.max_workgroup_count[a])
+            throw error("attnfuse internal: a dispatch of " + std::to_string(g) + " workgroups exceeds maxComputeWorkGroupCount[" +
+                        std::to_string(a) + "] = " + std::to_string(d.limits.max_workgroup_count[a]));
+    }
+    if (gx == 0 || gy == 0 || gz == 0) return;
+    guarded("recording a dispatch", [&] {
+        d.begin_if_needed();
+        vk::raii::DescriptorSets sets(d.dev, vk::DescriptorSetAllocateInfo(*d.descriptors, *k.set_layout));
+        std::vector<vk::DescriptorBufferInfo> infos;
+        infos.reserve(buffers.size());
+        for (buffer_id b : buffers) infos.emplace_back(*d.buffers.at(b)->handle, 0, VK_WHOLE_SIZE);
+        std::vector<vk::WriteDescriptorSet> writes;
+        for (std::uint32_t b = 0; b < buffers.size(); ++b)
+            writes.emplace_back(*sets[0], b, 0, 1, vk::DescriptorType::eStorageBuffer, nullptr, &infos[b]);
+        d.dev.updateDescriptorSets(writes, nullptr);
+        d.commands.bindPipeline(vk::PipelineBindPoint::eCompute, *k.pipeline);
+        d.commands.bindDescriptorSets(vk::PipelineBindPoint::eCompute, *k.layout, 0, *sets[0], nullptr);
+        if (push_bytes)
+            d.commands.pushConstants<std::uint8_t>(*k.layout, vk::ShaderStageFlagBits::eCompute, 0,
+                                                   vk::ArrayProxy<const std::uint8_t>(static_cast<std::uint32_t>(push_bytes),
+                                                                                      static_cast<const std::uint8_t*>(push)));
+        d.commands.dispatch(gx, gy, gz);
+        const vk::MemoryBarrier barrier(vk::AccessFlagBits::eShaderWrite, vk::AccessFlagBits::eShaderRead | vk::AccessFlagBits::eShaderWrite);
+        d.commands.pipelineBarrier(vk::PipelineStageFlagBits::eComputeShader, vk::PipelineStageFlagBits::eComputeShader, {},
+                                   barrier, nullptr, nullptr);
+        d.sets_in_flight.push_back(std::move(sets));
+        return 0;
+    });
+}
+
+double device::submit_and_wait() { return impl_->submit(); }
+
+}  // namespace attnfuse::vulkan
