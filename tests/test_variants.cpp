@@ -43,7 +43,7 @@ std::vector<float> random_floats(std::size_t n, std::uint32_t seed) {
 // batch x heads matrices of rows x cols, packed. `column_major` stores each
 // matrix by columns: the seeds' d x n column-stacked Q and K then have the
 // bytes of the Transformer's n x d row-major arrays.
-struct tensor {
+struct host_tensor {
     std::size_t batch = 1, heads = 1, rows = 1, cols = 1;
     bool column_major = false;
     std::vector<float> data;
@@ -61,11 +61,11 @@ struct tensor {
     }
 };
 
-tensor random_tensor(std::size_t batch, std::size_t heads, std::size_t rows, std::size_t cols, std::uint32_t seed,
+host_tensor random_tensor(std::size_t batch, std::size_t heads, std::size_t rows, std::size_t cols, std::uint32_t seed,
                      bool column_major = false) {
     return {batch, heads, rows, cols, column_major, random_floats(batch * heads * rows * cols, seed)};
 }
-tensor filled(std::size_t batch, std::size_t heads, std::size_t rows, std::size_t cols, std::vector<float> values) {
+host_tensor filled(std::size_t batch, std::size_t heads, std::size_t rows, std::size_t cols, std::vector<float> values) {
     return {batch, heads, rows, cols, false, std::move(values)};
 }
 
@@ -80,7 +80,7 @@ struct mat {
 };
 
 // Matrix (b, h) of a tensor, its floats read as doubles.
-mat slice(const tensor& x, std::size_t b, std::size_t h) {
+mat slice(const host_tensor& x, std::size_t b, std::size_t h) {
     mat out(x.rows, x.cols);
     for (std::size_t r = 0; r < x.rows; ++r)
         for (std::size_t c = 0; c < x.cols; ++c) out(r, c) = x(b, h, r, c);
@@ -181,7 +181,7 @@ constexpr matrix<"K"> K{};  // d_k x n_k
 constexpr matrix<"V"> V{};  // n_k x d_v
 
 struct qkv {
-    tensor q, k, v;
+    host_tensor q, k, v;
 };
 // Q (d x n_q) and K (d x n_k) column-major, V (n_k x d_v) row-major; K and V
 // have kv_heads heads (0: as many as Q).
@@ -235,7 +235,7 @@ TEST_CASE("f_sim scaled dot product: s = q.k / sqrt(d_k)", "[variants]") {
 
 TEST_CASE("f_sim general / multiplicative (Luong): S^T = Q^T W K", "[variants]") {
     const std::size_t batch = 2, heads = 3, dq = 4, dk = 6, nq = 7, nk = 11, dv = 3;
-    const tensor q = random_tensor(batch, heads, dq, nq, 30, true), k = random_tensor(batch, heads, dk, nk, 31, true),
+    const host_tensor q = random_tensor(batch, heads, dq, nq, 30, true), k = random_tensor(batch, heads, dk, nk, 31, true),
                  v = random_tensor(batch, heads, nk, dv, 32), w = random_tensor(1, 1, dq, dk, 33);  // W shared
     matrix<"W"> W;
     const auto scores = Q^T*W*K;
@@ -259,9 +259,9 @@ TEST_CASE("f_sim general / multiplicative (Luong): S^T = Q^T W K", "[variants]")
 
 TEST_CASE("f_sim additive / concat (Bahdanau): s = w^T tanh(W1 q + W2 k + b)", "[variants]") {
     const std::size_t batch = 2, heads = 3, dq = 4, dk = 6, da = 5, nq = 7, nk = 11, dv = 3;
-    const tensor q = random_tensor(batch, heads, dq, nq, 40, true), k = random_tensor(batch, heads, dk, nk, 41, true),
+    const host_tensor q = random_tensor(batch, heads, dq, nq, 40, true), k = random_tensor(batch, heads, dk, nk, 41, true),
                  v = random_tensor(batch, heads, nk, dv, 42);
-    const tensor w1 = random_tensor(1, 1, da, dq, 43), w2 = random_tensor(1, 1, da, dk, 44),
+    const host_tensor w1 = random_tensor(1, 1, da, dq, 43), w2 = random_tensor(1, 1, da, dk, 44),
                  bias_values = random_tensor(1, 1, da, 1, 45), w_values = random_tensor(1, 1, da, 1, 46);
     matrix<"W1"> W1;
     matrix<"W2"> W2;
@@ -294,7 +294,7 @@ TEST_CASE("f_sim additive / concat (Bahdanau): s = w^T tanh(W1 q + W2 k + b)", "
 
 TEST_CASE("f_sim self, general: e_ti = h_t^T W h_i over one sequence h", "[variants]") {
     const std::size_t batch = 2, heads = 3, d = 5, n = 13;
-    const tensor hs = random_tensor(batch, heads, d, n, 50, true), w = random_tensor(1, heads, d, d, 51);
+    const host_tensor hs = random_tensor(batch, heads, d, n, 50, true), w = random_tensor(1, heads, d, d, 51);
     matrix<"H"> H;
     matrix<"W"> W;
     // One input H in every role: queries and keys are its columns, the values
@@ -314,7 +314,7 @@ TEST_CASE("f_sim self, general: e_ti = h_t^T W h_i over one sequence h", "[varia
 
 TEST_CASE("f_sim self, query-free: e_i = v^T tanh(W h_i)", "[variants]") {
     const std::size_t batch = 3, heads = 2, d = 5, da = 4, n = 13;
-    const tensor hs = random_tensor(batch, heads, d, n, 60, true), w = random_tensor(1, 1, da, d, 61),
+    const host_tensor hs = random_tensor(batch, heads, d, n, 60, true), w = random_tensor(1, 1, da, d, 61),
                  v_values = random_tensor(1, 1, da, 1, 62);
     matrix<"H"> H;
     matrix<"W"> W;
@@ -341,9 +341,9 @@ TEST_CASE("f_sim feed-forward (Raffel & Ellis): e_t = tanh(w^T h_t + b_t), mask 
     // per time step; the padding mask multiplies exp(e) before normalising.
     const std::size_t batch = 3, d = 5, steps = 13;
     const double eps = 1e-7;  // K.epsilon()
-    const tensor hs = random_tensor(batch, 1, d, steps, 70, true), w_values = random_tensor(1, 1, d, 1, 71),
+    const host_tensor hs = random_tensor(batch, 1, d, steps, 70, true), w_values = random_tensor(1, 1, d, 1, 71),
                  b_values = random_tensor(1, 1, 1, steps, 72);
-    const tensor lengths = filled(batch, 1, 1, 1, {13, 6, 0});  // the last sequence is all padding
+    const host_tensor lengths = filled(batch, 1, 1, 1, {13, 6, 0});  // the last sequence is all padding
     matrix<"H"> H;
     matrix<"w"> w;
     matrix<"bt"> bt;
@@ -399,7 +399,7 @@ TEST_CASE("f_norm softmax: a = exp(s) / sum exp(s), stable at large scores", "[v
 TEST_CASE("f_norm weighted softmax: softmax of w^T e_tt' with e = q (.) k vector-valued", "[variants]") {
     const std::size_t batch = 2, heads = 3, d = 5, nq = 7, nk = 11;
     const qkv x = make_qkv(batch, heads, d, nq, nk, 3, 90);
-    const tensor w_values = random_tensor(1, 1, d, 1, 93);
+    const host_tensor w_values = random_tensor(1, 1, d, 1, 93);
     matrix<"w"> w;
     const auto attention = softmax(pairwise(w, Q, K, qf % kf))*V;
 
@@ -421,7 +421,7 @@ TEST_CASE("f_norm masked softmax: weight exactly 0, fully masked row gives zero 
     std::vector<float> keep_keys(batch * nk);
     for (std::size_t b = 0; b < 2; ++b)
         for (std::size_t c = 0; c < nk; ++c) keep_keys[b * nk + c] = (c + b) % 3 == 0 ? 0.0f : 1.0f;
-    const tensor mask_values = filled(batch, 1, 1, nk, keep_keys), query_len = filled(batch, 1, 1, 1, {7, 3, 7});
+    const host_tensor mask_values = filled(batch, 1, 1, nk, keep_keys), query_len = filled(batch, 1, 1, 1, {7, 3, 7});
     matrix<"M"> M;
     matrix<"Lq"> Lq;
     const auto weights = softmax(mask(scale(Q^T*K), M && query_lengths(Lq)));
@@ -506,7 +506,7 @@ TEST_CASE("f_norm local-p (predictive): p = n_k sigmoid(v_p^T tanh(W_p q)), wind
     const std::size_t batch = 2, heads = 3, d = 5, dp = 4, nq = 7, nk = 11;
     const double D = 2, sigma = D / 2;
     const qkv x = make_qkv(batch, heads, d, nq, nk, 3, 130);
-    const tensor wp_values = random_tensor(1, 1, dp, d, 133), vp_values = random_tensor(1, 1, dp, 1, 134);
+    const host_tensor wp_values = random_tensor(1, 1, dp, d, 133), vp_values = random_tensor(1, 1, dp, 1, 134);
     matrix<"Wp"> Wp;
     matrix<"vp"> vp;
     // p_tau in (0, n_k) with keys at t = 0 .. n_k - 1; no renormalisation
@@ -545,8 +545,8 @@ TEST_CASE("f_norm local-p (predictive): p = n_k sigmoid(v_p^T tanh(W_p q)), wind
 
 TEST_CASE("relation source-target: Q != K = V (one encoder buffer bound as K and V)", "[variants]") {
     const std::size_t batch = 2, heads = 3, d = 5, nq = 7, nk = 13;
-    const tensor target = random_tensor(batch, heads, d, nq, 140, true);  // decoder states, d x n_q
-    const tensor source = random_tensor(batch, heads, nk, d, 141);        // encoder states h_t as rows
+    const host_tensor target = random_tensor(batch, heads, d, nq, 140, true);  // decoder states, d x n_q
+    const host_tensor source = random_tensor(batch, heads, nk, d, 141);        // encoder states h_t as rows
     const auto attention = softmax(scale(Q^T*K))*V;
 
     // The same bytes are K (d x n_k, by columns) and V (n_k x d, by rows): no copy.
@@ -563,7 +563,7 @@ TEST_CASE("relation source-target: Q != K = V (one encoder buffer bound as K and
 
 TEST_CASE("relation self-attention: Q = K = V, one tensor bound to all three", "[variants]") {
     const std::size_t batch = 2, heads = 3, d = 5, n = 13;
-    const tensor seq = random_tensor(batch, heads, n, d, 150);  // n x d rows: the d x n column-stacked X
+    const host_tensor seq = random_tensor(batch, heads, n, d, 150);  // n x d rows: the d x n column-stacked X
     matrix<"X"> X;
     const auto attention = softmax(scale(Q^T*K))*V;
     const auto single_input = softmax(scale(X^T*X))*(X^T);
@@ -607,7 +607,7 @@ TEST_CASE("relation multi-head: projections, per-head scaled dot, padding + futu
     const std::vector<float> xs = random_floats(batch * nq * dm, 170), ys = random_floats(batch * nk * dm, 171),
                              wq = random_floats(dm * width, 172), wk = random_floats(dm * width, 173),
                              wv = random_floats(dm * width, 174), wo = random_floats(width * dm, 175);
-    const tensor lengths = filled(batch, 1, 1, 1, {11, 4});
+    const host_tensor lengths = filled(batch, 1, 1, 1, {11, 4});
     matrix<"X"> X;
     matrix<"Y"> Y;
     matrix<"Wq"> Wq;
@@ -695,7 +695,7 @@ TEST_CASE("modern causal: j <= i", "[variants]") {
 TEST_CASE("modern padding: per-sequence key lengths and query lengths", "[variants]") {
     const std::size_t batch = 3, heads = 2, nq = 7, nk = 11;
     const qkv x = make_qkv(batch, heads, 5, nq, nk, 3, 190);
-    const tensor key_len = filled(batch, 1, 1, 1, {11, 4, 1}), query_len = filled(batch, 1, 1, 1, {7, 5, 0});
+    const host_tensor key_len = filled(batch, 1, 1, 1, {11, 4, 1}), query_len = filled(batch, 1, 1, 1, {7, 5, 0});
     matrix<"Lk"> Lk;
     matrix<"Lq"> Lq;
     const auto attention = softmax(mask(scale(Q^T*K), key_lengths(Lk) && query_lengths(Lq)))*V;
@@ -729,7 +729,7 @@ TEST_CASE("modern ALiBi: s_ij - m_h (i - j), one slope per head", "[variants]") 
     const qkv x = make_qkv(batch, heads, 5, nq, nk, 3, 210);
     std::vector<float> slopes(heads);
     for (std::size_t h = 0; h < heads; ++h) slopes[h] = std::exp2(-8.0f * float(h + 1) / float(heads));
-    const tensor slope_values = filled(1, heads, 1, 1, slopes);
+    const host_tensor slope_values = filled(1, heads, 1, 1, slopes);
     matrix<"m"> m;
     const auto attention = softmax(mask(scale(Q^T*K) - m*(i - j), causal))*V;
 
@@ -745,7 +745,7 @@ TEST_CASE("modern relative position bias: s_ij + B[h, i - j] from a learned tabl
     const std::size_t batch = 2, heads = 3, nq = 7, nk = 11;
     const qkv x = make_qkv(batch, heads, 5, nq, nk, 3, 220);
     matrix<"B"> Bias;
-    auto expected = [&](const tensor& table, long offset) {
+    auto expected = [&](const host_tensor& table, long offset) {
         return [&, table, offset](std::size_t b, std::size_t h) {
             const long last = long(table.cols) - 1;
             const mat s = map(qk_scores(x, b, h, 1 / std::sqrt(5.0)), [&](std::size_t r, std::size_t c, double v) {
@@ -755,12 +755,12 @@ TEST_CASE("modern relative position bias: s_ij + B[h, i - j] from a learned tabl
         };
     };
     SECTION("a table entry for every i - j in [-(n_k - 1), n_q - 1]") {
-        const tensor table = random_tensor(1, heads, 1, nq + nk - 1, 223);  // one row per head
+        const host_tensor table = random_tensor(1, heads, 1, nq + nk - 1, 223);  // one row per head
         const auto attention = softmax(scale(Q^T*K) + Bias[i - j + double(nk - 1)])*V;
         check_close(eval_qkv(attention, x, bind(Bias, table.view())), batch, heads, expected(table, long(nk) - 1));
     }
     SECTION("a shorter table: distances past +-3 clamp to the last bucket") {
-        const tensor table = random_tensor(1, heads, 1, 7, 224);
+        const host_tensor table = random_tensor(1, heads, 1, 7, 224);
         const auto attention = softmax(scale(Q^T*K) + Bias[i - j + 3])*V;
         check_close(eval_qkv(attention, x, bind(Bias, table.view())), batch, heads, expected(table, 3));
     }

@@ -8,6 +8,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "expr.hpp"
 #include "to_string.hpp"
@@ -62,6 +63,16 @@ tensor_view<Element> strided(const Element* data, std::size_t rows, std::size_t 
                              std::ptrdiff_t batch_stride = 0, std::ptrdiff_t head_stride = 0) {
     return {data, rows, cols, batch, heads, row_stride, col_stride, batch_stride, head_stride};
 }
+
+// An owning result of any backend: batch x heads matrices of rows x cols,
+// row-major.
+struct tensor {
+    std::size_t batch = 0, heads = 0, rows = 0, cols = 0;
+    std::vector<float> values;
+    float at(std::size_t b, std::size_t h, std::size_t r, std::size_t c) const {
+        return values[((b * heads + h) * rows + r) * cols + c];
+    }
+};
 
 template <fixed_string Name, class Element>
 struct binding {

@@ -33,14 +33,7 @@ struct report {
     std::size_t threads = 1;
 };
 
-// An owning result: batch x heads matrices of rows x cols, row-major.
-struct tensor {
-    std::size_t batch = 0, heads = 0, rows = 0, cols = 0;
-    std::vector<float> values;
-    float at(std::size_t b, std::size_t h, std::size_t r, std::size_t c) const {
-        return values[((b * heads + h) * rows + r) * cols + c];
-    }
-};
+using attnfuse::tensor;
 
 struct run_result {
     tensor output;

@@ -1,0 +1,147 @@
+// GLSL for the kernels of a plan. The text depends only on the expression's
+// type: every number of the expression (constants, scale factors, dropout
+// parameters) is a parameter read from the kernel's parameter buffer, in the
+// order the tree is walked, so one compiled shader serves every value.
+//
+// Buffer interface of every generated kernel:
+//   binding 0: uint parameters: [0] batch, [1] heads, then 12 words of
+//              geometry per operand (rows, cols, batch, heads, row stride,
+//              col stride, batch stride, head stride, base offset), then the
+//              numbers of the tree (as float bits).
+//   binding 1: the output, dense [batch][heads][rows][cols].
+//   binding 2 + k: operand k.
+#pragma once
+#include <string>
+#include <type_traits>
+
+#include <attnfuse/expr.hpp>
+
+namespace attnfuse::vulkan::glsl {
+
+inline constexpr std::size_t geometry_words = 12;
+inline constexpr std::size_t header_words = 2;
+
+// Where the fused kernel's score sits in its epilogue.
+struct score_slot : expr_base {
+    static constexpr std::size_t rows = dyn;
+    static constexpr std::size_t cols = dyn;
+};
+// A materialised operand, read through its accessor ld<k>.
+struct operand_slot : expr_base {
+    static constexpr std::size_t rows = dyn;
+    static constexpr std::size_t cols = dyn;
+    std::size_t index = 0;  // k: binding 2 + k
+};
+
+inline std::string prelude(std::size_t operands, std::size_t local_size) {
+    std::string s = "#version 450\n";
+    s += "layout(local_size_x = " + std::to_string(local_size) + ") in;\n";
+    s += "layout(std430, binding = 0) readonly buffer Params { uint u[]; } P;\n";
+    s += "layout(std430, binding = 1) buffer Output { float d[]; } OUT;\n";
+    for (std::size_t k = 0; k < operands; ++k)
+        s += "layout(std430, binding = " + std::to_string(2 + k) + ") readonly buffer Operand" + std::to_string(k) +
+             " { float d[]; } OP" + std::to_string(k) + ";\n";
+    s += R"(
+uint BATCH() { return P.u[0]; }
+uint HEADS() { return P.u[1]; }
+uint G(uint k, uint f) { return P.u[2u + 12u * k + f]; }
+int GI(uint k, uint f) { return int(P.u[2u + 12u * k + f]); }
+float NUM(uint n) { return uintBitsToFloat(P.u[2u + 12u * NUM_OPERANDS + n]); }
+uint NUMU(uint n) { return P.u[2u + 12u * NUM_OPERANDS + n]; }
+// the element of operand k serving output (b, h, r, c): extents of 1 broadcast,
+// fewer heads are shared by consecutive query heads
+int at_of(uint k, uint b, uint h, uint r, uint c) {
+    uint bb = G(k, 2u) == 1u ? 0u : b;
+    uint hh = h / (HEADS() / G(k, 3u));
+    uint rr = G(k, 0u) == 1u ? 0u : r;
+    uint cc = G(k, 1u) == 1u ? 0u : c;
+    return GI(k, 8u) + int(bb) * GI(k, 6u) + int(hh) * GI(k, 7u) + int(rr) * GI(k, 4u) + int(cc) * GI(k, 5u);
+}
+float af_not(float a) { return a != 0.0 ? 0.0 : 1.0; }
+float af_tanh(float x) { return x > 15.0 ? 1.0 : (x < -15.0 ? -1.0 : tanh(x)); }
+float af_sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }
+float af_relu(float x) { return max(x, 0.0); }
+float af_square(float x) { return x * x; }
+float af_max(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : max(a, b); }
+float af_min(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : min(a, b); }
+float af_lt(float a, float b) { return a < b ? 1.0 : 0.0; }
+float af_le(float a, float b) { return a <= b ? 1.0 : 0.0; }
+float af_gt(float a, float b) { return a > b ? 1.0 : 0.0; }
+float af_ge(float a, float b) { return a >= b ? 1.0 : 0.0; }
+float af_eq(float a, float b) { return a == b ? 1.0 : 0.0; }
+float af_ne(float a, float b) { return a != b ? 1.0 : 0.0; }
+float af_and(float a, float b) { return (a != 0.0 && b != 0.0) ? 1.0 : 0.0; }
+float af_or(float a, float b) { return (a != 0.0 || b != 0.0) ? 1.0 : 0.0; }
+float af_select(float c, float a, float b) { return c != 0.0 ? a : b; }
+uint af_mix32(uint x) {
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16; return x;
+}
+// the same hash as attnfuse::op::dropout_bits: one mask on every backend
+float af_dropout(float x, uint seed, uint threshold, float keep_scale, uint bh, uint row, uint col) {
+    uint bits = af_mix32(seed ^ af_mix32(bh ^ af_mix32(row ^ af_mix32(col + 0x9e3779b9u))));
+    return (bits >> 8) >= threshold ? x * keep_scale : 0.0;
+}
+)";
+    for (std::size_t k = 0; k < operands; ++k) {
+        const std::string n = std::to_string(k);
+        s += "float ld" + n + "(uint b, uint h, uint r, uint c) { return OP" + n + ".d[at_of(" + n + "u, b, h, r, c)]; }\n";
+        // a one-row or one-column table, indexed by a rounded, clamped number
+        s += "float lookup" + n + "(uint b, uint h, float index) { uint len = max(G(" + n + "u, 0u), G(" + n +
+             "u, 1u)); uint at = uint(clamp(round(index), 0.0, float(len - 1u))); return G(" + n +
+             "u, 0u) == 1u ? ld" + n + "(b, h, 0u, at) : ld" + n + "(b, h, at, 0u); }\n";
+    }
+    return s;
+}
+
+// The GLSL expression of a prepared pointwise tree at (b, h, i, j), with the
+// tree's numbers read as NUM(first), NUM(first + 1), ... in walk order.
+// `bh` names the flattened batch-head index, `qv`/`kv` the pairwise features.
+struct emitter {
+    std::size_t next_number = 0;
+
+    template <class E>
+    std::string operator()(const E& e) {
+        if constexpr (std::is_same_v<E, constant>) return number();
+        else if constexpr (std::is_same_v<E, query_index>) return "float(i)";
+        else if constexpr (std::is_same_v<E, key_index>) return "float(j)";
+        else if constexpr (std::is_same_v<E, score_slot>) return "s";
+        else if constexpr (std::is_same_v<E, pair_query_feature>) return "qv";
+        else if constexpr (std::is_same_v<E, pair_key_feature>) return "kv";
+        else if constexpr (std::is_same_v<E, operand_slot>) return "ld" + std::to_string(e.index) + "(b, h, i, j)";
+        else if constexpr (has_kind_template<E, kind::elementwise>::value) {
+            using Op = typename E::kind_type::op;
+            constexpr std::size_t arity = std::tuple_size_v<decltype(e.kids)>;
+            std::string args[arity];
+            std::size_t n = 0;
+            std::apply([&](const auto&... kids) { ((args[n++] = (*this)(kids)), ...); }, e.kids);
+            if constexpr (arity == 2 && (std::is_same_v<Op, op::add> || std::is_same_v<Op, op::subtract> ||
+                                         std::is_same_v<Op, op::multiply> || std::is_same_v<Op, op::divide>))
+                return "(" + args[0] + " " + std::string(Op::glsl) + " " + args[1] + ")";
+            else if constexpr (arity == 1 && std::is_same_v<Op, op::negate>) return "(-" + args[0] + ")";
+            else {
+                std::string call = std::string(Op::glsl) + "(";
+                for (std::size_t a = 0; a < arity; ++a) call += (a ? ", " : "") + args[a];
+                return call + ")";
+            }
+        } else if constexpr (has_kind_v<E, kind::scale_by>) {
+            const std::string x = (*this)(e.template kid<0>());
+            return "(" + x + " * " + number() + ")";
+        } else if constexpr (has_kind_v<E, kind::dropout>) {
+            const std::string x = (*this)(e.template kid<0>());
+            const std::string seed = "NUMU(" + std::to_string(next_number++) + "u)";
+            const std::string threshold = "NUMU(" + std::to_string(next_number++) + "u)";
+            const std::string keep = number();
+            return "af_dropout(" + x + ", " + seed + ", " + threshold + ", " + keep + ", bh, i, j)";
+        } else if constexpr (has_kind_v<E, kind::lookup>) {
+            const auto& table = e.template kid<0>();
+            return "lookup" + std::to_string(table.index) + "(b, h, " + (*this)(e.template kid<1>()) + ")";
+        } else {  // named
+            return (*this)(e.template kid<0>());
+        }
+    }
+
+private:
+    std::string number() { return "NUM(" + std::to_string(next_number++) + "u)"; }
+};
+
+}  // namespace attnfuse::vulkan::glsl
