@@ -10,7 +10,9 @@
 #include <attnfuse/cpu.hpp>
 #include <attnfuse/cpu/kernels.hpp>
 #include <attnfuse/cpu/simd.hpp>
+#include <attnfuse/vulkan/executor.hpp>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -59,6 +61,47 @@ void attnfuse_cpu(benchmark::State& state, af::cpu::execution mode, std::size_t 
         intermediate = r.info.intermediate_bytes;
     }
     set_counters(state, p.flops(), intermediate);  // causal counts the dense FLOPs: speedup shows as GFLOPS
+}
+
+attnfuse::vulkan::device* bench_device() {
+    static std::unique_ptr<attnfuse::vulkan::device> dev = []() -> std::unique_ptr<attnfuse::vulkan::device> {
+        try {
+            return std::make_unique<attnfuse::vulkan::device>();
+        } catch (const attnfuse::vulkan::error&) {
+            return nullptr;
+        }
+    }();
+    return dev.get();
+}
+
+// Vulkan: the time of each iteration is the device's (timestamps around the
+// one submission); wall time, uploads and downloads included, is a counter.
+template <bool Causal>
+void attnfuse_vulkan(benchmark::State& state, attnfuse::vulkan::execution mode, std::size_t bh, std::size_t nq, std::size_t nk,
+                     std::size_t d) {
+    auto* dev = bench_device();
+    if (!dev) {
+        state.SkipWithError("no Vulkan device");
+        return;
+    }
+    const problem p(bh, nq, nk, d);
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    auto q = af::bind(Q, af::col_major(p.q.data(), d, nq, 1, bh));
+    auto k = af::bind(K, af::col_major(p.k.data(), d, nk, 1, bh));
+    auto v = af::bind(V, af::row_major(p.v.data(), nk, d, 1, bh));
+    attnfuse::vulkan::report last;
+    for (auto _ : state) {
+        attnfuse::vulkan::run_result r =
+            Causal ? attnfuse::vulkan::run(*dev, softmax(mask(scale(Q^af::T*K), af::causal))*V, {mode}, q, k, v)
+                   : attnfuse::vulkan::run(*dev, softmax(scale(Q^af::T*K))*V, {mode}, q, k, v);
+        state.SetIterationTime(r.info.device_seconds);
+        last = r.info;
+    }
+    set_counters(state, p.flops(), last.intermediate_bytes);
+    state.counters["dispatches"] = static_cast<double>(last.dispatches);
+    state.counters["wall_ms"] = last.wall_seconds * 1e3;
 }
 
 // What a C++ user would write instead: OpenBLAS sgemm for both products and
@@ -127,6 +170,18 @@ void register_all() {
         add("sdpa/cpu/openblas_unfused", [s](benchmark::State& st) { openblas_unfused(st, s.bh, s.n, s.n, s.d); });
         add("sdpa_causal/cpu/fused", [s](benchmark::State& st) { attnfuse_cpu<true>(st, execution::fused, s.bh, s.n, s.n, s.d); });
         add("sdpa_causal/cpu/unfused", [s](benchmark::State& st) { attnfuse_cpu<true>(st, execution::unfused, s.bh, s.n, s.n, s.d); });
+    }
+    // Vulkan on the default device; on lavapipe (two CPU cores) a few iterations
+    for (const shape_args s : {shape_args{8, 2048, 64}, shape_args{8, 512, 64}}) {
+        const auto args = std::vector<std::int64_t>{std::int64_t(s.bh), std::int64_t(s.n), std::int64_t(s.d)};
+        auto add = [&](const std::string& name, auto fn) {
+            benchmark::RegisterBenchmark(name.c_str(), fn)->ArgNames({"bh", "n", "d"})->Args(args)->UseManualTime()->Iterations(3)->Unit(
+                benchmark::kMillisecond);
+        };
+        using attnfuse::vulkan::execution;
+        add("sdpa/vulkan/fused", [s](benchmark::State& st) { attnfuse_vulkan<false>(st, execution::fused, s.bh, s.n, s.n, s.d); });
+        add("sdpa/vulkan/unfused", [s](benchmark::State& st) { attnfuse_vulkan<false>(st, execution::unfused, s.bh, s.n, s.n, s.d); });
+        add("sdpa_causal/vulkan/fused", [s](benchmark::State& st) { attnfuse_vulkan<true>(st, execution::fused, s.bh, s.n, s.n, s.d); });
     }
     // decode: one query against a 4096-entry cache, 32 heads
     auto decode_args = std::vector<std::int64_t>{32, 1, 4096, 128};

@@ -3,14 +3,16 @@
 // double-precision reference, its time, its intermediate memory and its
 // kernels. Exits non-zero when an error exceeds its tolerance.
 //
-//   attnfuse-zoo [--json] [--list-devices]
+//   attnfuse-zoo [--json] [--list-devices] [--device <index or name>]
 #include <attnfuse/cpu.hpp>
 #include <attnfuse/dsl.hpp>
 #include <attnfuse/vulkan.hpp>
+#include <attnfuse/vulkan/executor.hpp>
 
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -71,10 +73,20 @@ int main(int argc, char** argv) {
         else if (!std::strcmp(argv[a], "--list-devices")) {
             list_devices();
             return 0;
+        } else if (!std::strcmp(argv[a], "--device") && a + 1 < argc) {
+            ::setenv("ATTNFUSE_VK_DEVICE", argv[++a], 1);  // the same choice rule as every other program
         } else {
-            std::fprintf(stderr, "usage: attnfuse-zoo [--json] [--list-devices]\n");
+            std::fprintf(stderr, "usage: attnfuse-zoo [--json] [--list-devices] [--device <index or name substring>]\n");
             return 2;
         }
+    }
+    std::unique_ptr<af::vulkan::device> gpu;
+    std::string vulkan_status;
+    try {
+        gpu = std::make_unique<af::vulkan::device>();
+        vulkan_status = "Vulkan device: " + gpu->info().name;
+    } catch (const af::vulkan::error& e) {
+        vulkan_status = std::string("no Vulkan rows: ") + e.what();
     }
 
     // batch 2, heads 4, 100 queries, 333 keys, d_k 48, d_v 40: several tiles, none full
@@ -90,6 +102,13 @@ int main(int argc, char** argv) {
             rows.push_back({v.name, v.family, "cpu", mode == af::cpu::execution::fused ? "fused" : "unfused",
                             af::to_string(e), info.wall_seconds * 1e3, relative_error(ref, out.values), tolerance,
                             info.intermediate_bytes, info.kernels.size()});
+        }
+        if (!gpu) return;
+        for (const auto mode : {af::vulkan::execution::fused, af::vulkan::execution::unfused}) {
+            const auto [out, info] = af::vulkan::run(*gpu, e, af::vulkan::options{mode}, bindings...);
+            rows.push_back({v.name, v.family, "vk", mode == af::vulkan::execution::fused ? "fused" : "unfused",
+                            af::to_string(e), info.wall_seconds * 1e3, relative_error(ref, out.values), tolerance,
+                            info.intermediate_bytes, info.dispatches});
         }
     });
 
@@ -111,11 +130,13 @@ int main(int argc, char** argv) {
         std::printf("attnfuse zoo: batch %zu, heads %zu, n_q %zu, n_k %zu, d_k %zu, d_v %zu; error = max|out - ref| / max(1, max|ref|)\n\n",
                     shape.batch, shape.heads, shape.n_q, shape.n_k, shape.d, shape.d_v);
         std::printf("%-48s %-4s %-8s %9s %10s %14s %7s\n", "variant", "on", "mode", "ms", "error", "intermediate B", "kernels");
+        std::printf("(on: cpu, or vk for %s; kernels: kernels run, or dispatches on Vulkan)\n", gpu ? gpu->info().name.c_str() : "no Vulkan device");
         for (const auto& r : rows)
             std::printf("%-48s %-4s %-8s %9.3f %10.2e %14zu %7zu%s\n", r.variant.c_str(), r.backend.c_str(), r.mode.c_str(),
                         r.milliseconds, r.error, r.intermediate_bytes, r.kernels, r.ok() ? "" : "  <-- over tolerance");
         std::printf("\n");
         list_devices();
+        std::printf("%s\n", vulkan_status.c_str());
         std::printf("\n%s\n", all_ok ? "every error within tolerance" : "SOME ERRORS EXCEED THEIR TOLERANCE");
     }
     return all_ok ? 0 : 1;

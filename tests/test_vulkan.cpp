@@ -9,7 +9,10 @@
 #include <attnfuse/vulkan/executor.hpp>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <memory>
+#include <unistd.h>
 
 #include "variants.hpp"
 
@@ -66,4 +69,78 @@ TEST_CASE("every variant runs fused and unfused on Vulkan and agrees with the re
             }
         });
     }
+}
+
+TEST_CASE("Vulkan: fully masked rows are zero, a NaN query spoils only its row, a broadcast score is whole", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::variants::input_store in(44);
+    const std::size_t n = 37, d = 9;
+    const float* random_queries = in.random(d * n);
+    std::vector<float> qdata(random_queries, random_queries + d * n);
+    qdata[d * 25 + 2] = std::nanf("");  // query 25 (queries below 20 see no key)
+    auto q = af::bind(Q, af::col_major(qdata.data(), d, n));
+    auto k = af::bind(K, af::col_major(in.random(d * n), d, n));
+    auto v = af::bind(V, af::row_major(in.random(n * d), n, d));
+    for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
+        const auto out = vk::run(*dev, softmax(mask(scale(Q^af::T*K), af::i >= 20 && af::causal))*V, vk::options{mode}, q, k, v).output;
+        for (std::size_t r = 0; r < n; ++r)
+            for (std::size_t c = 0; c < d; ++c) {
+                INFO("row " << r);
+                CHECK(std::isnan(out.at(0, 0, r, c)) == (r == 25));
+                if (r < 20) CHECK(out.at(0, 0, r, c) == 0.0f);
+            }
+    }
+    af::matrix<"B"> B;
+    auto q1 = af::bind(Q, af::col_major(in.random(4), 4, 1));
+    auto k5 = af::bind(K, af::col_major(in.random(20), 4, 5));
+    auto v5 = af::bind(V, af::row_major(in.random(10), 5, 2));
+    auto b = af::bind(B, af::row_major(in.random(15), 3, 5));
+    const auto e = softmax(Q^af::T*K + B)*V;
+    const auto ref = af::reference::evaluate(e, q1, k5, v5, b);
+    for (const auto mode : {vk::execution::fused, vk::execution::unfused})
+        CHECK(relative_error(ref.values, vk::run(*dev, e, vk::options{mode}, q1, k5, v5, b).output.values) <= 1e-4);
+    CHECK(dev->validation_messages() == 0);
+}
+
+TEST_CASE("Vulkan: every generated shader passes spirv-val; a second device reads SPIR-V from the disk cache", "[vulkan]") {
+    if (!shared_device()) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    const auto dump = std::filesystem::temp_directory_path() / ("attnfuse-dump-" + std::to_string(::getpid()));
+    ::setenv("ATTNFUSE_DUMP_SHADERS", dump.c_str(), 1);
+    {
+        vk::device fresh;  // a new device compiles (or loads) and dumps every kernel it meets
+        af::variants::for_each(af::variants::shape{2, 2, 5, 9, 3, 2}, [&](const af::variants::variant&, const auto& e, const auto&... b) {
+            for (const auto mode : {vk::execution::fused, vk::execution::unfused}) (void)vk::run(fresh, e, vk::options{mode}, b...);
+        });
+    }
+    ::unsetenv("ATTNFUSE_DUMP_SHADERS");
+    std::size_t checked = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(dump)) {
+        if (entry.path().extension() != ".spv") continue;
+        INFO(entry.path());
+        CHECK(std::system((std::string(ATTNFUSE_SPIRV_VAL) + " --target-env vulkan1.1 " + entry.path().string()).c_str()) == 0);
+        ++checked;
+    }
+    CHECK(checked >= 8);  // pointwise, product, softmax, hard, reductions, pairwise, fused, copy at least
+    std::filesystem::remove_all(dump);
+
+    // a new device is a new process as far as compilation goes
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::vector<float> data(64, 0.25f);
+    vk::device second;
+    const auto r = vk::run(second, softmax(scale(Q^af::T*K))*V, af::bind(Q, data.data(), 4, 4), af::bind(K, data.data(), 4, 4),
+                           af::bind(V, data.data(), 4, 4));
+    CHECK(r.info.spirv_from_disk_cache);
+    CHECK(r.info.dispatches == 1);
 }

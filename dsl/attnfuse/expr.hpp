@@ -8,6 +8,7 @@
 #include <concepts>
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -556,6 +557,7 @@ constexpr auto additive(W&& w, QF&& query_features, KF&& key_features) {
 template <class E>
     requires expression<E>
 constexpr auto dropout(E&& e, double p, std::uint32_t seed) {
+    if (!(p >= 0.0 && p <= 1.0)) throw std::invalid_argument("attnfuse: dropout probability must be in [0, 1]");
     return make_node(kind::dropout{{}, p, seed}, std::forward<E>(e));
 }
 

@@ -85,7 +85,7 @@ template <class Op> interval apply_bounds(interval a, interval b) {
 // `factor(x)` gives the run-time factor of a scale node.
 template <class E, class Leaf, class Factor>
 interval bounds(const E& e, interval rows, interval cols, const Leaf& leaf, const Factor& factor) {
-    if constexpr (std::is_same_v<E, constant>) return interval::point(e.value);
+    if constexpr (std::is_same_v<E, constant>) return e.value != e.value ? interval::everything() : interval::point(e.value);
     else if constexpr (std::is_same_v<E, query_index>) return rows;
     else if constexpr (std::is_same_v<E, key_index>) return cols;
     else if constexpr (!is_pointwise_v<E>) return leaf(e);

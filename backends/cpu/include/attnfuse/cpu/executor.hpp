@@ -264,6 +264,9 @@ tensor_view<float> fused_attention(const E& e, X& x) {
 
     const W& weights = e.template kid<0>();
     const Core& core = *find_core<Core>(score_of(weights));
+    // The tiles cover the core's queries and keys: a score that broadcasts
+    // past them (a 1 x n_k core plus an n x n_k bias) runs unfused.
+    if (shape_of(score_of(weights), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
     const fused_operands<E, X> in(e, x);
     // scale(core) folds into the packed query tile, as FlashAttention scales
     // Q; tiles whose masks keep everything run the epilogue without them.
@@ -621,6 +624,9 @@ run_result run(const E& e, const options& opt, const Bindings&... bindings) {
         out.values.resize(env.batch * env.heads * shape.rows * shape.cols);
         detail::executor<Env> x{env, o, info, {}, &e, out.values.data(), &typeid(E)};
         const tensor_view<float> v = detail::evaluate(e, x);
+        if (v.rows != shape.rows || v.cols != shape.cols)
+            throw std::logic_error("attnfuse internal: the CPU computed " + shape_to_string(v.rows, v.cols) + " for a " +
+                                   shape_to_string(shape) + " result");
         if (v.data != out.values.data())  // the last kernel wrote elsewhere (or the output is an input): copy
         for (std::size_t b = 0; b < env.batch; ++b)
             for (std::size_t h = 0; h < env.heads; ++h) {

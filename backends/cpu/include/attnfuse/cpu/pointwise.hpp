@@ -116,7 +116,8 @@ vf lanes_of(const E& e, const lane_position& at) {
         const std::ptrdiff_t stride = table.view.rows == 1 ? table.view.col_stride : table.view.row_stride;
         vf out;
         for (int l = 0; l < simd::lanes; ++l) {
-            const float clamped = std::nearbyint(std::min(std::max(index[l], 0.0f), static_cast<float>(length - 1)));
+            // fmax/fmin: a NaN index reads entry 0, as in the reference
+            const double clamped = std::nearbyint(std::fmin(std::fmax(static_cast<double>(index[l]), 0.0), static_cast<double>(length - 1)));
             out[l] = table.base[static_cast<std::ptrdiff_t>(clamped) * stride];
         }
         return out;

@@ -68,9 +68,8 @@ inline vf exp(vf x) {
 }
 
 // exp for softmax weights, where the argument s - max is <= 0, -inf or NaN:
-// 16 vector operations instead of exp's 27. exp(-inf) and anything below
-// -87 give exactly 0; NaN stays NaN (the comparisons are ordered so that a
-// NaN operand falls through them).
+// 17 vector operations instead of exp's 27. exp(-inf) and anything below
+// -87 give exactly 0; NaN stays NaN.
 inline vf exp_nonpositive(vf x) {
     const vf clamped = x < -87.0f ? splat(-87.0f) : x;
     // n = round(x log2 e): adding 1.5 * 2^23 rounds to an integer in the low mantissa bits
@@ -91,7 +90,8 @@ inline vf exp_nonpositive(vf x) {
     bits += n_bits << 23;  // multiply by 2^n: the low bits of `shifted` are n
     vf result;
     std::memcpy(&result, &bits, sizeof result);
-    return x < -87.0f ? splat(0.0f) : result;
+    result = x < -87.0f ? splat(0.0f) : result;
+    return x != x ? x : result;  // a NaN with a payload would not survive the exponent addition
 }
 
 inline vf tanh(vf x) {

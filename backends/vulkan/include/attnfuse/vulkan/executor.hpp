@@ -339,6 +339,9 @@ operand fused_attention(const E& e, X& x) {
     constexpr bool with_dropout = plan::normaliser<W>::dropout;
     const W& weights = e.template kid<0>();
     const Core& core = *find_core<Core>(score_of(weights));
+    // one invocation per query of the core: a score that broadcasts past the
+    // core's extents runs unfused
+    if (shape_of(score_of(weights), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
 
     // operands 0, 1, 2: queries, keys, values (and 3: feature weights of a
     // pairwise score); then the epilogue's own operands
