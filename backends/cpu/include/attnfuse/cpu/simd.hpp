@@ -84,7 +84,7 @@ inline vf exp_nonpositive(vf x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    vi bits, n_bits;
+    vu bits, n_bits;  // unsigned: wrap-around is defined (it happens for NaN, whose result is replaced below)
     std::memcpy(&bits, &p, sizeof p);
     std::memcpy(&n_bits, &shifted, sizeof shifted);
     bits += n_bits << 23;  // multiply by 2^n: the low bits of `shifted` are n

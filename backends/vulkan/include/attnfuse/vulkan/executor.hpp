@@ -121,9 +121,7 @@ struct executor {
     void launch(const std::string& name, const std::string& description, const std::string& body, const std::vector<operand>& operands,
                 const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
                 std::size_t invocations) {
-        std::string source = "#version 450\n#define NUM_OPERANDS " + std::to_string(operands.size()) + "u\n";
-        source += glsl::prelude(operands.size(), local_size).substr(std::string("#version 450\n").size());
-        source += body;
+        const std::string source = glsl::prelude(operands.size(), numbers.size(), local_size) + body;
         const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(2 + operands.size()), 0);
         all_from_disk = all_from_disk && dev.kernel_from_disk_cache(kernel);
 
@@ -196,37 +194,8 @@ auto prepare(const E& e, X& x, std::vector<operand>& operands) {
     }
 }
 
-// The index decomposition shared by elementwise kernels: invocation -> (b, h, i, j).
-inline std::string element_prologue() {
-    return R"(
-void main() {
-    uint idx = (gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x) * gl_WorkGroupSize.x + gl_LocalInvocationID.x;
-    uint rows = OUT_R(), cols = OUT_C();
-    if (idx >= BATCH() * HEADS() * rows * cols) return;
-    uint j = idx % cols; uint t = idx / cols;
-    uint i = t % rows; t /= rows;
-    uint h = t % HEADS(); uint b = t / HEADS();
-    uint bh = b * HEADS() + h;
-)";
-}
-inline std::string row_prologue() {
-    return R"(
-void main() {
-    uint idx = (gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x) * gl_WorkGroupSize.x + gl_LocalInvocationID.x;
-    uint rows = OUT_R(), cols = OUT_C();
-    if (idx >= BATCH() * HEADS() * rows) return;
-    uint i = idx % rows; uint t = idx / rows;
-    uint h = t % HEADS(); uint b = t / HEADS();
-    uint bh = b * HEADS() + h;
-    uint out_row = ((b * HEADS() + h) * rows + i) * cols;
-)";
-}
-// Output extents sit after the numbers: the generated accessors read them.
-inline std::string output_extent_functions(std::size_t operands, std::size_t numbers) {
-    const std::size_t at = 2 + glsl::geometry_words * operands + numbers;
-    return "uint OUT_R() { return P.u[" + std::to_string(at) + "u]; }\nuint OUT_C() { return P.u[" + std::to_string(at + 1) +
-           "u]; }\n";
-}
+inline std::string element_prologue() { return std::string(shader_sources::element_prologue); }
+inline std::string row_prologue() { return std::string(shader_sources::row_prologue); }
 
 template <class X>
 device::buffer_id output_buffer(X& x, std::size_t rows, std::size_t cols, const std::string& what) {
@@ -241,7 +210,7 @@ operand pointwise_kernel(const E& e, X& x) {
     std::vector<std::uint32_t> numbers;
     collect_numbers(tree, numbers);
     glsl::emitter emit;
-    const std::string body = output_extent_functions(operands.size(), numbers.size()) + element_prologue() +
+    const std::string body = element_prologue() +
                              "    OUT.d[idx] = " + emit(tree) + ";\n}\n";
     const auto out = output_buffer(x, shape.rows, shape.cols, "the result of " + to_string(e));
     x.launch("pointwise", plan::kernel_name<plan::pointwise_kernel<E>>::get(e), body, operands, numbers, out, shape.rows, shape.cols,
@@ -259,35 +228,15 @@ operand node_kernel(const E& e, X& x) {
     std::size_t invocations = x.env.batch * x.env.heads * shape.rows * shape.cols;
     if constexpr (has_kind_v<E, kind::product>) {
         name = "product";
-        body = element_prologue() + R"(
-    float acc = 0.0;
-    uint depth = G(0u, 1u);
-    for (uint k = 0u; k < depth; ++k) acc += ld0(b, h, i, k) * ld1(b, h, k, j);
-    OUT.d[idx] = acc;
-}
-)";
+        body = element_prologue() + std::string(shader_sources::product);
     } else if constexpr (has_kind_v<E, kind::softmax>) {
         name = "softmax_rows";
         invocations = x.env.batch * x.env.heads * shape.rows;
-        body = row_prologue() + R"(
-    float top = -1.0 / 0.0; bool nan_row = false;
-    for (uint j = 0u; j < cols; ++j) { float s = ld0(b, h, i, j); nan_row = nan_row || isnan(s); top = max(top, s); }
-    if (nan_row || isinf(top) && top > 0.0) { for (uint j = 0u; j < cols; ++j) OUT.d[out_row + j] = 0.0 / 0.0; return; }
-    if (isinf(top)) { for (uint j = 0u; j < cols; ++j) OUT.d[out_row + j] = 0.0; return; }  // every key masked
-    float total = 0.0;
-    for (uint j = 0u; j < cols; ++j) total += exp(ld0(b, h, i, j) - top);
-    for (uint j = 0u; j < cols; ++j) OUT.d[out_row + j] = exp(ld0(b, h, i, j) - top) / total;
-}
-)";
+        body = row_prologue() + std::string(shader_sources::softmax_rows);
     } else if constexpr (has_kind_v<E, kind::hard>) {
         name = "hard_rows";
         invocations = x.env.batch * x.env.heads * shape.rows;
-        body = row_prologue() + R"(
-    float best = -1.0 / 0.0; uint at = cols; bool nan_row = false;
-    for (uint j = 0u; j < cols; ++j) { float s = ld0(b, h, i, j); if (isnan(s)) nan_row = true; else if (s > best) { best = s; at = j; } }
-    for (uint j = 0u; j < cols; ++j) OUT.d[out_row + j] = nan_row ? 0.0 / 0.0 : (j == at ? 1.0 : 0.0);
-}
-)";
+        body = row_prologue() + std::string(shader_sources::hard_rows);
     } else if constexpr (has_kind_template<E, kind::reduce_along_rows>::value || has_kind_template<E, kind::reduce_along_cols>::value) {
         constexpr bool along_rows = has_kind_template<E, kind::reduce_along_rows>::value;
         constexpr bool sum = std::is_same_v<typename E::kind_type::op, op::add>;
@@ -304,7 +253,7 @@ operand node_kernel(const E& e, X& x) {
         body = element_prologue() + "    float acc = 0.0;\n    uint depth = G(1u, 0u);\n    for (uint a = 0u; a < depth; ++a) {\n        float qv = ld1(b, h, a, i), kv = ld2(b, h, a, j);\n        acc += ld0(b, h, a, 0u) * " +
                emit(e.kind.combine) + ";\n    }\n    OUT.d[idx] = acc;\n}\n";
     }
-    body = output_extent_functions(operands.size(), numbers.size()) + body;
+    body = body;
     const auto out = output_buffer(x, shape.rows, shape.cols, "the result of " + to_string(e));
     x.launch(name, plan::kernel_name<plan::node_kernel<E>>::get(e), body, operands, numbers, out, shape.rows, shape.cols, invocations);
     return dense_operand(out, shape.rows, shape.cols, x.env.batch, x.env.heads);
@@ -386,7 +335,7 @@ operand fused_attention(const E& e, X& x) {
     } else {
         score = "        float s = 0.0;\n        for (uint a = 0u; a < depth; ++a) s += ld0(b, h, a, i) * ld1(b, h, a, j);\n";
     }
-    std::string body = output_extent_functions(operands.size(), numbers.size()) + row_prologue();
+    std::string body = row_prologue();
     body += "    uint depth = G(0u, 0u), keys = G(1u, 1u), dv = G(2u, 1u);\n";
     body += "    float acc[" + std::to_string(max_fused_dv) + "];\n    for (uint c = 0u; c < dv; ++c) acc[c] = 0.0;\n";
     body += "    float m = -1.0 / 0.0, l = 0.0; uint best_at = keys; bool nan_row = false;\n";
@@ -458,7 +407,7 @@ run_result run(device& dev, const E& e, const options& opt, const Bindings&... b
                            out.geometry[7] == shape.rows * shape.cols;
         if (!dense) {
             const auto copy = x.buffer(env.batch * env.heads * shape.rows * shape.cols * sizeof(float), "the output", false);
-            const std::string body = detail::output_extent_functions(1, 0) + detail::element_prologue() + "    OUT.d[idx] = ld0(b, h, i, j);\n}\n";
+            const std::string body = detail::element_prologue() + "    OUT.d[idx] = ld0(b, h, i, j);\n}\n";
             x.launch("copy", "copy to the output", body, {out}, {}, copy, shape.rows, shape.cols, env.batch * env.heads * shape.rows * shape.cols);
             out = detail::dense_operand(copy, shape.rows, shape.cols, env.batch, env.heads);
         } else if (result.info.intermediate_bytes >= dev.buffer_bytes(out.buffer)) {

@@ -3,11 +3,10 @@
 // parameters) is a parameter read from the kernel's parameter buffer, in the
 // order the tree is walked, so one compiled shader serves every value.
 //
-// Buffer interface of every generated kernel:
-//   binding 0: uint parameters: [0] batch, [1] heads, then 12 words of
-//              geometry per operand (rows, cols, batch, heads, row stride,
-//              col stride, batch stride, head stride, base offset), then the
-//              numbers of the tree (as float bits).
+// Buffer interface of every generated kernel (see shaders/prelude.glsl):
+//   binding 0: uint parameters: batch, heads, 12 words of geometry per
+//              operand, the numbers of the tree (as float bits), the
+//              output's rows and cols.
 //   binding 1: the output, dense [batch][heads][rows][cols].
 //   binding 2 + k: operand k.
 #pragma once
@@ -15,6 +14,7 @@
 #include <type_traits>
 
 #include <attnfuse/expr.hpp>
+#include <attnfuse/vulkan/shader_sources.hpp>
 
 namespace attnfuse::vulkan::glsl {
 
@@ -33,62 +33,26 @@ struct operand_slot : expr_base {
     std::size_t index = 0;  // k: binding 2 + k
 };
 
-inline std::string prelude(std::size_t operands, std::size_t local_size) {
+// The start of every generated kernel: the bindings, the shared helpers of
+// shaders/prelude.glsl, and one accessor per operand.
+inline std::string prelude(std::size_t operands, std::size_t numbers, std::size_t local_size) {
     std::string s = "#version 450\n";
+    s += "#define NUM_OPERANDS " + std::to_string(operands) + "u\n";
+    s += "#define NUM_NUMBERS " + std::to_string(numbers) + "u\n";
     s += "layout(local_size_x = " + std::to_string(local_size) + ") in;\n";
     s += "layout(std430, binding = 0) readonly buffer Params { uint u[]; } P;\n";
     s += "layout(std430, binding = 1) buffer Output { float d[]; } OUT;\n";
     for (std::size_t k = 0; k < operands; ++k)
         s += "layout(std430, binding = " + std::to_string(2 + k) + ") readonly buffer Operand" + std::to_string(k) +
              " { float d[]; } OP" + std::to_string(k) + ";\n";
-    s += R"(
-uint BATCH() { return P.u[0]; }
-uint HEADS() { return P.u[1]; }
-uint G(uint k, uint f) { return P.u[2u + 12u * k + f]; }
-int GI(uint k, uint f) { return int(P.u[2u + 12u * k + f]); }
-float NUM(uint n) { return uintBitsToFloat(P.u[2u + 12u * NUM_OPERANDS + n]); }
-uint NUMU(uint n) { return P.u[2u + 12u * NUM_OPERANDS + n]; }
-// the element of operand k serving output (b, h, r, c): extents of 1 broadcast,
-// fewer heads are shared by consecutive query heads
-int at_of(uint k, uint b, uint h, uint r, uint c) {
-    uint bb = G(k, 2u) == 1u ? 0u : b;
-    uint hh = h / (HEADS() / G(k, 3u));
-    uint rr = G(k, 0u) == 1u ? 0u : r;
-    uint cc = G(k, 1u) == 1u ? 0u : c;
-    return GI(k, 8u) + int(bb) * GI(k, 6u) + int(hh) * GI(k, 7u) + int(rr) * GI(k, 4u) + int(cc) * GI(k, 5u);
-}
-float af_not(float a) { return a != 0.0 ? 0.0 : 1.0; }
-float af_tanh(float x) { return x > 15.0 ? 1.0 : (x < -15.0 ? -1.0 : tanh(x)); }
-float af_sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }
-float af_relu(float x) { return max(x, 0.0); }
-float af_square(float x) { return x * x; }
-float af_max(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : max(a, b); }
-float af_min(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : min(a, b); }
-float af_lt(float a, float b) { return a < b ? 1.0 : 0.0; }
-float af_le(float a, float b) { return a <= b ? 1.0 : 0.0; }
-float af_gt(float a, float b) { return a > b ? 1.0 : 0.0; }
-float af_ge(float a, float b) { return a >= b ? 1.0 : 0.0; }
-float af_eq(float a, float b) { return a == b ? 1.0 : 0.0; }
-float af_ne(float a, float b) { return a != b ? 1.0 : 0.0; }
-float af_and(float a, float b) { return (a != 0.0 && b != 0.0) ? 1.0 : 0.0; }
-float af_or(float a, float b) { return (a != 0.0 || b != 0.0) ? 1.0 : 0.0; }
-float af_select(float c, float a, float b) { return c != 0.0 ? a : b; }
-uint af_mix32(uint x) {
-    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16; return x;
-}
-// the same hash as attnfuse::op::dropout_bits: one mask on every backend
-float af_dropout(float x, uint seed, uint threshold, float keep_scale, uint bh, uint row, uint col) {
-    uint bits = af_mix32(seed ^ af_mix32(bh ^ af_mix32(row ^ af_mix32(col + 0x9e3779b9u))));
-    return (bits >> 8) >= threshold ? x * keep_scale : 0.0;
-}
-)";
+    s += shader_sources::prelude;
     for (std::size_t k = 0; k < operands; ++k) {
         const std::string n = std::to_string(k);
         s += "float ld" + n + "(uint b, uint h, uint r, uint c) { return OP" + n + ".d[at_of(" + n + "u, b, h, r, c)]; }\n";
-        // a one-row or one-column table, indexed by a rounded, clamped number
+        // a one-row or one-column table, indexed by a rounded, clamped number (NaN reads entry 0)
         s += "float lookup" + n + "(uint b, uint h, float index) { uint len = max(G(" + n + "u, 0u), G(" + n +
-             "u, 1u)); uint at = uint(clamp(round(index), 0.0, float(len - 1u))); return G(" + n +
-             "u, 0u) == 1u ? ld" + n + "(b, h, 0u, at) : ld" + n + "(b, h, at, 0u); }\n";
+             "u, 1u)); float at = isnan(index) ? 0.0 : clamp(round(index), 0.0, float(len - 1u)); return G(" + n +
+             "u, 0u) == 1u ? ld" + n + "(b, h, 0u, uint(at)) : ld" + n + "(b, h, uint(at), 0u); }\n";
     }
     return s;
 }

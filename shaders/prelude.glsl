@@ -1,0 +1,59 @@
+// attnfuse: helpers every generated kernel shares. Embedded at build time
+// (backends/vulkan/CMakeLists.txt) after the generated binding declarations.
+//
+// Parameter buffer P.u: [0] batch, [1] heads, then 12 words of geometry per
+// operand (rows, cols, batch, heads, row stride, col stride, batch stride,
+// head stride, base offset), then the expression's numbers (float bits),
+// then the output's rows and cols.
+
+uint BATCH() { return P.u[0]; }
+uint HEADS() { return P.u[1]; }
+uint G(uint k, uint f) { return P.u[2u + 12u * k + f]; }
+int GI(uint k, uint f) { return int(P.u[2u + 12u * k + f]); }
+float NUM(uint n) { return uintBitsToFloat(P.u[2u + 12u * NUM_OPERANDS + n]); }
+uint NUMU(uint n) { return P.u[2u + 12u * NUM_OPERANDS + n]; }
+uint OUT_R() { return P.u[2u + 12u * NUM_OPERANDS + NUM_NUMBERS]; }
+uint OUT_C() { return P.u[3u + 12u * NUM_OPERANDS + NUM_NUMBERS]; }
+
+// The element of operand k serving output (b, h, r, c): extents of 1
+// broadcast, fewer heads are shared by consecutive query heads.
+int at_of(uint k, uint b, uint h, uint r, uint c) {
+    uint bb = G(k, 2u) == 1u ? 0u : b;
+    uint hh = h / (HEADS() / G(k, 3u));
+    uint rr = G(k, 0u) == 1u ? 0u : r;
+    uint cc = G(k, 1u) == 1u ? 0u : c;
+    return GI(k, 8u) + int(bb) * GI(k, 6u) + int(hh) * GI(k, 7u) + int(rr) * GI(k, 4u) + int(cc) * GI(k, 5u);
+}
+
+// The vector faces of attnfuse::op, lane by lane as on the CPU.
+float af_not(float a) { return a != 0.0 ? 0.0 : 1.0; }
+float af_tanh(float x) { return x > 15.0 ? 1.0 : (x < -15.0 ? -1.0 : tanh(x)); }
+float af_sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }
+float af_relu(float x) { return max(x, 0.0); }
+float af_square(float x) { return x * x; }
+float af_max(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : max(a, b); }
+float af_min(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : min(a, b); }
+float af_lt(float a, float b) { return a < b ? 1.0 : 0.0; }
+float af_le(float a, float b) { return a <= b ? 1.0 : 0.0; }
+float af_gt(float a, float b) { return a > b ? 1.0 : 0.0; }
+float af_ge(float a, float b) { return a >= b ? 1.0 : 0.0; }
+float af_eq(float a, float b) { return a == b ? 1.0 : 0.0; }
+float af_ne(float a, float b) { return a != b ? 1.0 : 0.0; }
+float af_and(float a, float b) { return (a != 0.0 && b != 0.0) ? 1.0 : 0.0; }
+float af_or(float a, float b) { return (a != 0.0 || b != 0.0) ? 1.0 : 0.0; }
+float af_select(float c, float a, float b) { return c != 0.0 ? a : b; }
+
+// The same hash as attnfuse::op::dropout_bits: one dropout mask on every backend.
+uint af_mix32(uint x) {
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    return x;
+}
+float af_dropout(float x, uint seed, uint threshold, float keep_scale, uint bh, uint row, uint col) {
+    uint bits = af_mix32(seed ^ af_mix32(bh ^ af_mix32(row ^ af_mix32(col + 0x9e3779b9u))));
+    return (bits >> 8) >= threshold ? x * keep_scale : 0.0;
+}
+
+// Invocation index over a two-dimensional grid of workgroups.
+uint invocation() {
+    return (gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x) * gl_WorkGroupSize.x + gl_LocalInvocationID.x;
+}
