@@ -80,6 +80,11 @@ struct binding {
     tensor_view<Element> view;
 };
 
+template <class X> struct is_binding : std::false_type {};
+template <fixed_string N, class El> struct is_binding<binding<N, El>> : std::true_type {};
+template <class X>
+concept a_binding = is_binding<std::remove_cvref_t<X>>::value;
+
 // bind(Q, view): checks the view against Q's declared static shape.
 template <fixed_string Name, std::size_t R, std::size_t C, class El>
 binding<Name, El> bind(const matrix<Name, R, C, El>&, tensor_view<El> view) {

@@ -124,6 +124,62 @@ public:
 
 template <class E> inline constexpr bool fuses_as_attention_v = attention_pattern<std::remove_cvref_t<E>>::matches;
 
+// ------------------------------------------------ a fused kernel's parts ---
+// How a backend reads a matched attention expression: its weights, score,
+// core and values, and the core's operands as the kernel consumes them.
+template <class Core, class E>
+const Core* find_core(const E& e) {
+    if constexpr (std::is_same_v<E, Core>) {
+        return &e;
+    } else if constexpr (is_node_v<E> && is_pointwise_v<E>) {
+        const Core* found = nullptr;
+        std::apply([&](const auto&... kids) { ((found = found ? found : find_core<Core>(kids)), ...); }, e.kids);
+        return found;
+    } else {
+        return nullptr;
+    }
+}
+
+template <class E>
+struct attention_parts {
+    using pattern = attention_pattern<E>;
+    using weights_type = typename pattern::weights;
+    using core_type = typename pattern::core;
+    using core_kind = core_traits<core_type>;
+    static constexpr bool hard = normaliser<weights_type>::norm == normalisation::hard;
+    static constexpr bool dropout = normaliser<weights_type>::dropout;
+
+    static const weights_type& weights(const E& e) { return e.template kid<0>(); }
+    static const auto& values(const E& e) { return e.template kid<1>(); }
+    // the score under softmax(s), hard(s) or dropout(softmax(s))
+    static const auto& score(const E& e) {
+        if constexpr (dropout) return weights(e).template kid<0>().template kid<0>();
+        else return weights(e).template kid<0>();
+    }
+    static const core_type& core(const E& e) { return *find_core<core_type>(score(e)); }
+    // The queries as columns (d x n_q): X of X^T*Y, the projection W^T*X of
+    // X^T*W*Y, the query features of a pairwise score.
+    static auto queries(const E& e) {
+        const core_type& c = core(e);
+        if constexpr (core_kind::pairwise) return c.template kid<1>();
+        else if constexpr (core_kind::general)
+            return make_node(kind::product{}, transpose(c.template kid<0>().template kid<1>()),
+                             c.template kid<0>().template kid<0>().template kid<0>());
+        else return c.template kid<0>().template kid<0>();
+    }
+    // The keys as columns (d x n_k).
+    static const auto& keys(const E& e) {
+        if constexpr (core_kind::pairwise) return core(e).template kid<2>();
+        else return core(e).template kid<1>();
+    }
+    // A pairwise score's feature weights w (d_a x 1).
+    static const auto& feature_weights(const E& e)
+        requires core_kind::pairwise
+    {
+        return core(e).template kid<0>();
+    }
+};
+
 // ------------------------------------------------------------ kernels ---
 // One type per kernel; E is the node it computes.
 template <class E> struct fused_attention_kernel { using expr = E; };

@@ -174,26 +174,6 @@ tensor_view<float> dense_copy(const tensor_view<float>& v, X& x) {
 }
 
 // ---- the fused attention kernel -----------------------------------------------
-template <class Core, class E>
-const Core* find_core(const E& e) {
-    if constexpr (std::is_same_v<E, Core>) {
-        return &e;
-    } else if constexpr (is_node_v<E> && is_pointwise_v<E>) {
-        const Core* found = nullptr;
-        std::apply([&](const auto&... kids) { ((found = found ? found : find_core<Core>(kids)), ...); }, e.kids);
-        return found;
-    } else {
-        return nullptr;
-    }
-}
-
-
-// The score under the normalisation: softmax(s), hard(s), dropout(softmax(s)).
-template <class W>
-const auto& score_of(const W& weights) {
-    if constexpr (has_kind_v<W, kind::dropout>) return weights.template kid<0>().template kid<0>();
-    else return weights.template kid<0>();
-}
 
 // f(qf, kf) of a pairwise score, eight key lanes at a time.
 template <class F>
@@ -230,51 +210,36 @@ struct fused_scratch {
 // Everything one fused kernel reads, computed once before the tile loops.
 template <class E, class X>
 struct fused_operands {
-    using pattern = plan::attention_pattern<E>;
-    using Core = typename pattern::core;
-    using traits = plan::core_traits<Core>;
+    using parts = plan::attention_parts<E>;
     tensor_view<float> queries, keys, feature_weights, values;
 
-    fused_operands(const E& e, X& x) {
-        const Core& core = *find_core<Core>(score_of(e.template kid<0>()));
-        if constexpr (traits::pairwise) {
-            feature_weights = evaluate(core.template kid<0>(), x);
-            queries = evaluate(core.template kid<1>(), x);
-            keys = evaluate(core.template kid<2>(), x);
-        } else if constexpr (traits::general) {
-            const auto& left = core.template kid<0>();  // X^T*W: project W^T*X first
-            queries = evaluate(make_node(kind::product{}, transpose(left.template kid<1>()), left.template kid<0>().template kid<0>()), x);
-            keys = evaluate(core.template kid<1>(), x);
-        } else {
-            queries = evaluate(core.template kid<0>().template kid<0>(), x);
-            keys = evaluate(core.template kid<1>(), x);
-        }
-        values = evaluate(e.template kid<1>(), x);
+    fused_operands(const E& e, X& x)
+        : queries(evaluate(parts::queries(e), x)), keys(evaluate(parts::keys(e), x)), values(evaluate(parts::values(e), x)) {
+        if constexpr (parts::core_kind::pairwise) feature_weights = evaluate(parts::feature_weights(e), x);
     }
 };
 
 template <class E, class X>
 tensor_view<float> fused_attention(const E& e, X& x) {
-    using pattern = plan::attention_pattern<E>;
-    using W = typename pattern::weights;
-    using Core = typename pattern::core;
-    using traits = plan::core_traits<Core>;
-    constexpr bool hard = plan::normaliser<W>::norm == plan::normalisation::hard;
-    constexpr bool with_dropout = plan::normaliser<W>::dropout;
+    using parts = plan::attention_parts<E>;
+    using Core = typename parts::core_type;
+    using traits = typename parts::core_kind;
+    constexpr bool hard = parts::hard;
+    constexpr bool with_dropout = parts::dropout;
 
-    const W& weights = e.template kid<0>();
-    const Core& core = *find_core<Core>(score_of(weights));
+    const auto& weights = parts::weights(e);
+    const Core& core = parts::core(e);
     // The tiles cover the core's queries and keys: a score that broadcasts
     // past them (a 1 x n_k core plus an n x n_k bias) runs unfused.
-    if (shape_of(score_of(weights), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
+    if (shape_of(parts::score(e), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
     const fused_operands<E, X> in(e, x);
     // scale(core) folds into the packed query tile, as FlashAttention scales
     // Q; tiles whose masks keep everything run the epilogue without them.
     // (A pairwise score is not a product of the queries: nothing folds.)
     double core_factor = 1.0;
     const auto prepared = [&] {
-        if constexpr (traits::pairwise) return prepare<Core>(score_of(weights), x);
-        else return fold_core_scale(prepare<Core>(score_of(weights), x), core_factor);
+        if constexpr (traits::pairwise) return prepare<Core>(parts::score(e), x);
+        else return fold_core_scale(prepare<Core>(parts::score(e), x), core_factor);
     }();
     const auto unmasked = strip_masks(prepared);
     const auto query_factor = static_cast<float>(core_factor);
@@ -596,10 +561,6 @@ tensor_view<float> evaluate(const E& e, X& x) {
 }  // namespace attnfuse::cpu
 
 namespace attnfuse::cpu {
-
-template <class X> struct is_binding : std::false_type {};
-template <fixed_string N, class El> struct is_binding<binding<N, El>> : std::true_type {};
-template <class X> concept a_binding = is_binding<std::remove_cvref_t<X>>::value;
 
 // Runs `e` on the CPU over the bound inputs (caller-owned, not copied).
 template <class E, class... Bindings>

@@ -259,62 +259,33 @@ operand node_kernel(const E& e, X& x) {
     return dense_operand(out, shape.rows, shape.cols, x.env.batch, x.env.heads);
 }
 
-template <class W>
-const auto& score_of(const W& weights) {
-    if constexpr (has_kind_v<W, kind::dropout>) return weights.template kid<0>().template kid<0>();
-    else return weights.template kid<0>();
-}
-
-template <class Core, class E>
-const Core* find_core(const E& e) {
-    if constexpr (std::is_same_v<E, Core>) return &e;
-    else if constexpr (is_node_v<E> && is_pointwise_v<E>) {
-        const Core* found = nullptr;
-        std::apply([&](const auto&... kids) { ((found = found ? found : find_core<Core>(kids)), ...); }, e.kids);
-        return found;
-    } else return nullptr;
-}
-
 // One invocation per query row: scores against every key with the epilogue
 // inlined, running maximum and sum (or argmax), the context in registers;
 // the n_q x n_k scores are never written.
 template <class E, class X>
 operand fused_attention(const E& e, X& x) {
-    using pattern = plan::attention_pattern<E>;
-    using W = typename pattern::weights;
-    using Core = typename pattern::core;
-    using traits = plan::core_traits<Core>;
-    constexpr bool hard = plan::normaliser<W>::norm == plan::normalisation::hard;
-    constexpr bool with_dropout = plan::normaliser<W>::dropout;
-    const W& weights = e.template kid<0>();
-    const Core& core = *find_core<Core>(score_of(weights));
+    using parts = plan::attention_parts<E>;
+    using Core = typename parts::core_type;
+    using traits = typename parts::core_kind;
+    constexpr bool hard = parts::hard;
+    constexpr bool with_dropout = parts::dropout;
+    const auto& weights = parts::weights(e);
+    const Core& core = parts::core(e);
     // one invocation per query of the core: a score that broadcasts past the
     // core's extents runs unfused
-    if (shape_of(score_of(weights), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
+    if (shape_of(parts::score(e), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
 
     // operands 0, 1, 2: queries, keys, values (and 3: feature weights of a
     // pairwise score); then the epilogue's own operands
-    std::vector<operand> operands;
-    if constexpr (traits::pairwise) {
-        operands.push_back(evaluate(core.template kid<1>(), x));
-        operands.push_back(evaluate(core.template kid<2>(), x));
-    } else if constexpr (traits::general) {
-        const auto& left = core.template kid<0>();
-        operands.push_back(evaluate(make_node(kind::product{}, transpose(left.template kid<1>()), left.template kid<0>().template kid<0>()), x));
-        operands.push_back(evaluate(core.template kid<1>(), x));
-    } else {
-        operands.push_back(evaluate(core.template kid<0>().template kid<0>(), x));
-        operands.push_back(evaluate(core.template kid<1>(), x));
-    }
-    operands.push_back(evaluate(e.template kid<1>(), x));
-    if constexpr (traits::pairwise) operands.push_back(evaluate(core.template kid<0>(), x));
+    std::vector<operand> operands{evaluate(parts::queries(e), x), evaluate(parts::keys(e), x), evaluate(parts::values(e), x)};
+    if constexpr (traits::pairwise) operands.push_back(evaluate(parts::feature_weights(e), x));
     const std::size_t n_q = operands[0].cols(), d_v = operands[2].cols();
     if (d_v > max_fused_dv) {
         x.info.notes.push_back("d_v " + std::to_string(d_v) + " > " + std::to_string(max_fused_dv) + ": `" + to_string(e) +
                                "` ran unfused");
         return node_kernel(e, x);
     }
-    const auto tree = prepare<Core>(score_of(weights), x, operands);
+    const auto tree = prepare<Core>(parts::score(e), x, operands);
     std::vector<std::uint32_t> numbers;
     collect_numbers(tree, numbers);
     if constexpr (traits::pairwise) collect_numbers(core.kind.combine, numbers);
@@ -382,15 +353,12 @@ operand evaluate(const E& e, X& x) {
     }
 }
 
-template <class X> struct is_binding : std::false_type {};
-template <fixed_string N, class El> struct is_binding<binding<N, El>> : std::true_type {};
-
 }  // namespace detail
 
 // Runs `e` on a Vulkan device: inputs go up once, every kernel of the plan is
 // one dispatch, all recorded into one submission; the output comes back.
 template <class E, class... Bindings>
-    requires expression<E> && (detail::is_binding<std::remove_cvref_t<Bindings>>::value && ...)
+    requires expression<E> && (a_binding<Bindings> && ...)
 run_result run(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
     using Env = environment<Bindings...>;
@@ -428,7 +396,7 @@ run_result run(device& dev, const E& e, const options& opt, const Bindings&... b
 }
 
 template <class E, class... Bindings>
-    requires expression<E> && (detail::is_binding<std::remove_cvref_t<Bindings>>::value && ...)
+    requires expression<E> && (a_binding<Bindings> && ...)
 run_result run(device& dev, const E& e, const Bindings&... bindings) {
     return run(dev, e, options{}, bindings...);
 }
