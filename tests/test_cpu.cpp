@@ -198,6 +198,14 @@ TEST_CASE("the planner's decisions", "[cpu][plan]") {
     STATIC_REQUIRE(kernel_count<decltype(softmax(Q^af::T*K + (Q^af::T*K))*V)> == 5);
     // a softmax not followed by *V is not fused
     STATIC_REQUIRE(kernel_count<decltype(softmax(Q^af::T*K))> == 2);
+    // weights multiplied by a pointwise factor after the softmax (local-p's Gaussian): still one kernel
+    STATIC_REQUIRE(kernel_count<decltype((softmax(mask(Q^af::T*K, abs(af::j - af::i) <= 2)) % exp(-square(af::j - af::i)))*V)> == 1);
+    // the Keras feed-forward normalisation x / (row_sum(x) + eps): one kernel
+    using keras = decltype(where(af::j < 5, exp(tanh(w^af::T*K)), 0) / (row_sum(where(af::j < 5, exp(tanh(w^af::T*K)), 0)) + 1e-7)*V);
+    STATIC_REQUIRE(kernel_count<keras> == 1);
+    // unfused: w^T*K twice (x appears twice), x, row_sum(x), the division, *V
+    STATIC_REQUIRE(kernel_count<keras, mode::unfused> == 6);
+
 }
 
 TEST_CASE("a score that broadcasts past its query-key product is computed in full", "[cpu]") {

@@ -79,7 +79,11 @@ template <class T0, class... Ts> struct first_core<list<T0, Ts...>> {
 template <> struct first_core<list<>> { using type = void; };
 
 // ------------------------------------------------ normalisations ---
-enum class normalisation { none, softmax, hard };
+// softmax and hard as such; dropout on a softmax; a softmax whose weights are
+// then multiplied by a pointwise factor g (Luong's local-p Gaussian, applied
+// after the windowed softmax without renormalising); and the ratio
+// x / (row_sum(x) + c) of the Keras feed-forward layer (no maximum taken).
+enum class normalisation { none, softmax, hard, ratio };
 
 template <class N> struct normaliser {
     static constexpr normalisation norm = normalisation::none;
@@ -88,17 +92,37 @@ template <class S> struct normaliser<node<kind::softmax, S>> {
     static constexpr normalisation norm = normalisation::softmax;
     static constexpr bool dropout = false;
     using score = S;
+    using post = void;
 };
 template <class S> struct normaliser<node<kind::hard, S>> {
     static constexpr normalisation norm = normalisation::hard;
     static constexpr bool dropout = false;
     using score = S;
+    using post = void;
 };
 template <class S> struct normaliser<node<kind::dropout, node<kind::softmax, S>>> {
     static constexpr normalisation norm = normalisation::softmax;
     static constexpr bool dropout = true;
     using score = S;
+    using post = void;
 };
+template <class S, class G> struct normaliser<node<kind::elementwise<op::multiply>, node<kind::softmax, S>, G>> {
+    static constexpr normalisation norm = normalisation::softmax;
+    static constexpr bool dropout = false;
+    using score = S;
+    using post = G;
+};
+template <class X>
+struct normaliser<node<kind::elementwise<op::divide>, X,
+                       node<kind::elementwise<op::add>, node<kind::reduce_along_rows<op::add>, X>, constant>>> {
+    static constexpr normalisation norm = normalisation::ratio;
+    static constexpr bool dropout = false;
+    using score = X;
+    using post = void;
+};
+
+template <class G> struct operands_of_post { using type = cluster_operands_t<G>; };
+template <> struct operands_of_post<void> { using type = list<>; };
 
 // ---------------------------------------------------- the fused rule ---
 template <class E> struct attention_pattern {
@@ -110,7 +134,9 @@ private:
     template <class M, bool> struct detail_ { static constexpr bool ok = false; using core = void; };
     template <class M> struct detail_<M, true> {
         using operands = cluster_operands_t<typename normaliser<M>::score>;
-        static constexpr bool ok = count_cores<operands>::value == 1;
+        // one core in the score, none in a post factor
+        static constexpr bool ok = count_cores<operands>::value == 1 &&
+                                   count_cores<typename operands_of_post<typename normaliser<M>::post>::type>::value == 0;
         using core = typename first_core<operands>::type;
     };
     using found = detail_<N, normalised>;
@@ -147,14 +173,30 @@ struct attention_parts {
     using core_type = typename pattern::core;
     using core_kind = core_traits<core_type>;
     static constexpr bool hard = normaliser<weights_type>::norm == normalisation::hard;
+    static constexpr bool ratio = normaliser<weights_type>::norm == normalisation::ratio;
     static constexpr bool dropout = normaliser<weights_type>::dropout;
+    using post_type = typename normaliser<weights_type>::post;
+    static constexpr bool post_weighted = !std::is_void_v<post_type>;
 
     static const weights_type& weights(const E& e) { return e.template kid<0>(); }
     static const auto& values(const E& e) { return e.template kid<1>(); }
-    // the score under softmax(s), hard(s) or dropout(softmax(s))
+    // the score under softmax(s), hard(s), dropout(softmax(s)), softmax(s) % g,
+    // or the x of x / (row_sum(x) + c)
     static const auto& score(const E& e) {
-        if constexpr (dropout) return weights(e).template kid<0>().template kid<0>();
+        if constexpr (dropout || post_weighted) return weights(e).template kid<0>().template kid<0>();
         else return weights(e).template kid<0>();
+    }
+    // g of softmax(s) % g
+    static const auto& post(const E& e)
+        requires post_weighted
+    {
+        return weights(e).template kid<1>();
+    }
+    // c of x / (row_sum(x) + c)
+    static double ratio_offset(const E& e)
+        requires ratio
+    {
+        return weights(e).template kid<1>().template kid<1>().value;
     }
     static const core_type& core(const E& e) { return *find_core<core_type>(score(e)); }
     // The queries as columns (d x n_q): X of X^T*Y, the projection W^T*X of
@@ -224,9 +266,10 @@ template <class E, mode M, bool P> struct kernels_impl<E, M, false, true, P> {
     using pattern = attention_pattern<E>;
     using side = typename without<cluster_operands_t<typename normaliser<typename pattern::weights>::score>,
                                   typename pattern::core>::type;
+    using post = typename operands_of_post<typename normaliser<typename pattern::weights>::post>::type;
     using type = concat_t<typename kernels_of_all<typename core_operands<typename pattern::core>::type, M>::type,
-                          typename kernels_of_all<side, M>::type, kernels_t<typename pattern::values, M>,
-                          list<fused_attention_kernel<E>>>;
+                          typename kernels_of_all<side, M>::type, typename kernels_of_all<post, M>::type,
+                          kernels_t<typename pattern::values, M>, list<fused_attention_kernel<E>>>;
 };
 template <class E, mode M> struct kernels_impl<E, M, false, false, true> {
     using type = concat_t<typename kernels_of_all<cluster_operands_t<E>, M>::type, list<pointwise_kernel<E>>>;

@@ -210,6 +210,19 @@ void online_softmax_columns(float* st, std::size_t keys, std::size_t queries, st
     if (sub != subtract) delete[] sub;
 }
 
+void accumulate_column_sums(const float* st, std::size_t keys, std::size_t queries, std::size_t ld, row_state* state) {
+    for (std::size_t k = 0; k < keys; ++k)
+        for (std::size_t q = 0; q < queries; ++q) state[q].sum += st[k * ld + q];
+}
+
+void accumulate_row_sums(const float* s, std::size_t rows, std::size_t cols, std::size_t lds, row_state* state) {
+    for (std::size_t r = 0; r < rows; ++r) {
+        float total = 0;
+        for (std::size_t c = 0; c < cols; ++c) total += s[r * lds + c];
+        state[r].sum += total;
+    }
+}
+
 void dropout_tile(float* p, std::size_t rows, std::size_t cols, std::ptrdiff_t r_stride, std::ptrdiff_t c_stride,
                   std::uint32_t seed, std::uint32_t threshold, float keep_scale, std::uint32_t batch_head,
                   std::size_t row0, std::size_t col0) {

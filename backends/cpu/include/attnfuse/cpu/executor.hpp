@@ -225,6 +225,7 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     using Core = typename parts::core_type;
     using traits = typename parts::core_kind;
     constexpr bool hard = parts::hard;
+    constexpr bool ratio = parts::ratio;
     constexpr bool with_dropout = parts::dropout;
 
     const auto& weights = parts::weights(e);
@@ -242,6 +243,13 @@ tensor_view<float> fused_attention(const E& e, X& x) {
         else return fold_core_scale(prepare<Core>(parts::score(e), x), core_factor);
     }();
     const auto unmasked = strip_masks(prepared);
+    // the factor g of softmax(s) % g, applied to the weights after the sums
+    const auto post_factor = [&] {
+        if constexpr (parts::post_weighted) return prepare<void>(parts::post(e), x);
+        else return constant(1.0);
+    }();
+    double ratio_offset = 0;
+    if constexpr (ratio) ratio_offset = parts::ratio_offset(e);
     const auto query_factor = static_cast<float>(core_factor);
     x.info.kernels.push_back(plan::kernel_name<plan::fused_attention_kernel<E>>::get(e));
 
@@ -297,6 +305,7 @@ tensor_view<float> fused_attention(const E& e, X& x) {
             const std::size_t b = bh / x.env.heads, h = bh % x.env.heads;
             const auto tree = at_head(prepared, x.env, b, h);
             const auto tree_unmasked = at_head(unmasked, x.env, b, h);
+            const auto post_tree = at_head(post_factor, x.env, b, h);
             const float* q_base = matrix_base(in.queries, x.env, b, h) + static_cast<std::ptrdiff_t>(q0) * in.queries.col_stride;
             const float* k_base = matrix_base(in.keys, x.env, b, h);
             const float* v_base = matrix_base(in.values, x.env, b, h);
@@ -319,8 +328,10 @@ tensor_view<float> fused_attention(const E& e, X& x) {
 
             for (std::size_t k0 = 0; k0 < n_k; k0 += key_tile) {
                 const std::size_t cols = std::min(key_tile, n_k - k0);
-                // a tile whose every score is -inf contributes nothing: skip it
-                if (tile_bounds(tree, q0, q0 + rows, k0, k0 + cols).all_minus_infinity()) continue;
+                // a tile whose every weight is zero (every score -inf; every x 0
+                // for a ratio) contributes nothing: skip it
+                const interval tile = tile_bounds(tree, q0, q0 + rows, k0, k0 + cols);
+                if (ratio ? tile.surely_zero() : tile.all_minus_infinity()) continue;
                 const float* k_tile = k_base + static_cast<std::ptrdiff_t>(k0) * in.keys.col_stride;
 
                 // ---- scores, with the epilogue inlined -------------------------------------
@@ -424,14 +435,33 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                     else
                         kernels::running_argmax(s.data(), rows, cols, key_tile, k0, best.data(), best_index.data(), nan_seen.data());
                 } else {
-                    if (transposed)
+                    if constexpr (ratio) {
+                        if (transposed) kernels::accumulate_column_sums(s.data(), cols, rows, rows_padded, state.data());
+                        else kernels::accumulate_row_sums(s.data(), rows, cols, key_tile, state.data());
+                    } else if (transposed) {
                         kernels::online_softmax_columns(s.data(), cols, rows, rows_padded, tile_max.data(), state.data(), acc.data(),
                                                         dv_padded, dv_padded);
-                    else
+                    } else {
                         kernels::online_softmax_step(s.data(), rows, cols, key_tile, state.data(), acc.data(), dv_padded, dv_padded);
+                    }
                     // weight (query r, key c) sits at s[r*ws_r + c*ws_c]
                     const std::ptrdiff_t ws_r = transposed ? 1 : static_cast<std::ptrdiff_t>(key_tile);
                     const std::ptrdiff_t ws_c = transposed ? static_cast<std::ptrdiff_t>(rows_padded) : 1;
+                    if constexpr (parts::post_weighted) {
+                        if (transposed) {
+                            for (std::size_t k = 0; k < cols; ++k)
+                                for (std::size_t g = 0; g < rows_padded; g += simd::lanes) {
+                                    float* at = s.data() + k * rows_padded + g;
+                                    simd::store(at, simd::load(at) * lanes_of<lanes_along::queries>(post_tree, lane_position{q0 + g, k0 + k, nullptr, batch_head}));
+                                }
+                        } else {
+                            for (std::size_t r = 0; r < rows; ++r)
+                                for (std::size_t c = 0; c < cols; c += simd::lanes) {
+                                    float* at = s.data() + r * key_tile + c;
+                                    simd::store(at, simd::load(at) * lanes_of<lanes_along::keys>(post_tree, lane_position{q0 + r, k0 + c, nullptr, batch_head}));
+                                }
+                        }
+                    }
                     if constexpr (with_dropout)
                         kernels::dropout_tile(s.data(), rows, cols, ws_r, ws_c, dropout_seed, dropout_threshold, keep_scale,
                                               batch_head, q0, k0);
@@ -460,7 +490,8 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                                      : 0.0f;
                 } else {
                     // a row with every key masked has sum 0: its context is 0
-                    const float inverse = state[r].sum == 0.0f ? 0.0f : 1.0f / state[r].sum;
+                    const float denominator = state[r].sum + static_cast<float>(ratio_offset);
+                    const float inverse = denominator == 0.0f ? 0.0f : 1.0f / denominator;
                     for (std::size_t c = 0; c < d_v; ++c) row[c] = acc[r * dv_padded + c] * inverse;
                 }
             }

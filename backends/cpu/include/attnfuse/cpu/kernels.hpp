@@ -54,6 +54,11 @@ void online_softmax_step(float* s, std::size_t rows, std::size_t cols, std::size
 void online_softmax_columns(float* st, std::size_t keys, std::size_t queries, std::size_t ld, const float* tile_max,
                             row_state* state, float* o, std::size_t ldo, std::size_t o_cols);
 
+// For x / (row_sum(x) + c): adds each query's weights in the tile to its
+// running sum, for a transposed tile (keys x queries) or a row tile.
+void accumulate_column_sums(const float* st, std::size_t keys, std::size_t queries, std::size_t ld, row_state* state);
+void accumulate_row_sums(const float* s, std::size_t rows, std::size_t cols, std::size_t lds, row_state* state);
+
 // Inverted dropout on a tile of weights, after the running sum has taken
 // them: weight (query row0+r, key col0+c), stored at p[r*r_stride + c*c_stride],
 // is kept where the hash of (seed, batch_head, row, key) passes the threshold

@@ -268,6 +268,7 @@ operand fused_attention(const E& e, X& x) {
     using Core = typename parts::core_type;
     using traits = typename parts::core_kind;
     constexpr bool hard = parts::hard;
+    constexpr bool ratio = parts::ratio;
     constexpr bool with_dropout = parts::dropout;
     const auto& weights = parts::weights(e);
     const Core& core = parts::core(e);
@@ -286,8 +287,15 @@ operand fused_attention(const E& e, X& x) {
         return node_kernel(e, x);
     }
     const auto tree = prepare<Core>(parts::score(e), x, operands);
+    // g of softmax(s) % g (a number 1 otherwise), read after the score's numbers
+    const auto post_factor = [&] {
+        if constexpr (parts::post_weighted) return prepare<void>(parts::post(e), x, operands);
+        else return constant(1.0);
+    }();
     std::vector<std::uint32_t> numbers;
     collect_numbers(tree, numbers);
+    collect_numbers(post_factor, numbers);
+    if constexpr (ratio) collect_numbers(constant(parts::ratio_offset(e)), numbers);
     if constexpr (traits::pairwise) collect_numbers(core.kind.combine, numbers);
     if constexpr (with_dropout) {
         numbers.push_back(weights.kind.seed);
@@ -299,6 +307,8 @@ operand fused_attention(const E& e, X& x) {
     }
     glsl::emitter emit;
     const std::string epilogue = emit(tree);
+    const std::string post = emit(post_factor);
+    const std::string offset = ratio ? emit(constant(0.0)) : std::string();
     std::string score;
     if constexpr (traits::pairwise) {
         score = "        float s = 0.0;\n        for (uint a = 0u; a < depth; ++a) {\n            float qv = ld0(b, h, a, i), kv = ld1(b, h, a, j);\n            s += ld3(b, h, a, 0u) * " +
@@ -314,6 +324,11 @@ operand fused_attention(const E& e, X& x) {
     if constexpr (hard) {
         body += "        if (isnan(s)) nan_row = true; else if (s > m) { m = s; best_at = j; }\n    }\n";
         body += "    for (uint c = 0u; c < dv; ++c) OUT.d[out_row + c] = nan_row ? 0.0 / 0.0 : (best_at < keys ? ld2(b, h, best_at, c) : 0.0);\n}\n";
+    } else if constexpr (ratio) {
+        // x / (row_sum(x) + c): plain sums, no maximum
+        body += "        l += s;\n        for (uint c = 0u; c < dv; ++c) acc[c] += s * ld2(b, h, j, c);\n    }\n";
+        body += "    float denominator = l + " + offset + ";\n    float inverse = denominator == 0.0 ? 0.0 : 1.0 / denominator;\n";
+        body += "    for (uint c = 0u; c < dv; ++c) OUT.d[out_row + c] = acc[c] * inverse;\n}\n";
     } else {
         body += "        if (isnan(s)) { nan_row = true; continue; }\n        if (isinf(s) && s < 0.0) continue;  // masked: weight exactly 0\n";
         body += "        float next = max(m, s);\n        float alpha = isinf(m) ? 0.0 : exp(m - next);\n        float p = exp(s - next);\n";
@@ -323,6 +338,7 @@ operand fused_attention(const E& e, X& x) {
             body += "        p = af_dropout(p, NUMU(" + std::to_string(first) + "u), NUMU(" + std::to_string(first + 1) + "u), NUM(" +
                     std::to_string(first + 2) + "u), bh, i, j);\n";
         }
+        if constexpr (parts::post_weighted) body += "        p *= " + post + ";  // after the sum: no renormalisation\n";
         body += "        for (uint c = 0u; c < dv; ++c) acc[c] = acc[c] * alpha + p * ld2(b, h, j, c);\n        m = next;\n    }\n";
         body += "    float inverse = l == 0.0 ? 0.0 : 1.0 / l;  // every key masked: context 0\n";
         body += "    for (uint c = 0u; c < dv; ++c) OUT.d[out_row + c] = nan_row ? 0.0 / 0.0 : acc[c] * inverse;\n}\n";
