@@ -25,8 +25,9 @@ namespace {
 struct row {
     std::string variant, family, backend, mode, formula;
     double milliseconds = 0, error = 0, tolerance = 0;
-    std::size_t intermediate_bytes = 0, kernels = 0;
-    bool ok() const { return error <= tolerance; }
+    std::size_t intermediate_bytes = 0, score_bytes = 0, kernels = 0;
+    // within tolerance, and a fused row materialises no score matrix
+    bool ok() const { return error <= tolerance && (mode != "fused" || score_bytes == 0); }
 };
 
 // Largest |out - ref| over the largest |ref| (at least 1): the output's
@@ -101,14 +102,14 @@ int main(int argc, char** argv) {
             const auto [out, info] = af::cpu::run(e, af::cpu::options{mode, 0}, bindings...);
             rows.push_back({v.name, v.family, "cpu", mode == af::cpu::execution::fused ? "fused" : "unfused",
                             af::to_string(e), info.wall_seconds * 1e3, relative_error(ref, out.values), tolerance,
-                            info.intermediate_bytes, info.kernels.size()});
+                            info.intermediate_bytes, info.score_bytes, info.kernels.size()});
         }
         if (!gpu) return;
         for (const auto mode : {af::vulkan::execution::fused, af::vulkan::execution::unfused}) {
             const auto [out, info] = af::vulkan::run(*gpu, e, af::vulkan::options{mode}, bindings...);
             rows.push_back({v.name, v.family, "vk", mode == af::vulkan::execution::fused ? "fused" : "unfused",
                             af::to_string(e), info.wall_seconds * 1e3, relative_error(ref, out.values), tolerance,
-                            info.intermediate_bytes, info.dispatches});
+                            info.intermediate_bytes, info.score_bytes, info.dispatches});
         }
     });
 
@@ -119,9 +120,9 @@ int main(int argc, char** argv) {
         for (std::size_t n = 0; n < rows.size(); ++n) {
             const row& r = rows[n];
             std::printf("  {\"variant\": \"%s\", \"family\": \"%s\", \"backend\": \"%s\", \"mode\": \"%s\", \"expression\": \"%s\", "
-                        "\"ms\": %.4f, \"error\": %.3e, \"tolerance\": %.0e, \"intermediate_bytes\": %zu, \"kernels\": %zu}%s\n",
+                        "\"ms\": %.4f, \"error\": %.3e, \"tolerance\": %.0e, \"intermediate_bytes\": %zu, \"score_bytes\": %zu, \"kernels\": %zu}%s\n",
                         json_escape(r.variant).c_str(), r.family.c_str(), r.backend.c_str(), r.mode.c_str(),
-                        json_escape(r.formula).c_str(), r.milliseconds, r.error, r.tolerance, r.intermediate_bytes, r.kernels,
+                        json_escape(r.formula).c_str(), r.milliseconds, r.error, r.tolerance, r.intermediate_bytes, r.score_bytes, r.kernels,
                         n + 1 < rows.size() ? "," : "");
         }
         std::printf("]\n");
@@ -129,11 +130,11 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "%70s\r", "");
         std::printf("attnfuse zoo: batch %zu, heads %zu, n_q %zu, n_k %zu, d_k %zu, d_v %zu; error = max|out - ref| / max(1, max|ref|)\n\n",
                     shape.batch, shape.heads, shape.n_q, shape.n_k, shape.d, shape.d_v);
-        std::printf("%-48s %-4s %-8s %9s %10s %14s %7s\n", "variant", "on", "mode", "ms", "error", "intermediate B", "kernels");
-        std::printf("(on: cpu, or vk for %s; kernels: kernels run, or dispatches on Vulkan)\n", gpu ? gpu->info().name.c_str() : "no Vulkan device");
+        std::printf("%-48s %-4s %-8s %9s %10s %14s %12s %7s\n", "variant", "on", "mode", "ms", "error", "intermediate B", "score B", "kernels");
+        std::printf("(on: cpu, or vk for %s; score B: bytes of n_q x n_k scores or weights materialised; kernels: kernels run, or dispatches on Vulkan)\n", gpu ? gpu->info().name.c_str() : "no Vulkan device");
         for (const auto& r : rows)
-            std::printf("%-48s %-4s %-8s %9.3f %10.2e %14zu %7zu%s\n", r.variant.c_str(), r.backend.c_str(), r.mode.c_str(),
-                        r.milliseconds, r.error, r.intermediate_bytes, r.kernels, r.ok() ? "" : "  <-- over tolerance");
+            std::printf("%-48s %-4s %-8s %9.3f %10.2e %14zu %12zu %7zu%s\n", r.variant.c_str(), r.backend.c_str(), r.mode.c_str(),
+                        r.milliseconds, r.error, r.intermediate_bytes, r.score_bytes, r.kernels, r.ok() ? "" : "  <-- over tolerance");
         std::printf("\n");
         list_devices();
         std::printf("%s\n", vulkan_status.c_str());

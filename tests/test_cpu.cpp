@@ -46,6 +46,8 @@ void check_modes(bool check_plan, const std::string& name, const E& e, double to
         const std::size_t planned = mode == execution::fused ? af::plan::kernel_count<E, af::plan::mode::fused>
                                                              : af::plan::kernel_count<E, af::plan::mode::unfused>;
         if (check_plan) CHECK(info.kernels.size() == planned);
+        // fused, no n_q x n_k score or weight matrix is ever materialised
+        if (check_plan && mode == execution::fused) CHECK(info.score_bytes == 0);
     }
 }
 

@@ -62,6 +62,8 @@ TEST_CASE("every variant runs fused and unfused on Vulkan and agrees with the re
                 INFO(v.name << " | " << af::to_string(e) << (mode == vk::execution::fused ? " | fused" : " | unfused"));
                 const auto [out, info] = vk::run(*dev, e, vk::options{mode}, bindings...);
                 CHECK(relative_error(ref.values, out.values) <= tolerance);
+                if (mode == vk::execution::fused) CHECK(info.score_bytes == 0);
+                else if (s.n_q > 1 && s.n_k > 1) CHECK(info.score_bytes > 0);
                 std::vector<double> cpu_values(cpu.values.begin(), cpu.values.end());
                 CHECK(relative_error(cpu_values, out.values) <= tolerance);
                 CHECK(dev->validation_messages() == 0);

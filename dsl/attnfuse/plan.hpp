@@ -222,6 +222,24 @@ struct attention_parts {
     }
 };
 
+// The nodes whose results are an attention's n_q x n_k scores or weights
+// (the weights, what they normalise, the score, its core), for every
+// attention in the tree: a backend counts what it materialises of them.
+template <class E, class Out>
+void collect_score_nodes(const E& e, Out& out) {
+    if constexpr (is_node_v<E>) {
+        if constexpr (fuses_as_attention_v<E>) {
+            using parts = attention_parts<E>;
+            const auto& w = parts::weights(e);
+            out.insert(static_cast<const void*>(&w));
+            if constexpr (is_node_v<typename parts::weights_type>) out.insert(static_cast<const void*>(&w.template kid<0>()));
+            out.insert(static_cast<const void*>(&parts::score(e)));
+            out.insert(static_cast<const void*>(&parts::core(e)));
+        }
+        std::apply([&](const auto&... kids) { (collect_score_nodes(kids, out), ...); }, e.kids);
+    }
+}
+
 // ------------------------------------------------------------ kernels ---
 // One type per kernel; E is the node it computes.
 template <class E> struct fused_attention_kernel { using expr = E; };

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <deque>
+#include <set>
 #include <memory>
 #include <string>
 #include <typeinfo>
@@ -29,6 +30,7 @@ struct options {
 struct report {
     std::vector<std::string> kernels;    // in execution order
     std::size_t intermediate_bytes = 0;  // everything allocated besides inputs and the output
+    std::size_t score_bytes = 0;         // of which n_q x n_k scores or weights (0 when fused)
     double wall_seconds = 0;
     std::size_t threads = 1;
 };
@@ -50,6 +52,14 @@ struct executor {
     options opt;
     report& info;
     std::deque<std::vector<float>> arena;
+
+    // Nodes holding scores or weights (plan::collect_score_nodes).
+    std::set<const void*> score_nodes;
+    template <class E>
+    void note_result(const E& e, const tensor_view<float>& v) {
+        if (score_nodes.count(static_cast<const void*>(&e)))
+            info.score_bytes += env.batch * env.heads * v.rows * static_cast<std::size_t>(v.row_stride) * sizeof(float);
+    }
 
     // The node whose result is the run's output, and where that output goes:
     // its kernel writes there directly instead of into the arena.
@@ -578,13 +588,13 @@ tensor_view<float> evaluate(const E& e, X& x) {
         std::swap(v.rows, v.cols);
         std::swap(v.row_stride, v.col_stride);
         return v;
-    } else if constexpr (plan::fuses_as_attention_v<E>) {
-        if (x.opt.mode == execution::fused) return fused_attention(e, x);
-        return node_kernel(e, x);
-    } else if constexpr (is_pointwise_v<E>) {
-        return pointwise_loop(e, x);
     } else {
-        return node_kernel(e, x);
+        tensor_view<float> v;
+        if constexpr (plan::fuses_as_attention_v<E>) v = x.opt.mode == execution::fused ? fused_attention(e, x) : node_kernel(e, x);
+        else if constexpr (is_pointwise_v<E>) v = pointwise_loop(e, x);
+        else v = node_kernel(e, x);
+        x.note_result(e, v);
+        return v;
     }
 }
 
@@ -614,7 +624,8 @@ run_result run(const E& e, const options& opt, const Bindings&... bindings) {
         out.rows = shape.rows;
         out.cols = shape.cols;
         out.values.resize(env.batch * env.heads * shape.rows * shape.cols);
-        detail::executor<Env> x{env, o, info, {}, &e, out.values.data(), &typeid(E)};
+        detail::executor<Env> x{env, o, info, {}, {}, &e, out.values.data(), &typeid(E)};
+        plan::collect_score_nodes(e, x.score_nodes);
         const tensor_view<float> v = detail::evaluate(e, x);
         if (v.rows != shape.rows || v.cols != shape.cols)
             throw std::logic_error("attnfuse internal: the CPU computed " + shape_to_string(v.rows, v.cols) + " for a " +

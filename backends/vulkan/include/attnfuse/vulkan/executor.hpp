@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,7 @@ struct report {
     std::vector<std::string> kernels;    // in dispatch order
     std::size_t dispatches = 0;
     std::size_t intermediate_bytes = 0;  // device memory besides inputs, output and parameters
+    std::size_t score_bytes = 0;         // of which n_q x n_k scores or weights (0 when fused)
     double device_seconds = 0;           // from timestamps
     double wall_seconds = 0;
     bool spirv_from_disk_cache = false;  // every kernel's SPIR-V came from an earlier process
@@ -74,6 +76,7 @@ struct executor {
     std::vector<device::buffer_id> owned;               // released at the end of the run
     std::map<const void*, operand> uploaded;            // one upload per bound array
     bool all_from_disk = true;
+    std::set<const void*> score_nodes;                  // plan::collect_score_nodes
 
     ~executor() {
         for (auto id : owned) dev.release(id);
@@ -359,13 +362,13 @@ operand evaluate(const E& e, X& x) {
         std::swap(o.geometry[0], o.geometry[1]);
         std::swap(o.geometry[4], o.geometry[5]);
         return o;
-    } else if constexpr (plan::fuses_as_attention_v<E>) {
-        if (x.opt.mode == execution::fused) return fused_attention(e, x);
-        return node_kernel(e, x);
-    } else if constexpr (is_pointwise_v<E>) {
-        return pointwise_kernel(e, x);
     } else {
-        return node_kernel(e, x);
+        operand o;
+        if constexpr (plan::fuses_as_attention_v<E>) o = x.opt.mode == execution::fused ? fused_attention(e, x) : node_kernel(e, x);
+        else if constexpr (is_pointwise_v<E>) o = pointwise_kernel(e, x);
+        else o = node_kernel(e, x);
+        if (x.score_nodes.count(static_cast<const void*>(&e))) x.info.score_bytes += x.dev.buffer_bytes(o.buffer);
+        return o;
     }
 }
 
@@ -383,7 +386,8 @@ run_result run(device& dev, const E& e, const options& opt, const Bindings&... b
     run_result result;
     const auto start = std::chrono::steady_clock::now();
     {
-        detail::executor<Env> x{dev, env, opt, result.info, {}, {}, true};
+        detail::executor<Env> x{dev, env, opt, result.info, {}, {}, true, {}};
+        plan::collect_score_nodes(e, x.score_nodes);
         detail::operand out = detail::evaluate(e, x);
         // the answer, dense: a last copy kernel when the root was a view (an input, a transpose)
         const bool dense = out.geometry[4] == shape.cols && out.geometry[5] == 1 && out.geometry[8] == 0 &&
