@@ -30,6 +30,18 @@ int main() {
                       transpose(Wv*X) * Wo;
     bool ok = example::check("multi-head self-attention, one head's projected output", head, bx, bq, bk, bv, bo, bl);
 
+    // the same block with biases on the projections (one bias column per head)
+    matrix<"bq"> bq_;
+    matrix<"bk"> bk_;
+    matrix<"bv"> bv_;
+    const auto biases = example::values(3 * heads * d_head, 6);
+    const auto with_bias = dropout(softmax(mask(scale(transpose(Wq*X + bq_)*(Wk*X + bk_)), causal && key_lengths(L))), 0.1, 2024) *
+                           transpose(Wv*X + bv_) * Wo;
+    ok = example::check("multi-head self-attention with projection biases", with_bias, bx, bq, bk, bv, bo, bl,
+                        bind(bq_, row_major(biases.data(), d_head, 1, 1, heads)),
+                        bind(bk_, row_major(biases.data() + heads * d_head, d_head, 1, 1, heads)),
+                        bind(bv_, row_major(biases.data() + 2 * heads * d_head, d_head, 1, 1, heads))) && ok;
+
     // concat + W_o: the sum over heads
     const auto per_head = cpu::run(head, bx, bq, bk, bv, bo, bl).output;
     std::vector<float> out(batch * n * d_model, 0.0f);

@@ -146,3 +146,36 @@ TEST_CASE("Vulkan: every generated shader passes spirv-val; a second device read
     CHECK(r.info.spirv_from_disk_cache);
     CHECK(r.info.dispatches == 1);
 }
+
+TEST_CASE("dropout draws the same mask on the CPU and on Vulkan, at the expected keep rate", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::variants::input_store in(88);
+    const std::size_t batch = 2, heads = 3, n_q = 57, n_k = 91, d = 8;
+    auto q = af::bind(Q, af::col_major(in.random(batch * heads * d * n_q), d, n_q, batch, heads));
+    auto k = af::bind(K, af::col_major(in.random(batch * heads * d * n_k), d, n_k, batch, heads));
+    const double p = 0.3;
+    const auto weights = dropout(softmax(scale(Q^af::T*K)), p, 4242);  // the weights themselves, n_q x n_k
+    const auto on_cpu = af::cpu::run(weights, q, k).output;
+    const auto on_gpu = vk::run(*dev, weights, q, k).output;
+    REQUIRE(on_cpu.values.size() == on_gpu.values.size());
+    std::size_t kept = 0, differ = 0;
+    for (std::size_t n = 0; n < on_cpu.values.size(); ++n) {
+        kept += on_cpu.values[n] != 0.0f;
+        differ += (on_cpu.values[n] != 0.0f) != (on_gpu.values[n] != 0.0f);
+    }
+    CHECK(differ == 0);
+    // keep rate 1 - p within 5 standard deviations of a binomial
+    const double total = static_cast<double>(on_cpu.values.size()), rate = static_cast<double>(kept) / total;
+    CHECK(std::abs(rate - (1 - p)) <= 5 * std::sqrt(p * (1 - p) / total));
+    // and another seed draws another mask
+    const auto other = af::cpu::run(dropout(softmax(scale(Q^af::T*K)), p, 4243), q, k).output;
+    std::size_t changed = 0;
+    for (std::size_t n = 0; n < other.values.size(); ++n) changed += (other.values[n] != 0.0f) != (on_cpu.values[n] != 0.0f);
+    CHECK(changed > other.values.size() / 4);
+}
