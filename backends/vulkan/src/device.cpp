@@ -12,6 +12,7 @@
 #include <mutex>
 #include <optional>
 #include <unordered_map>
+#include <unistd.h>
 #include <vulkan/vulkan_raii.hpp>
 
 #include "attnfuse/vulkan.hpp"
@@ -272,8 +273,14 @@ device::~device() {
     try {  // keep the pipelines for the next process; a failure here only costs time later
         std::filesystem::create_directories(impl_->pipeline_cache_file.parent_path());
         const auto data = impl_->pipeline_cache.getData();
-        std::ofstream out(impl_->pipeline_cache_file, std::ios::binary);
-        out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+        // written aside and renamed: processes running side by side never read half a file
+        const auto temporary = impl_->pipeline_cache_file.string() + ".tmp" +
+                               std::to_string(fnv1a(std::to_string(reinterpret_cast<std::uintptr_t>(this)) + std::to_string(::getpid())));
+        {
+            std::ofstream out(temporary, std::ios::binary);
+            out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+        }
+        std::filesystem::rename(temporary, impl_->pipeline_cache_file);
     } catch (...) {
     }
 }
@@ -359,7 +366,8 @@ device::kernel_id device::kernel(const std::string& glsl, std::string_view name,
         spirv = compile_compute_shader(glsl, name);
         std::error_code ignored;
         std::filesystem::create_directories(cache_file.parent_path(), ignored);
-        const auto temporary = cache_file.string() + ".tmp" + std::to_string(fnv1a(std::to_string(reinterpret_cast<std::uintptr_t>(this))));
+        const auto temporary = cache_file.string() + ".tmp" +
+                               std::to_string(fnv1a(std::to_string(reinterpret_cast<std::uintptr_t>(this)) + std::to_string(::getpid())));
         if (std::ofstream out(temporary, std::ios::binary); out) {
             out.write(reinterpret_cast<const char*>(spirv.data()), static_cast<std::streamsize>(spirv.size() * 4));
             out.close();
