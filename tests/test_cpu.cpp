@@ -247,3 +247,22 @@ TEST_CASE("dropout refuses a probability outside [0, 1]", "[cpu]") {
     CHECK_THROWS_AS(dropout(S, -0.1, 1), std::invalid_argument);
     CHECK_THROWS_AS(dropout(S, std::nan(""), 1), std::invalid_argument);
 }
+
+TEST_CASE("fusion checks values the types cannot: a ratio's two x, a factor broadcasting past the core", "[cpu]") {
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"G"> G;
+    af::variants::input_store in(77);
+    auto q = af::bind(Q, af::col_major(in.random(4 * 9), 4, 9));
+    auto k = af::bind(K, af::col_major(in.random(4 * 11), 4, 11));
+    auto v = af::bind(V, af::row_major(in.random(11 * 3), 11, 3));
+    // the same type on both sides of the ratio, with different windows
+    const auto numerator = where(af::j < 5, exp(Q^af::T*K), 0);
+    const auto other = where(af::j < 3, exp(Q^af::T*K), 0);
+    check_modes(false, "ratio with two different x", numerator / (row_sum(other) + 1e-3) * V, tolerance, q, k, v);
+    // softmax over a 1-query core, multiplied by a 6-row factor
+    auto q1 = af::bind(Q, af::col_major(in.random(4), 4, 1));
+    auto g = af::bind(G, af::row_major(in.random(6 * 11), 6, 11));
+    check_modes(false, "post factor broadcasting past the core", (softmax(Q^af::T*K) % G)*V, tolerance, q1, k, v, g);
+}

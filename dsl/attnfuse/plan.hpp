@@ -166,6 +166,26 @@ const Core* find_core(const E& e) {
     }
 }
 
+// Two trees of one type differ only in their numbers (constants, factors,
+// dropout's parameters, window widths): equal when those are.
+template <class K>
+bool same_kind_values(const K& a, const K& b) {
+    if constexpr (std::is_same_v<K, kind::scale_by>) return a.factor == b.factor;
+    else if constexpr (std::is_same_v<K, kind::dropout>) return a.p == b.p && a.seed == b.seed;
+    else if constexpr (requires { a.parameter; }) return a.parameter == b.parameter && a.has_parameter == b.has_parameter;
+    else if constexpr (requires { a.combine; }) return same_numbers(a.combine, b.combine);
+    else return true;
+}
+template <class E>
+bool same_numbers(const E& a, const E& b) {
+    if constexpr (std::is_same_v<E, constant>) return a.value == b.value || (a.value != a.value && b.value != b.value);
+    else if constexpr (is_node_v<E>) {
+        if (!same_kind_values(a.kind, b.kind)) return false;
+        return std::apply([&](const auto&... x) { return std::apply([&](const auto&... y) { return (same_numbers(x, y) && ...); }, b.kids); },
+                          a.kids);
+    } else return true;
+}
+
 template <class E>
 struct attention_parts {
     using pattern = attention_pattern<E>;
@@ -197,6 +217,12 @@ struct attention_parts {
         requires ratio
     {
         return weights(e).template kid<1>().template kid<1>().value;
+    }
+    // The pattern matches types; whether a kernel may run it also depends on
+    // values: the two x of a ratio must be the same x (not j < 5 over j < 3).
+    static bool fusable(const E& e) {
+        if constexpr (ratio) return same_numbers(score(e), weights(e).template kid<1>().template kid<0>().template kid<0>());
+        else return true;
     }
     static const core_type& core(const E& e) { return *find_core<core_type>(score(e)); }
     // The queries as columns (d x n_q): X of X^T*Y, the projection W^T*X of

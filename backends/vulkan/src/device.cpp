@@ -4,6 +4,7 @@
 // and its VkResult.
 #include <glslang/build_info.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -106,6 +107,12 @@ struct device::impl {
 
     bool recording = false;
     std::vector<vk::raii::DescriptorSets> sets_in_flight;
+    std::vector<buffer_id> buffers_in_flight;  // used by the recorded, unsubmitted dispatches
+    double device_seconds_pending = 0;         // of submissions made before submit_and_wait
+
+    bool in_flight(buffer_id id) const {
+        return std::find(buffers_in_flight.begin(), buffers_in_flight.end(), id) != buffers_in_flight.end();
+    }
 
     std::uint32_t memory_type(std::uint32_t allowed, vk::MemoryPropertyFlags wanted) const {
         const auto props = physical.getMemoryProperties();
@@ -159,12 +166,15 @@ struct device::impl {
             return dev.waitForFences(*fence, VK_TRUE, 600ull * 1000 * 1000 * 1000);
         });
         sets_in_flight.clear();
+        buffers_in_flight.clear();
         if (waited == vk::Result::eTimeout) throw error("attnfuse: a Vulkan submission did not finish within 10 minutes (VK_TIMEOUT)");
         if (!has_timestamps) return 0;
         const auto [result, stamps] =
             queries.getResults<std::uint64_t>(0, 2, 2 * sizeof(std::uint64_t), sizeof(std::uint64_t), vk::QueryResultFlagBits::e64);
         if (result != vk::Result::eSuccess) return 0;
-        return static_cast<double>(stamps[1] - stamps[0]) * timestamp_period * 1e-9;
+        const double seconds = static_cast<double>(stamps[1] - stamps[0]) * timestamp_period * 1e-9;
+        device_seconds_pending += seconds;
+        return seconds;
     }
 
     void transfer(buffer& target, buffer& source, std::size_t bytes, std::size_t target_offset, std::size_t source_offset) {
@@ -314,7 +324,9 @@ void device::upload(buffer_id id, const void* data, std::size_t bytes, std::size
     impl& d = *impl_;
     auto& b = *d.buffers.at(id);
     if (b.mapped) {
-        if (d.recording) d.submit();  // a host write must not race a recorded dispatch
+        // a host write must not race a recorded dispatch that reads this buffer;
+        // a buffer no recorded dispatch uses (new parameters) is written at once
+        if (d.recording && d.in_flight(id)) d.submit();
         std::memcpy(static_cast<char*>(b.mapped) + offset, data, bytes);
         return;
     }
@@ -440,10 +452,16 @@ void device::dispatch(kernel_id id, const std::vector<buffer_id>& buffers, const
         d.commands.pipelineBarrier(vk::PipelineStageFlagBits::eComputeShader, vk::PipelineStageFlagBits::eComputeShader, {},
                                    barrier, nullptr, nullptr);
         d.sets_in_flight.push_back(std::move(sets));
+        d.buffers_in_flight.insert(d.buffers_in_flight.end(), buffers.begin(), buffers.end());
         return 0;
     });
 }
 
-double device::submit_and_wait() { return impl_->submit(); }
+double device::submit_and_wait() {
+    impl_->submit();
+    const double total = impl_->device_seconds_pending;  // every submission since the last call
+    impl_->device_seconds_pending = 0;
+    return total;
+}
 
 }  // namespace attnfuse::vulkan

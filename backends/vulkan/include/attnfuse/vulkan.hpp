@@ -106,15 +106,17 @@ public:
     std::size_t buffer_bytes(buffer_id) const;
 
     // A compute kernel from GLSL with `bindings` storage buffers (binding 0..)
-    // and `push_bytes` of push constants. Compiled once per process; SPIR-V
-    // comes from the disk cache when an earlier process compiled it.
+    // and `push_bytes` of push constants. Compiled once per device object;
+    // SPIR-V comes from the disk cache when any earlier device compiled it.
     kernel_id kernel(const std::string& glsl, std::string_view name, std::uint32_t bindings, std::uint32_t push_bytes);
     bool kernel_from_disk_cache(kernel_id) const;
 
     void dispatch(kernel_id, const std::vector<buffer_id>& buffers, const void* push, std::size_t push_bytes,
                   std::uint32_t groups_x, std::uint32_t groups_y = 1, std::uint32_t groups_z = 1);
-    // Submits what was recorded and waits; returns device seconds measured
-    // with timestamps (0 where the queue has none).
+    // Submits what was recorded and waits; returns the device seconds of
+    // every submission since the last call (an upload into a buffer that a
+    // recorded dispatch reads submits early), measured with timestamps (0
+    // where the queue has none).
     double submit_and_wait();
 
     std::size_t validation_messages() const;

@@ -23,7 +23,7 @@ enum class execution { fused, unfused };
 
 struct options {
     execution mode = execution::fused;
-    std::size_t threads = 0;  // 0: every hardware thread
+    std::size_t threads = 0;  // 0: OpenMP's default (OMP_NUM_THREADS, else every hardware thread)
 };
 
 // What a run did.
@@ -242,7 +242,8 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     const Core& core = parts::core(e);
     // The tiles cover the core's queries and keys: a score that broadcasts
     // past them (a 1 x n_k core plus an n x n_k bias) runs unfused.
-    if (shape_of(parts::score(e), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
+    // (the weights' shape: a factor g of softmax(s) % g broadcasts too)
+    if (!parts::fusable(e) || shape_of(parts::weights(e), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
     const fused_operands<E, X> in(e, x);
     // scale(core) folds into the packed query tile, as FlashAttention scales
     // Q; tiles whose masks keep everything run the epilogue without them.

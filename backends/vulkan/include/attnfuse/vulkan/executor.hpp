@@ -277,7 +277,8 @@ operand fused_attention(const E& e, X& x) {
     const Core& core = parts::core(e);
     // one invocation per query of the core: a score that broadcasts past the
     // core's extents runs unfused
-    if (shape_of(parts::score(e), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
+    // (the weights' shape: a factor g of softmax(s) % g broadcasts too)
+    if (!parts::fusable(e) || shape_of(parts::weights(e), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
 
     // operands 0, 1, 2: queries, keys, values (and 3: feature weights of a
     // pairwise score); then the epilogue's own operands
