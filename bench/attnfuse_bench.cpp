@@ -36,6 +36,12 @@ struct problem {
             for (float& x : *buf) x = next();
     }
     double flops() const { return 4.0 * double(bh) * double(n_q) * double(n_k) * double(d); }
+    // Q, K as columns over the [bh, n, d] arrays, V as rows, heads = bh
+    auto bound() const {
+        return std::tuple{af::bind(af::matrix<"Q">{}, af::col_major(q.data(), d, n_q, 1, bh)),
+                          af::bind(af::matrix<"K">{}, af::col_major(k.data(), d, n_k, 1, bh)),
+                          af::bind(af::matrix<"V">{}, af::row_major(v.data(), n_k, d, 1, bh))};
+    }
 };
 
 void set_counters(benchmark::State& state, double flops, std::size_t intermediate) {
@@ -50,9 +56,7 @@ void attnfuse_cpu(benchmark::State& state, af::cpu::execution mode, std::size_t 
     af::matrix<"Q"> Q;
     af::matrix<"K"> K;
     af::matrix<"V"> V;
-    auto q = af::bind(Q, af::col_major(p.q.data(), d, nq, 1, bh));
-    auto k = af::bind(K, af::col_major(p.k.data(), d, nk, 1, bh));
-    auto v = af::bind(V, af::row_major(p.v.data(), nk, d, 1, bh));
+    const auto [q, k, v] = p.bound();
     std::size_t intermediate = 0;
     for (auto _ : state) {
         af::cpu::run_result r = Causal ? af::cpu::run(softmax(mask(scale(Q^af::T*K), af::causal))*V, {mode, 0}, q, k, v)
@@ -88,9 +92,7 @@ void attnfuse_vulkan(benchmark::State& state, attnfuse::vulkan::execution mode, 
     af::matrix<"Q"> Q;
     af::matrix<"K"> K;
     af::matrix<"V"> V;
-    auto q = af::bind(Q, af::col_major(p.q.data(), d, nq, 1, bh));
-    auto k = af::bind(K, af::col_major(p.k.data(), d, nk, 1, bh));
-    auto v = af::bind(V, af::row_major(p.v.data(), nk, d, 1, bh));
+    const auto [q, k, v] = p.bound();
     attnfuse::vulkan::report last;
     for (auto _ : state) {
         attnfuse::vulkan::run_result r =

@@ -11,6 +11,8 @@
 #include <memory>
 #include <string>
 
+#include "variants.hpp"
+
 namespace example {
 
 inline attnfuse::vulkan::device* gpu() {
@@ -23,17 +25,6 @@ inline attnfuse::vulkan::device* gpu() {
         }
     }();
     return dev.get();
-}
-
-inline double error_of(const attnfuse::reference::result& ref, const std::vector<float>& out) {
-    double worst = 0, scale = 1;
-    for (std::size_t n = 0; n < out.size(); ++n) {
-        if (std::isnan(ref.values[n]) != std::isnan(out[n])) return INFINITY;
-        if (std::isnan(ref.values[n])) continue;
-        worst = std::max(worst, std::abs(ref.values[n] - out[n]));
-        scale = std::max(scale, std::abs(ref.values[n]));
-    }
-    return worst / scale;
 }
 
 // Runs `e` every way; returns false (and says so) when an error exceeds 1e-4.
@@ -49,13 +40,13 @@ bool check(const std::string& name, const E& e, const B&... bindings) {
     };
     for (const auto mode : {af::cpu::execution::fused, af::cpu::execution::unfused}) {
         const auto r = af::cpu::run(e, af::cpu::options{mode, 0}, bindings...);
-        report(mode == af::cpu::execution::fused ? "cpu fused" : "cpu unfused", error_of(ref, r.output.values), r.info.kernels.size(),
+        report(mode == af::cpu::execution::fused ? "cpu fused" : "cpu unfused", attnfuse::variants::relative_error(ref.values, r.output.values), r.info.kernels.size(),
                r.info.score_bytes);
     }
     if (auto* dev = gpu())
         for (const auto mode : {af::vulkan::execution::fused, af::vulkan::execution::unfused}) {
             const auto r = af::vulkan::run(*dev, e, af::vulkan::options{mode}, bindings...);
-            report(mode == af::vulkan::execution::fused ? "vulkan fused" : "vulkan unfused", error_of(ref, r.output.values),
+            report(mode == af::vulkan::execution::fused ? "vulkan fused" : "vulkan unfused", attnfuse::variants::relative_error(ref.values, r.output.values),
                    r.info.dispatches, r.info.score_bytes);
         }
     return ok;

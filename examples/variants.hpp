@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <deque>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,21 @@ struct shape {
     std::size_t d = 5;    // d_k
     std::size_t d_v = 3;
 };
+
+// The error every attnfuse check reports: max |out - ref| over the largest
+// |ref| (at least 1), a relative error of the output as a whole; a NaN where
+// the other has none (or a size mismatch) is an infinite error.
+inline double relative_error(const std::vector<double>& ref, const std::vector<float>& out) {
+    if (ref.size() != out.size()) return std::numeric_limits<double>::infinity();
+    double worst = 0, scale = 1;
+    for (std::size_t n = 0; n < ref.size(); ++n) {
+        if (std::isnan(ref[n]) != std::isnan(out[n])) return std::numeric_limits<double>::infinity();
+        if (std::isnan(ref[n])) continue;
+        worst = std::max(worst, std::abs(ref[n] - static_cast<double>(out[n])));
+        scale = std::max(scale, std::abs(ref[n]));
+    }
+    return worst / scale;
+}
 
 struct variant {
     std::string name;    // the row of VARIANTS.md

@@ -30,19 +30,6 @@ struct row {
     bool ok() const { return error <= tolerance && (mode != "fused" || score_bytes == 0); }
 };
 
-// Largest |out - ref| over the largest |ref| (at least 1): the output's
-// relative error as a whole.
-double relative_error(const af::reference::result& ref, const std::vector<float>& out) {
-    double worst = 0, scale = 1;
-    for (std::size_t n = 0; n < ref.values.size(); ++n) {
-        if (std::isnan(ref.values[n]) != std::isnan(out[n])) return INFINITY;
-        if (std::isnan(ref.values[n])) continue;
-        worst = std::max(worst, std::abs(ref.values[n] - out[n]));
-        scale = std::max(scale, std::abs(ref.values[n]));
-    }
-    return worst / scale;
-}
-
 std::string json_escape(const std::string& s) {
     std::string out;
     for (char c : s) {
@@ -101,14 +88,14 @@ int main(int argc, char** argv) {
         for (const auto mode : {af::cpu::execution::fused, af::cpu::execution::unfused}) {
             const auto [out, info] = af::cpu::run(e, af::cpu::options{mode, 0}, bindings...);
             rows.push_back({v.name, v.family, "cpu", mode == af::cpu::execution::fused ? "fused" : "unfused",
-                            af::to_string(e), info.wall_seconds * 1e3, relative_error(ref, out.values), tolerance,
+                            af::to_string(e), info.wall_seconds * 1e3, af::variants::relative_error(ref.values, out.values), tolerance,
                             info.intermediate_bytes, info.score_bytes, info.kernels.size()});
         }
         if (!gpu) return;
         for (const auto mode : {af::vulkan::execution::fused, af::vulkan::execution::unfused}) {
             const auto [out, info] = af::vulkan::run(*gpu, e, af::vulkan::options{mode}, bindings...);
             rows.push_back({v.name, v.family, "vk", mode == af::vulkan::execution::fused ? "fused" : "unfused",
-                            af::to_string(e), info.wall_seconds * 1e3, relative_error(ref, out.values), tolerance,
+                            af::to_string(e), info.wall_seconds * 1e3, af::variants::relative_error(ref.values, out.values), tolerance,
                             info.intermediate_bytes, info.score_bytes, info.dispatches});
         }
     });

@@ -78,10 +78,10 @@ struct executor {
         return allocate(rows, cols, cols);
     }
 
-    tensor_view<float> allocate(std::size_t rows, std::size_t cols, std::size_t row_stride, bool count = true) {
+    tensor_view<float> allocate(std::size_t rows, std::size_t cols, std::size_t row_stride) {
         const std::size_t per_matrix = rows * row_stride;
         arena.emplace_back(env.batch * env.heads * per_matrix, 0.0f);
-        if (count) info.intermediate_bytes += arena.back().size() * sizeof(float);
+        info.intermediate_bytes += arena.back().size() * sizeof(float);
         const auto rs = static_cast<std::ptrdiff_t>(row_stride), pm = static_cast<std::ptrdiff_t>(per_matrix);
         return {arena.back().data(), rows, cols, env.batch, env.heads, rs, 1,
                 static_cast<std::ptrdiff_t>(env.heads) * pm, pm};

@@ -25,7 +25,6 @@ inline vf load(const float* p) {
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf iota(float start) { return vf{0, 1, 2, 3, 4, 5, 6, 7} + start; }
-inline vf select(vi mask, vf a, vf b) { return mask ? a : b; }
 inline vf from_mask(vi mask) { return mask ? splat(1.0f) : splat(0.0f); }
 inline vf max(vf a, vf b) { return a > b ? a : b; }
 inline vf min(vf a, vf b) { return a < b ? a : b; }
@@ -39,7 +38,6 @@ inline float horizontal_sum(vf v) {
     for (int l = 0; l < lanes; ++l) s += v[l];
     return s;
 }
-inline vi is_nan(vf v) { return v != v; }
 
 // exp with a relative error of about 2 ulp on [-87, 88]; exactly 0 below
 // (so exp(-inf) is 0, the weight of a masked key), +inf above, NaN kept.
