@@ -172,3 +172,89 @@ TEST_CASE("dropout draws the same mask on the CPU and on Vulkan, at the expected
     for (std::size_t n = 0; n < other.values.size(); ++n) changed += (other.values[n] != 0.0f) != (on_cpu.values[n] != 0.0f);
     CHECK(changed > other.values.size() / 4);
 }
+
+TEST_CASE("Vulkan fused tiles at odd sizes: partial tiles, skipped tiles, deep and wide heads, per-batch lengths", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"L"> L;
+    using af::i;
+    using af::j;
+    af::variants::input_store in(71);
+    // d crosses the 16-deep staging steps, d_v the 64-column value steps
+    const std::size_t depths[][2] = {{1, 1}, {33, 65}, {17, 130}, {7, 256}};
+    std::size_t case_index = 0;
+    for (const std::size_t n : {1, 3, 31, 33, 65, 127, 257}) {
+        const auto [d, dv] = depths[case_index++ % 4];
+        const std::size_t batch = 2, heads = 1, n_q = n, n_k = n + 2;
+        auto q = af::bind(Q, af::col_major(in.random(batch * heads * d * n_q), d, n_q, batch, heads));
+        auto k = af::bind(K, af::col_major(in.random(batch * heads * d * n_k), d, n_k, batch, heads));
+        auto v = af::bind(V, af::row_major(in.random(batch * heads * n_k * dv), n_k, dv, batch, heads));
+        const std::vector<float> lengths{static_cast<float>(n_k / 3), static_cast<float>(n_k)};
+        auto l = af::bind(L, af::row_major(lengths.data(), 1, 1, batch));
+        auto check = [&](const char* what, const auto& e, const auto&... bindings) {
+            INFO(what << " n " << n << " d " << d << " d_v " << dv << " | " << af::to_string(e));
+            const auto ref = af::reference::evaluate(e, bindings...);
+            const auto [out, info] = vk::run(*dev, e, vk::options{vk::execution::fused}, bindings...);
+            CHECK(info.dispatches == 1);
+            CHECK(info.score_bytes == 0);
+            CHECK(relative_error(ref.values, out.values) <= 1e-4);
+        };
+        check("sdpa", softmax(scale(Q^af::T*K))*V, q, k, v);
+        check("causal", softmax(mask(scale(Q^af::T*K), af::causal))*V, q, k, v);
+        check("sliding window", softmax(mask(scale(Q^af::T*K), af::window(40)))*V, q, k, v);
+        check("local-m", softmax(mask(scale(Q^af::T*K), abs(j - i) <= 2))*V, q, k, v);
+        check("key lengths per batch", softmax(mask(scale(Q^af::T*K), af::key_lengths(L)))*V, q, k, v, l);
+        check("hard", hard(mask(Q^af::T*K, af::causal))*V, q, k, v);
+        const auto x = where(af::causal, exp(scale(Q^af::T*K)), 0);
+        check("ratio", x / (row_sum(x) + 1e-6) * V, q, k, v);
+    }
+    CHECK(dev->validation_messages() == 0);
+}
+
+TEST_CASE("Vulkan: inputs already on the device, output left on the device", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::variants::input_store in(72);
+    const std::size_t batch = 2, heads = 3, n = 45, d = 11;
+    const auto qv = af::col_major(in.random(batch * heads * d * n), d, n, batch, heads);
+    const auto kv = af::col_major(in.random(batch * heads * d * n), d, n, batch, heads);
+    const auto vv = af::row_major(in.random(batch * heads * n * d), n, d, batch, heads);
+    const auto e = softmax(mask(scale(Q^af::T*K), af::causal))*V;
+    const auto ref = af::reference::evaluate(e, af::bind(Q, qv), af::bind(K, kv), af::bind(V, vv));
+
+    const vk::device_tensor keys(*dev, kv, "K"), values(*dev, vv, "V");  // a KV cache that stays on the device
+    for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
+        auto [kept, info] = vk::run_on_device(*dev, e, vk::options{mode}, af::bind(Q, qv), vk::bind_resident(K, keys),
+                                              vk::bind_resident(V, values));
+        CHECK(kept.rows() == n);
+        CHECK(kept.cols() == d);
+        CHECK(kept.batch() == batch);
+        CHECK(kept.heads() == heads);
+        CHECK(relative_error(ref.values, kept.download().values) <= 1e-4);
+        // the kept output is the values of a second run: out * out^T... here, softmax(Q^T K) * out
+        const auto again = vk::run(*dev, softmax(mask(scale(Q^af::T*K), af::causal))*V, vk::options{mode}, af::bind(Q, qv),
+                                   vk::bind_resident(K, keys), vk::bind_resident(V, kept));
+        const auto out_host = kept.download();
+        const auto ref2 = af::reference::evaluate(e, af::bind(Q, qv), af::bind(K, kv),
+                                                  af::bind(V, af::row_major(out_host.values.data(), n, d, batch, heads)));
+        CHECK(relative_error(ref2.values, again.output.values) <= 1e-4);
+    }
+    // a resident input's shape is checked like a host one's
+    af::matrix<"K", 11, af::dyn> K11;
+    const vk::device_tensor wrong(*dev, af::col_major(in.random(5 * n), 5, n), "K of depth 5");
+    CHECK_THROWS_AS(vk::run(*dev, softmax(scale(Q^af::T*K11))*V, af::bind(Q, qv), vk::bind_resident(K11, wrong), af::bind(V, vv)),
+                    af::shape_error);
+    CHECK(dev->validation_messages() == 0);
+}

@@ -134,15 +134,21 @@ struct device::impl {
         if (type == UINT32_MAX) throw error("attnfuse: no Vulkan memory type suits " + what);
         b.memory = guarded("vkAllocateMemory for " + what + " (" + std::to_string(bytes) + " bytes)",
                            [&] { return vk::raii::DeviceMemory(dev, vk::MemoryAllocateInfo(req.size, type)); });
-        b.handle.bindMemory(*b.memory, 0);
-        if (wanted & vk::MemoryPropertyFlagBits::eHostVisible) b.mapped = b.memory.mapMemory(0, VK_WHOLE_SIZE);
+        guarded("vkBindBufferMemory for " + what, [&] {
+            b.handle.bindMemory(*b.memory, 0);
+            if (wanted & vk::MemoryPropertyFlagBits::eHostVisible) b.mapped = b.memory.mapMemory(0, VK_WHOLE_SIZE);
+            return 0;
+        });
         return b;
     }
 
     void begin_if_needed() {
         if (recording) return;
-        commands.reset();
-        commands.begin(vk::CommandBufferBeginInfo(vk::CommandBufferUsageFlagBits::eOneTimeSubmit));
+        guarded("vkBeginCommandBuffer", [&] {
+            commands.reset();
+            commands.begin(vk::CommandBufferBeginInfo(vk::CommandBufferUsageFlagBits::eOneTimeSubmit));
+            return 0;
+        });
         if (has_timestamps) {
             commands.resetQueryPool(*queries, 0, 2);
             commands.writeTimestamp(vk::PipelineStageFlagBits::eTopOfPipe, *queries, 0);
@@ -153,8 +159,11 @@ struct device::impl {
     double submit() {
         if (!recording) return 0;
         if (has_timestamps) commands.writeTimestamp(vk::PipelineStageFlagBits::eBottomOfPipe, *queries, 1);
-        commands.end();
         recording = false;
+        guarded("vkEndCommandBuffer", [&] {
+            commands.end();
+            return 0;
+        });
         vk::raii::Fence fence = guarded("vkCreateFence", [&] { return vk::raii::Fence(dev, vk::FenceCreateInfo()); });
         guarded("vkQueueSubmit", [&] {
             queue.submit(vk::SubmitInfo({}, {}, *commands), *fence);
@@ -354,12 +363,16 @@ void device::release(buffer_id id) {
     d.buffers.at(id).reset();
 }
 
-device::kernel_id device::kernel(const std::string& glsl, std::string_view name, std::uint32_t bindings, std::uint32_t push_bytes) {
+device::kernel_id device::kernel(const std::string& glsl, std::string_view name, std::uint32_t bindings, std::uint32_t push_bytes,
+                                 const std::vector<std::uint32_t>& specialization) {
     impl& d = *impl_;
     const std::string version = std::to_string(GLSLANG_VERSION_MAJOR) + "." + std::to_string(GLSLANG_VERSION_MINOR) + "." +
                                 std::to_string(GLSLANG_VERSION_PATCH);
     const std::uint64_t key = fnv1a(d.device_key, fnv1a(version, fnv1a(glsl)));
-    if (auto found = d.kernel_by_source.find(key); found != d.kernel_by_source.end()) return found->second;
+    std::string specialized = std::to_string(key);
+    for (auto v : specialization) specialized += "," + std::to_string(v);
+    const std::uint64_t pipeline_key = fnv1a(specialized);
+    if (auto found = d.kernel_by_source.find(pipeline_key); found != d.kernel_by_source.end()) return found->second;
 
     // SPIR-V: from the disk cache, else glslang (and into the cache)
     const auto cache_file = cache_directory() / ("spirv-" + std::to_string(key) + ".spv");
@@ -408,12 +421,16 @@ device::kernel_id device::kernel(const std::string& glsl, std::string_view name,
         if (push_bytes) layout_info.setPushConstantRanges(range);
         k.layout = vk::raii::PipelineLayout(d.dev, layout_info);
         const vk::raii::ShaderModule module(d.dev, vk::ShaderModuleCreateInfo({}, spirv));
-        k.pipeline = vk::raii::Pipeline(
-            d.dev, d.pipeline_cache,
-            vk::ComputePipelineCreateInfo({}, vk::PipelineShaderStageCreateInfo({}, vk::ShaderStageFlagBits::eCompute, *module, "main"), *k.layout));
+        std::vector<vk::SpecializationMapEntry> entries;
+        for (std::uint32_t c = 0; c < specialization.size(); ++c) entries.emplace_back(c, c * 4, 4);
+        const vk::SpecializationInfo constants(static_cast<std::uint32_t>(entries.size()), entries.data(), specialization.size() * 4,
+                                               specialization.data());
+        vk::PipelineShaderStageCreateInfo stage({}, vk::ShaderStageFlagBits::eCompute, *module, "main");
+        if (!specialization.empty()) stage.setPSpecializationInfo(&constants);
+        k.pipeline = vk::raii::Pipeline(d.dev, d.pipeline_cache, vk::ComputePipelineCreateInfo({}, stage, *k.layout));
         d.kernels.push_back(std::move(k));
         const auto id = static_cast<kernel_id>(d.kernels.size() - 1);
-        d.kernel_by_source.emplace(key, id);
+        d.kernel_by_source.emplace(pipeline_key, id);
         return id;
     });
 }

@@ -105,10 +105,13 @@ public:
     void release(buffer_id);
     std::size_t buffer_bytes(buffer_id) const;
 
-    // A compute kernel from GLSL with `bindings` storage buffers (binding 0..)
-    // and `push_bytes` of push constants. Compiled once per device object;
-    // SPIR-V comes from the disk cache when any earlier device compiled it.
-    kernel_id kernel(const std::string& glsl, std::string_view name, std::uint32_t bindings, std::uint32_t push_bytes);
+    // A compute kernel from GLSL with `bindings` storage buffers (binding 0..),
+    // `push_bytes` of push constants and 32-bit specialization constants
+    // (constant_id 0, 1, ...). Compiled once per device object; SPIR-V comes
+    // from the disk cache when any earlier device compiled it, and one SPIR-V
+    // serves every specialization.
+    kernel_id kernel(const std::string& glsl, std::string_view name, std::uint32_t bindings, std::uint32_t push_bytes,
+                     const std::vector<std::uint32_t>& specialization = {});
     bool kernel_from_disk_cache(kernel_id) const;
 
     void dispatch(kernel_id, const std::vector<buffer_id>& buffers, const void* push, std::size_t push_bytes,

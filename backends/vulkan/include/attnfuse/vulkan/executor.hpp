@@ -1,15 +1,20 @@
 // Lowering of the planner's kernels to Vulkan compute dispatches: the same
 // plan as the CPU, one generated shader per kernel.
 #pragma once
+#include <array>
 #include <chrono>
+#include <limits>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <optional>
+#include <utility>
 #include <set>
 #include <string>
 #include <vector>
 
 #include <attnfuse/bind.hpp>
+#include <attnfuse/intervals.hpp>
 #include <attnfuse/plan.hpp>
 
 #include "../vulkan.hpp"
@@ -22,6 +27,93 @@ enum class execution { fused, unfused };
 struct options {
     execution mode = execution::fused;
 };
+
+// A dense [batch][heads][rows][cols] fp32 array in a device's memory: an
+// input that stays there across runs (bind_resident), or a run's output left
+// there. Owns its buffer; the device must outlive it.
+class device_tensor {
+public:
+    device_tensor() = default;
+    // Copies `host` (any layout) up, densely.
+    device_tensor(device& dev, const tensor_view<float>& host, std::string_view what = "a device tensor")
+        : owner_(&dev), batch_(host.batch), heads_(host.heads), rows_(host.rows), cols_(host.cols) {
+        std::vector<float> dense(batch_ * heads_ * rows_ * cols_);
+        std::size_t n = 0;
+        for (std::size_t b = 0; b < batch_; ++b)
+            for (std::size_t h = 0; h < heads_; ++h)
+                for (std::size_t r = 0; r < rows_; ++r)
+                    for (std::size_t c = 0; c < cols_; ++c) dense[n++] = host.at(b, h, r, c);
+        id_ = dev.create_buffer(std::max<std::size_t>(dense.size(), 1) * sizeof(float), what);
+        dev.upload(id_, dense.data(), dense.size() * sizeof(float));
+    }
+    // Adopts a dense buffer of `dev`.
+    device_tensor(device& dev, device::buffer_id id, std::size_t batch, std::size_t heads, std::size_t rows, std::size_t cols)
+        : owner_(&dev), id_(id), batch_(batch), heads_(heads), rows_(rows), cols_(cols) {}
+    device_tensor(device_tensor&& o) noexcept { *this = std::move(o); }
+    device_tensor& operator=(device_tensor&& o) noexcept {
+        if (this != &o) {
+            reset();
+            owner_ = std::exchange(o.owner_, nullptr);
+            id_ = o.id_;
+            batch_ = o.batch_, heads_ = o.heads_, rows_ = o.rows_, cols_ = o.cols_;
+        }
+        return *this;
+    }
+    device_tensor(const device_tensor&) = delete;
+    device_tensor& operator=(const device_tensor&) = delete;
+    ~device_tensor() { reset(); }
+
+    tensor download() const {
+        if (!owner_) throw error("attnfuse: download() of an empty device_tensor");
+        tensor t;
+        t.batch = batch_, t.heads = heads_, t.rows = rows_, t.cols = cols_;
+        t.values.resize(batch_ * heads_ * rows_ * cols_);
+        owner_->download(id_, t.values.data(), t.values.size() * sizeof(float));
+        return t;
+    }
+    // The shape as a dense row-major view (its data pointer is not host memory).
+    tensor_view<float> shape_view() const {
+        tensor_view<float> v = row_major(reinterpret_cast<const float*>(this), rows_, cols_);
+        v.batch = batch_, v.heads = heads_;
+        v.head_stride = static_cast<std::ptrdiff_t>(rows_ * cols_);
+        v.batch_stride = static_cast<std::ptrdiff_t>(heads_ * rows_ * cols_);
+        return v;
+    }
+    device* owner() const { return owner_; }
+    device::buffer_id buffer() const { return id_; }
+    std::size_t batch() const { return batch_; }
+    std::size_t heads() const { return heads_; }
+    std::size_t rows() const { return rows_; }
+    std::size_t cols() const { return cols_; }
+
+private:
+    void reset() {
+        if (owner_) owner_->release(id_);
+        owner_ = nullptr;
+    }
+    device* owner_ = nullptr;
+    device::buffer_id id_ = 0;
+    std::size_t batch_ = 0, heads_ = 0, rows_ = 0, cols_ = 0;
+};
+
+// An input already on the device, for vulkan::run: bind_resident(Q, t).
+template <fixed_string Name, std::size_t R, std::size_t C>
+struct resident_binding {
+    static constexpr auto name = Name;
+    static constexpr std::size_t rows_static = R, cols_static = C;
+    const device_tensor* tensor = nullptr;
+};
+
+template <fixed_string Name, std::size_t R, std::size_t C, class El>
+resident_binding<Name, R, C> bind_resident(const matrix<Name, R, C, El>&, const device_tensor& t) {
+    static_assert(std::is_same_v<El, float>, "attnfuse: the Vulkan backend runs fp32 inputs");
+    return {&t};
+}
+
+template <class X> struct is_resident_binding : std::false_type {};
+template <fixed_string N, std::size_t R, std::size_t C> struct is_resident_binding<resident_binding<N, R, C>> : std::true_type {};
+template <class X>
+concept a_vulkan_binding = a_binding<X> || is_resident_binding<std::remove_cvref_t<X>>::value;
 
 struct report {
     std::vector<std::string> kernels;    // in dispatch order
@@ -39,14 +131,37 @@ struct run_result {
     report info;
 };
 
+// The result of run_on_device: the output left in device memory, the input
+// of a later run (bind_resident) or of other Vulkan work.
+struct device_run_result {
+    device_tensor output;
+    report info;
+};
+
 namespace detail {
 
 using glsl::operand_slot;
 using glsl::score_slot;
 
 inline constexpr std::size_t local_size = 64;
-// The fused kernel keeps one query's context in registers: up to this d_v.
+// The fused kernel keeps its rows' contexts in registers: up to this d_v.
 inline constexpr std::size_t max_fused_dv = 256;
+
+// The tile shape of shaders/flash_attention.glsl (its BQ, BK, LANES, VC).
+namespace flash {
+inline constexpr std::size_t queries_per_workgroup = 16;
+inline constexpr std::size_t keys_per_tile = 32;
+inline constexpr std::size_t lanes = 4;
+inline constexpr std::uint32_t value_columns = 64;
+// stage, query_tile, weights, row_scale and row_best of the shader
+inline constexpr std::size_t shared_bytes = 4 * (32 * 64 + 16 * 128 + 16 * 33 + 16 + 16);
+// The shader text is fixed at compile time: its tile shape must be this one.
+static_assert(shader_sources::flash_attention.find("#define BQ 16u") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("#define BK 32u") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("#define LANES 4u") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("#define VC 64u") != std::string_view::npos,
+              "attnfuse internal: shaders/flash_attention.glsl and vulkan::detail::flash disagree on the tile shape");
+}  // namespace flash
 
 // A matrix on the device: a buffer and how to read it.
 struct operand {
@@ -75,11 +190,18 @@ struct executor {
     report& info;
     std::vector<device::buffer_id> owned;               // released at the end of the run
     std::map<const void*, operand> uploaded;            // one upload per bound array
+    std::map<std::string, operand> resident;            // inputs already on the device, by name
     bool all_from_disk = true;
     std::set<const void*> score_nodes;                  // plan::collect_score_nodes
 
     ~executor() {
         for (auto id : owned) dev.release(id);
+    }
+
+    bool uploaded_buffer(device::buffer_id id) const {
+        for (const auto& [key, o] : uploaded)
+            if (o.buffer == id) return true;
+        return false;
     }
 
     device::buffer_id buffer(std::size_t bytes, const std::string& what, bool intermediate) {
@@ -92,6 +214,7 @@ struct executor {
     // An input's memory span goes up once; its strides come along unchanged.
     template <class El>
     operand upload(const tensor_view<El>& v, const std::string& name) {
+        if (auto found = resident.find(name); found != resident.end()) return found->second;
         const std::ptrdiff_t extents[4] = {static_cast<std::ptrdiff_t>(v.rows) - 1, static_cast<std::ptrdiff_t>(v.cols) - 1,
                                            static_cast<std::ptrdiff_t>(v.batch) - 1, static_cast<std::ptrdiff_t>(v.heads) - 1};
         const std::ptrdiff_t strides[4] = {v.row_stride, v.col_stride, v.batch_stride, v.head_stride};
@@ -119,13 +242,28 @@ struct executor {
         return o;
     }
 
-    // Compiles (once) and dispatches `body` over `invocations` threads, with
-    // `operands` bound from binding 2 and `numbers` after their geometry.
+    // Compiles (once) and dispatches `body` over `invocations` threads (one
+    // dimension, `local_size` per workgroup), with `operands` bound from
+    // binding 2 and `numbers` after their geometry.
     void launch(const std::string& name, const std::string& description, const std::string& body, const std::vector<operand>& operands,
                 const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
                 std::size_t invocations) {
-        const std::string source = glsl::prelude(operands.size(), numbers.size(), local_size) + body;
-        const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(2 + operands.size()), 0);
+        const std::size_t groups = (invocations + local_size - 1) / local_size;
+        // two dimensions of workgroups, so that large outputs stay within
+        // maxComputeWorkGroupCount[0]
+        const std::size_t max_x = std::min<std::size_t>(dev.limits().max_workgroup_count[0], 65535);
+        const std::size_t gx = std::min(groups, max_x), gy = (groups + max_x - 1) / max_x;
+        launch(name, description, body, operands, numbers, output, out_rows, out_cols, {gx, gy}, local_size, {}, {});
+    }
+
+    // The same over an explicit grid of workgroups, with `extra` words after
+    // the output's extents and `specialization` constants (constant_id 0..).
+    void launch(const std::string& name, const std::string& description, const std::string& body, const std::vector<operand>& operands,
+                const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
+                std::array<std::size_t, 2> grid, std::size_t workgroup_size, const std::vector<std::uint32_t>& extra,
+                const std::vector<std::uint32_t>& specialization) {
+        const std::string source = glsl::prelude(operands.size(), numbers.size(), workgroup_size) + body;
+        const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(2 + operands.size()), 0, specialization);
         all_from_disk = all_from_disk && dev.kernel_from_disk_cache(kernel);
 
         std::vector<std::uint32_t> params{static_cast<std::uint32_t>(env.batch), static_cast<std::uint32_t>(env.heads)};
@@ -133,21 +271,21 @@ struct executor {
         params.insert(params.end(), numbers.begin(), numbers.end());
         params.push_back(static_cast<std::uint32_t>(out_rows));
         params.push_back(static_cast<std::uint32_t>(out_cols));
+        params.insert(params.end(), extra.begin(), extra.end());
         const auto p = buffer(params.size() * 4, "kernel parameters", false);
         dev.upload(p, params.data(), params.size() * 4);
         std::vector<device::buffer_id> bindings{p, output};
         for (const auto& o : operands) bindings.push_back(o.buffer);
-        // two dimensions of workgroups, so that large outputs stay within
-        // maxComputeWorkGroupCount[0]
-        const std::size_t groups = (invocations + local_size - 1) / local_size;
-        const std::size_t max_x = std::min<std::size_t>(dev.limits().max_workgroup_count[0], 65535);
-        const std::size_t gx = std::min(groups, max_x), gy = (groups + max_x - 1) / max_x;
-        dev.dispatch(kernel, bindings, nullptr, 0, static_cast<std::uint32_t>(std::max<std::size_t>(gx, 1)),
-                     static_cast<std::uint32_t>(std::max<std::size_t>(gy, 1)));
+        for (int a = 0; a < 2; ++a)
+            if (grid[a] > dev.limits().max_workgroup_count[a])
+                throw error("attnfuse: " + description + " needs " + std::to_string(grid[a]) + " workgroups along dimension " +
+                            std::to_string(a) + ", more than this device's maxComputeWorkGroupCount[" + std::to_string(a) + "] = " +
+                            std::to_string(dev.limits().max_workgroup_count[a]));
+        dev.dispatch(kernel, bindings, nullptr, 0, static_cast<std::uint32_t>(std::max<std::size_t>(grid[0], 1)),
+                     static_cast<std::uint32_t>(std::max<std::size_t>(grid[1], 1)));
         info.kernels.push_back(description);
         ++info.dispatches;
     }
-
 };
 
 // Every number of a prepared tree, in the emitter's walk order.
@@ -262,9 +400,75 @@ operand node_kernel(const E& e, X& x) {
     return dense_operand(out, shape.rows, shape.cols, x.env.batch, x.env.heads);
 }
 
-// One invocation per query row: scores against every key with the epilogue
-// inlined, running maximum and sum (or argmax), the context in registers;
-// the n_q x n_k scores are never written.
+// The live key tiles of every query tile: interval bounds of the score over
+// each (query tile, key tile), with the vectors among the inputs (key
+// lengths, ALiBi slopes) read from host memory; tiles whose every score is
+// -inf (every x 0 for a ratio) are left out at both ends of the row.
+// Returns {vary by batch x head, query tiles, then first and end per tile}.
+template <bool Ratio, class S, class X>
+std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q, std::size_t n_k) {
+    constexpr std::size_t bq = flash::queries_per_workgroup, bk = flash::keys_per_tile;
+    const std::size_t qtiles = (n_q + bq - 1) / bq, ktiles = (n_k + bk - 1) / bk;
+    bool reads_vectors = false;  // then the bounds depend on the batch and head
+    std::size_t b = 0, h = 0;
+    auto leaf = [&](const auto& node) -> interval {
+        using N = std::remove_cvref_t<decltype(node)>;
+        if constexpr (is_input_v<N>) {
+            if (x.resident.count(std::string(N::name.view()))) return interval::everything();
+            const auto v = x.env.template view<N::name>();
+            if (v.rows > 1 && v.cols > 1) return interval::everything();
+            reads_vectors = true;
+            const float* base = v.data + (v.batch == 1 ? 0 : static_cast<std::ptrdiff_t>(b) * v.batch_stride) +
+                                static_cast<std::ptrdiff_t>(h / (x.env.heads / v.heads)) * v.head_stride;
+            const std::size_t count = std::max(v.rows, v.cols);
+            const std::ptrdiff_t stride = v.rows > 1 ? v.row_stride : v.col_stride;
+            interval out{std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity()};
+            for (std::size_t n = 0; n < count; ++n) {
+                const double value = base[static_cast<std::ptrdiff_t>(n) * stride];
+                if (value != value) return interval::everything();
+                out.lo = std::min(out.lo, value);
+                out.hi = std::max(out.hi, value);
+            }
+            return out;
+        } else {
+            return interval::everything();
+        }
+    };
+    auto factor = [&](const auto& node) -> double {
+        using N = std::remove_cvref_t<decltype(node)>;
+        if constexpr (has_kind_v<N, kind::scale_by_inner_extent>) return 1.0 / std::sqrt(static_cast<double>(inner_extent(node, x.env)));
+        else return node.kind.factor;
+    };
+    auto dead = [&](std::size_t qt, std::size_t kt) {
+        const interval rows{static_cast<double>(qt * bq), static_cast<double>(std::min(n_q, qt * bq + bq) - 1)};
+        const interval cols{static_cast<double>(kt * bk), static_cast<double>(std::min(n_k, kt * bk + bk) - 1)};
+        const interval tile = bounds(score, rows, cols, leaf, factor);
+        return Ratio ? tile.surely_zero() : tile.all_minus_infinity();
+    };
+    std::vector<std::uint32_t> table{0u, static_cast<std::uint32_t>(qtiles)};
+    auto fill = [&] {
+        for (std::size_t qt = 0; qt < qtiles; ++qt) {
+            std::size_t first = 0, end = ktiles;
+            while (first < end && dead(qt, first)) ++first;
+            while (end > first && dead(qt, end - 1)) --end;
+            table.push_back(static_cast<std::uint32_t>(first));
+            table.push_back(static_cast<std::uint32_t>(end));
+        }
+    };
+    fill();
+    if (reads_vectors && x.env.batch * x.env.heads > 1) {
+        table.resize(2);
+        table[0] = 1u;
+        for (b = 0; b < x.env.batch; ++b)
+            for (h = 0; h < x.env.heads; ++h) fill();
+    }
+    return table;
+}
+
+// FlashAttention-style (shaders/flash_attention.glsl): a workgroup per (query
+// tile, batch x head), key and value tiles in shared memory, running maximum
+// and sum per row, the epilogue inlined; the n_q x n_k scores are never
+// written.
 template <class E, class X>
 operand fused_attention(const E& e, X& x) {
     using parts = plan::attention_parts<E>;
@@ -275,23 +479,28 @@ operand fused_attention(const E& e, X& x) {
     constexpr bool with_dropout = parts::dropout;
     const auto& weights = parts::weights(e);
     const Core& core = parts::core(e);
-    // one invocation per query of the core: a score that broadcasts past the
-    // core's extents runs unfused
-    // (the weights' shape: a factor g of softmax(s) % g broadcasts too)
+    // a workgroup per query tile of the core: a score that broadcasts past
+    // the core's extents runs unfused (the weights' shape: a factor g of
+    // softmax(s) % g broadcasts too)
     if (!parts::fusable(e) || shape_of(parts::weights(e), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
 
     // operands 0, 1, 2: queries, keys, values (and 3: feature weights of a
     // pairwise score); then the epilogue's own operands
     std::vector<operand> operands{evaluate(parts::queries(e), x), evaluate(parts::keys(e), x), evaluate(parts::values(e), x)};
     if constexpr (traits::pairwise) operands.push_back(evaluate(parts::feature_weights(e), x));
-    const std::size_t n_q = operands[0].cols(), d_v = operands[2].cols();
+    const std::size_t n_q = operands[0].cols(), n_k = operands[1].cols(), d_v = operands[2].cols();
+    if (x.dev.limits().max_shared_memory < flash::shared_bytes) {
+        x.info.notes.push_back("the device's maxComputeSharedMemorySize " + std::to_string(x.dev.limits().max_shared_memory) + " < " +
+                               std::to_string(flash::shared_bytes) + " bytes: `" + to_string(e) + "` ran unfused");
+        return node_kernel(e, x);
+    }
     if (d_v > max_fused_dv) {
         x.info.notes.push_back("d_v " + std::to_string(d_v) + " > " + std::to_string(max_fused_dv) + ": `" + to_string(e) +
                                "` ran unfused");
         return node_kernel(e, x);
     }
     const auto tree = prepare<Core>(parts::score(e), x, operands);
-    // g of softmax(s) % g (a number 1 otherwise), read after the score's numbers
+    // g of softmax(s) % g, read after the score's numbers
     const auto post_factor = [&] {
         if constexpr (parts::post_weighted) return prepare<void>(parts::post(e), x, operands);
         else return constant(1.0);
@@ -299,9 +508,19 @@ operand fused_attention(const E& e, X& x) {
     std::vector<std::uint32_t> numbers;
     collect_numbers(tree, numbers);
     collect_numbers(post_factor, numbers);
-    if constexpr (ratio) collect_numbers(constant(parts::ratio_offset(e)), numbers);
+    std::string modes;
+    if constexpr (ratio) {
+        modes += "#define AF_RATIO " + std::to_string(numbers.size()) + "u\n";
+        collect_numbers(constant(parts::ratio_offset(e)), numbers);
+    } else if constexpr (hard) {
+        modes += "#define AF_HARD\n";
+    } else {
+        modes += "#define AF_SOFTMAX\n";
+    }
+    if constexpr (parts::post_weighted) modes += "#define AF_POST\n";
     if constexpr (traits::pairwise) collect_numbers(core.kind.combine, numbers);
     if constexpr (with_dropout) {
+        modes += "#define AF_DROPOUT " + std::to_string(numbers.size()) + "u\n";
         numbers.push_back(weights.kind.seed);
         numbers.push_back(op::dropout_threshold(weights.kind.p));
         const auto keep = static_cast<float>(1.0 / (1.0 - weights.kind.p));
@@ -310,46 +529,24 @@ operand fused_attention(const E& e, X& x) {
         numbers.push_back(bits);
     }
     glsl::emitter emit;
-    const std::string epilogue = emit(tree);
-    const std::string post = emit(post_factor);
-    const std::string offset = ratio ? emit(constant(0.0)) : std::string();
-    std::string score;
-    if constexpr (traits::pairwise) {
-        score = "        float s = 0.0;\n        for (uint a = 0u; a < depth; ++a) {\n            float qv = ld0(b, h, a, i), kv = ld1(b, h, a, j);\n            s += ld3(b, h, a, 0u) * " +
-                emit(core.kind.combine) + ";\n        }\n";
-    } else {
-        score = "        float s = 0.0;\n        for (uint a = 0u; a < depth; ++a) s += ld0(b, h, a, i) * ld1(b, h, a, j);\n";
-    }
-    std::string body = row_prologue();
-    body += "    uint depth = G(0u, 0u), keys = G(1u, 1u), dv = G(2u, 1u);\n";
-    body += "    float acc[" + std::to_string(max_fused_dv) + "];\n    for (uint c = 0u; c < dv; ++c) acc[c] = 0.0;\n";
-    body += "    float m = -1.0 / 0.0, l = 0.0; uint best_at = keys; bool nan_row = false;\n";
-    body += "    for (uint j = 0u; j < keys; ++j) {\n" + score + "        s = " + epilogue + ";\n";
-    if constexpr (hard) {
-        body += "        if (isnan(s)) nan_row = true; else if (s > m) { m = s; best_at = j; }\n    }\n";
-        body += "    for (uint c = 0u; c < dv; ++c) OUT.d[out_row + c] = nan_row ? 0.0 / 0.0 : (best_at < keys ? ld2(b, h, best_at, c) : 0.0);\n}\n";
-    } else if constexpr (ratio) {
-        // x / (row_sum(x) + c): plain sums, no maximum
-        body += "        l += s;\n        for (uint c = 0u; c < dv; ++c) acc[c] += s * ld2(b, h, j, c);\n    }\n";
-        body += "    float denominator = l + " + offset + ";\n    float inverse = denominator == 0.0 ? 0.0 : 1.0 / denominator;\n";
-        body += "    for (uint c = 0u; c < dv; ++c) OUT.d[out_row + c] = acc[c] * inverse;\n}\n";
-    } else {
-        body += "        if (isnan(s)) { nan_row = true; continue; }\n        if (isinf(s) && s < 0.0) continue;  // masked: weight exactly 0\n";
-        body += "        float next = max(m, s);\n        float alpha = isinf(m) ? 0.0 : exp(m - next);\n        float p = exp(s - next);\n";
-        body += "        l = l * alpha + p;\n";
-        if constexpr (with_dropout) {
-            const std::size_t first = numbers.size() - 3;
-            body += "        p = af_dropout(p, NUMU(" + std::to_string(first) + "u), NUMU(" + std::to_string(first + 1) + "u), NUM(" +
-                    std::to_string(first + 2) + "u), bh, i, j);\n";
-        }
-        if constexpr (parts::post_weighted) body += "        p *= " + post + ";  // after the sum: no renormalisation\n";
-        body += "        for (uint c = 0u; c < dv; ++c) acc[c] = acc[c] * alpha + p * ld2(b, h, j, c);\n        m = next;\n    }\n";
-        body += "    float inverse = l == 0.0 ? 0.0 : 1.0 / l;  // every key masked: context 0\n";
-        body += "    for (uint c = 0u; c < dv; ++c) OUT.d[out_row + c] = nan_row ? 0.0 / 0.0 : acc[c] * inverse;\n}\n";
-    }
+    std::string functions = modes;
+    functions += "float epilogue(float s, uint b, uint h, uint bh, uint i, uint j) { return " + emit(tree) + "; }\n";
+    functions += "float post_factor(uint b, uint h, uint bh, uint i, uint j) { return " + emit(post_factor) + "; }\n";
+    if constexpr (ratio) emit(constant(0.0));  // the offset's number, read by AF_RATIO
+    if constexpr (traits::pairwise)
+        functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return ld3(b, h, a, 0u) * " + emit(core.kind.combine) + "; }\n";
+    else
+        functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return qv * kv; }\n";
+
+    std::vector<std::uint32_t> extra = live_key_tiles<ratio>(parts::score(e), x, n_q, n_k);
+    const std::uint32_t acc_per_invocation =
+        static_cast<std::uint32_t>((d_v + flash::value_columns - 1) / flash::value_columns * (flash::value_columns / flash::lanes));
     const auto out = output_buffer(x, n_q, d_v, "the result of " + to_string(e));
-    x.launch("fused_attention", plan::kernel_name<plan::fused_attention_kernel<E>>::get(e), body, operands, numbers, out, n_q, d_v,
-             x.env.batch * x.env.heads * n_q);
+    const std::size_t qtiles = (n_q + flash::queries_per_workgroup - 1) / flash::queries_per_workgroup;
+    x.launch("fused_attention", plan::kernel_name<plan::fused_attention_kernel<E>>::get(e),
+             functions + std::string(shader_sources::flash_attention), operands, numbers, out, n_q, d_v,
+             {qtiles, x.env.batch * x.env.heads}, flash::queries_per_workgroup * flash::lanes, extra,
+             {std::max<std::uint32_t>(acc_per_invocation, flash::value_columns / flash::lanes)});
     return dense_operand(out, n_q, d_v, x.env.batch, x.env.heads);
 }
 
@@ -375,49 +572,103 @@ operand evaluate(const E& e, X& x) {
 
 }  // namespace detail
 
-// Runs `e` on a Vulkan device: inputs go up once, every kernel of the plan is
-// one dispatch, all recorded into one submission; the output comes back.
-template <class E, class... Bindings>
-    requires expression<E> && (a_binding<Bindings> && ...)
-run_result run(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
-    attnfuse::check::no_pending_transpose<E>();
+namespace detail {
+
+// What the environment sees of a binding: resident inputs by their shape.
+template <class B>
+auto host_face(const B& b) {
+    if constexpr (is_resident_binding<B>::value) {
+        if (!b.tensor || !b.tensor->owner()) throw shape_error("input " + std::string(B::name.view()) + ": bound to an empty device_tensor");
+        return attnfuse::bind(matrix<B::name, B::rows_static, B::cols_static, float>{}, b.tensor->shape_view());
+    } else {
+        return b;
+    }
+}
+
+template <bool OnDevice, class E, class... Bindings>
+auto run_bound(device& dev, const E& e, const options& opt, std::map<std::string, operand> resident, const Bindings&... bindings) {
     using Env = environment<Bindings...>;
     const Env env(bindings...);
     const runtime_shape shape = shape_of(e, env);
-    run_result result;
+    std::conditional_t<OnDevice, device_run_result, run_result> result;
     const auto start = std::chrono::steady_clock::now();
     {
-        detail::executor<Env> x{dev, env, opt, result.info, {}, {}, true, {}};
+        executor<Env> x{dev, env, opt, result.info, {}, {}, std::move(resident), true, {}};
         plan::collect_score_nodes(e, x.score_nodes);
-        detail::operand out = detail::evaluate(e, x);
-        // the answer, dense: a last copy kernel when the root was a view (an input, a transpose)
+        operand out = evaluate(e, x);
+        // the answer, dense and owned by this run: a last copy kernel when the
+        // root was a view (an input, a transpose)
         const bool dense = out.geometry[4] == shape.cols && out.geometry[5] == 1 && out.geometry[8] == 0 &&
                            out.geometry[2] == env.batch && out.geometry[3] == env.heads &&
                            out.geometry[7] == shape.rows * shape.cols;
-        if (!dense) {
-            const auto copy = x.buffer(env.batch * env.heads * shape.rows * shape.cols * sizeof(float), "the output", false);
-            const std::string body = detail::element_prologue() + "    OUT.d[idx] = ld0(b, h, i, j);\n}\n";
+        const auto owned = std::find(x.owned.begin(), x.owned.end(), out.buffer);
+        if (!dense || owned == x.owned.end() || x.uploaded_buffer(out.buffer)) {
+            const auto copy = x.buffer(std::max<std::size_t>(env.batch * env.heads * shape.rows * shape.cols, 1) * sizeof(float), "the output", false);
+            const std::string body = element_prologue() + "    OUT.d[idx] = ld0(b, h, i, j);\n}\n";
             x.launch("copy", "copy to the output", body, {out}, {}, copy, shape.rows, shape.cols, env.batch * env.heads * shape.rows * shape.cols);
-            out = detail::dense_operand(copy, shape.rows, shape.cols, env.batch, env.heads);
+            out = dense_operand(copy, shape.rows, shape.cols, env.batch, env.heads);
         } else if (result.info.intermediate_bytes >= dev.buffer_bytes(out.buffer)) {
             result.info.intermediate_bytes -= dev.buffer_bytes(out.buffer);  // the output is no intermediate
         }
         result.info.device_seconds = dev.submit_and_wait();
-        tensor& t = result.output;
-        t.batch = env.batch;
-        t.heads = env.heads;
-        t.rows = shape.rows;
-        t.cols = shape.cols;
-        t.values.resize(env.batch * env.heads * shape.rows * shape.cols);
-        dev.download(out.buffer, t.values.data(), t.values.size() * sizeof(float));
+        if constexpr (OnDevice) {
+            x.owned.erase(std::find(x.owned.begin(), x.owned.end(), out.buffer));  // the result's now
+            result.output = device_tensor(dev, out.buffer, env.batch, env.heads, shape.rows, shape.cols);
+        } else {
+            tensor& t = result.output;
+            t.batch = env.batch;
+            t.heads = env.heads;
+            t.rows = shape.rows;
+            t.cols = shape.cols;
+            t.values.resize(env.batch * env.heads * shape.rows * shape.cols);
+            dev.download(out.buffer, t.values.data(), t.values.size() * sizeof(float));
+        }
         result.info.spirv_from_disk_cache = x.all_from_disk;
     }
     result.info.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return result;
 }
 
+}  // namespace detail
+
+namespace detail {
+template <bool OnDevice, class E, class... Bindings>
+auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
+    attnfuse::check::no_pending_transpose<E>();
+    std::map<std::string, operand> resident;
+    auto note = [&](const auto& b) {
+        using B = std::remove_cvref_t<decltype(b)>;
+        if constexpr (is_resident_binding<B>::value) {
+            if (b.tensor && b.tensor->owner() && b.tensor->owner() != &dev)
+                throw error("attnfuse: input " + std::string(B::name.view()) + " lives on another Vulkan device than this run's");
+            if (b.tensor && b.tensor->owner())
+                resident.emplace(std::string(B::name.view()),
+                                 dense_operand(b.tensor->buffer(), b.tensor->rows(), b.tensor->cols(), b.tensor->batch(), b.tensor->heads()));
+        }
+    };
+    (note(bindings), ...);
+    return run_bound<OnDevice>(dev, e, opt, std::move(resident), host_face(bindings)...);
+}
+}  // namespace detail
+
+// Runs `e` on a Vulkan device: host inputs go up once (inputs bound with
+// bind_resident are there already), every kernel of the plan is one
+// dispatch, all recorded into one submission; the output comes back.
 template <class E, class... Bindings>
-    requires expression<E> && (a_binding<Bindings> && ...)
+    requires expression<E> && (a_vulkan_binding<Bindings> && ...)
+run_result run(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
+    return detail::run_with<false>(dev, e, opt, bindings...);
+}
+
+// The same, with the output left in device memory.
+template <class E, class... Bindings>
+    requires expression<E> && (a_vulkan_binding<Bindings> && ...)
+device_run_result run_on_device(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
+    return detail::run_with<true>(dev, e, opt, bindings...);
+}
+
+template <class E, class... Bindings>
+    requires expression<E> && (a_vulkan_binding<Bindings> && ...)
 run_result run(device& dev, const E& e, const Bindings&... bindings) {
     return run(dev, e, options{}, bindings...);
 }

@@ -1,0 +1,192 @@
+// FlashAttention-style fused attention: a workgroup per (tile of BQ queries,
+// batch x head). Key and value tiles are staged in shared memory; each
+// query row keeps a running maximum and sum (or argmax), its context in
+// registers, and the n_q x n_k scores are never written. Embedded at build
+// time; the generator puts in front of it the prelude, the mode
+// (AF_SOFTMAX, AF_HARD or AF_RATIO, with AF_DROPOUT and AF_POST), and
+//   float score_term(uint b, uint h, uint a, float qv, float kv)  one term of the core's sum
+//   float epilogue(float s, uint b, uint h, uint bh, uint i, uint j)  the score around the core
+//   float post_factor(uint b, uint h, uint bh, uint i, uint j)     g of softmax(s) % g
+// Operands 0, 1, 2 are queries (depth x n_q), keys (depth x n_k) and values
+// (n_k x d_v). After the output's extents, P.u holds the live key tiles of
+// every query tile (host-computed interval bounds of the score), so that
+// wholly masked tiles are never loaded.
+
+// Context columns per invocation: d_v rounded up to VC, over LANES lanes.
+layout(constant_id = 0) const uint ACC = 16u;
+
+#define BQ 16u     // queries per workgroup
+#define BK 32u     // keys per tile
+#define LANES 4u   // invocations per query row: BQ * LANES = local size
+#define DC 32u     // depth staged per step
+#define VC 64u     // value columns staged per step
+#define KEYS_PER_LANE (BK / LANES)
+#define STAGE_FLOATS (BK * VC)  // >= DC * (BQ + BK)
+#define QMAX 128u  // up to this depth the query tile is staged once
+
+shared float query_tile[BQ * QMAX];     // the workgroup's queries, when depth <= QMAX
+
+shared float stage[STAGE_FLOATS];       // queries and keys, then values
+shared float weights[BQ * (BK + 1u)];   // scores, then weights, of the tile
+shared float row_scale[BQ];             // per row: rescale of the context
+shared uint row_best[BQ];               // per row (hard): the chosen key
+
+uint RANGES() { return 4u + 12u * NUM_OPERANDS + NUM_NUMBERS; }
+
+void main() {
+    uint t = gl_LocalInvocationID.x;
+    uint r = t / LANES, lane = t % LANES;
+    uint q0 = gl_WorkGroupID.x * BQ;
+    uint bh = gl_WorkGroupID.y;
+    uint h = bh % HEADS(), b = bh / HEADS();
+    uint depth = G(0u, 0u), n_q = G(0u, 1u), keys = G(1u, 1u), dv = G(2u, 1u);
+    uint i = q0 + r;
+    bool row_live = i < n_q;
+    // where this (batch, head)'s queries, keys and values start, and their
+    // strides (0 along an extent of 1, which broadcasts): read once here
+    // rather than per element
+    int q_at = at_of(0u, b, h, 0u, 0u), q_rs = G(0u, 0u) == 1u ? 0 : GI(0u, 4u), q_cs = G(0u, 1u) == 1u ? 0 : GI(0u, 5u);
+    int k_at = at_of(1u, b, h, 0u, 0u), k_rs = G(1u, 0u) == 1u ? 0 : GI(1u, 4u), k_cs = G(1u, 1u) == 1u ? 0 : GI(1u, 5u);
+    int v_at = at_of(2u, b, h, 0u, 0u), v_rs = G(2u, 0u) == 1u ? 0 : GI(2u, 4u), v_cs = G(2u, 1u) == 1u ? 0 : GI(2u, 5u);
+
+    uint qtiles = P.u[RANGES() + 1u];
+    uint range_at = RANGES() + 2u + 2u * ((P.u[RANGES()] != 0u ? bh * qtiles : 0u) + gl_WorkGroupID.x);
+    uint first_tile = P.u[range_at], end_tile = P.u[range_at + 1u];
+
+    float acc[ACC];
+    for (uint w = 0u; w < ACC; ++w) acc[w] = 0.0;
+    // the row's state, kept by its lane 0
+    float m = -1.0 / 0.0, l = 0.0, best = -1.0 / 0.0;
+    uint best_at = keys;
+    bool nan_row = false;
+
+    bool queries_resident = depth <= QMAX;  // uniform
+    if (queries_resident) {
+        for (uint e = t; e < QMAX * BQ; e += BQ * LANES) {
+            uint a = e % QMAX, q = e / QMAX;
+            query_tile[a * BQ + q] = (a < depth && q0 + q < n_q) ? OP0.d[q_at + int(a) * q_rs + int(q0 + q) * q_cs] : 0.0;
+        }
+    }
+
+    for (uint tile = first_tile; tile < end_tile; ++tile) {
+        uint k0 = tile * BK;
+        // ---- scores of the tile: BQ x BK, KEYS_PER_LANE per invocation ----
+        float s[KEYS_PER_LANE];
+        for (uint u = 0u; u < KEYS_PER_LANE; ++u) s[u] = 0.0;
+        for (uint a0 = 0u; a0 < depth; a0 += DC) {
+            barrier();
+            // depth runs fastest: rows of row-major Q and K are read in order
+            for (uint e = t; e < DC * BQ && !queries_resident; e += BQ * LANES) {
+                uint a = e % DC, q = e / DC;
+                stage[a * BQ + q] = (a0 + a < depth && q0 + q < n_q) ? OP0.d[q_at + int(a0 + a) * q_rs + int(q0 + q) * q_cs] : 0.0;
+            }
+            for (uint e = t; e < DC * BK; e += BQ * LANES) {
+                uint a = e % DC, k = e / DC;
+                stage[DC * BQ + a * BK + k] = (a0 + a < depth && k0 + k < keys) ? OP1.d[k_at + int(a0 + a) * k_rs + int(k0 + k) * k_cs] : 0.0;
+            }
+            barrier();
+            uint steps = min(DC, depth - a0);
+            for (uint a = 0u; a < steps; ++a) {
+                float qv = queries_resident ? query_tile[(a0 + a) * BQ + r] : stage[a * BQ + r];
+                for (uint u = 0u; u < KEYS_PER_LANE; ++u)
+                    s[u] += score_term(b, h, a0 + a, qv, stage[DC * BQ + a * BK + lane + LANES * u]);
+            }
+        }
+        for (uint u = 0u; u < KEYS_PER_LANE; ++u) {
+            uint k = lane + LANES * u, j = k0 + k;
+            weights[r * (BK + 1u) + k] = (row_live && j < keys) ? epilogue(s[u], b, h, bh, i, j) : 0.0;
+        }
+        barrier();
+
+        // ---- the row's running state; scores become weights ----
+        if (lane == 0u) {
+            uint live = min(BK, keys - k0);
+            float scale = 1.0;
+#if defined(AF_HARD)
+            for (uint k = 0u; k < live; ++k) {
+                float x = weights[r * (BK + 1u) + k];
+                if (isnan(x)) nan_row = true;
+                else if (x > best) { best = x; best_at = k0 + k; }
+            }
+#elif defined(AF_RATIO)
+            // x / (row_sum(x) + c): plain sums, no maximum
+            for (uint k = 0u; k < live; ++k) l += weights[r * (BK + 1u) + k];
+            for (uint k = live; k < BK; ++k) weights[r * (BK + 1u) + k] = 0.0;
+#else
+            float top = m;
+            for (uint k = 0u; k < live; ++k) {
+                float x = weights[r * (BK + 1u) + k];
+                if (isnan(x) || (isinf(x) && x > 0.0)) nan_row = true;  // as softmax_rows: NaN
+                else top = max(top, x);
+            }
+            // masked scores (-inf) weigh exactly 0; a row masked so far keeps l = 0
+            scale = isinf(m) ? 0.0 : exp(m - top);
+            l *= scale;
+            for (uint k = 0u; k < BK; ++k) {
+                float x = weights[r * (BK + 1u) + k];
+                float p = (k < live && !isnan(x) && !isinf(top) && !(isinf(x) && x < 0.0)) ? exp(x - top) : 0.0;
+                l += p;
+#if defined(AF_DROPOUT)
+                p = af_dropout(p, NUMU(AF_DROPOUT), NUMU(AF_DROPOUT + 1u), NUM(AF_DROPOUT + 2u), bh, i, k0 + k);
+#endif
+#if defined(AF_POST)
+                if (k < live && row_live) p *= post_factor(b, h, bh, i, k0 + k);  // after the sum: no renormalisation
+#endif
+                weights[r * (BK + 1u) + k] = p;
+            }
+            m = top;
+#endif
+            row_scale[r] = scale;
+        }
+        barrier();
+
+#if !defined(AF_HARD)
+        // ---- context += weights x values, VC value columns at a time ----
+        float scale = row_scale[r];
+        for (uint w = 0u; w < ACC; ++w) acc[w] *= scale;
+        for (uint chunk = 0u; chunk < ACC / (VC / LANES); ++chunk) {
+            uint c0 = chunk * VC;
+            if (c0 >= dv) break;  // uniform: every invocation agrees
+            barrier();
+            for (uint e = t; e < BK * VC; e += BQ * LANES) {
+                uint k = e / VC, c = e % VC;
+                stage[e] = (k0 + k < keys && c0 + c < dv) ? OP2.d[v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs] : 0.0;
+            }
+            barrier();
+            for (uint w = 0u; w < VC / LANES; ++w) {
+                uint c = lane + LANES * w;
+                float sum = 0.0;
+                for (uint k = 0u; k < BK; ++k) sum += weights[r * (BK + 1u) + k] * stage[k * VC + c];
+                acc[chunk * (VC / LANES) + w] += sum;
+            }
+        }
+#endif
+    }
+
+    // ---- the rows' results ----
+    if (lane == 0u) {
+#if defined(AF_HARD)
+        row_best[r] = nan_row ? keys + 1u : best_at;
+#elif defined(AF_RATIO)
+        float denominator = l + NUM(AF_RATIO);
+        row_scale[r] = denominator == 0.0 ? 0.0 : 1.0 / denominator;
+#else
+        row_scale[r] = nan_row ? 0.0 / 0.0 : (l == 0.0 ? 0.0 : 1.0 / l);  // every key masked: context 0
+#endif
+    }
+    barrier();
+    if (!row_live) return;
+    uint out_row = (bh * n_q + i) * dv;
+#if defined(AF_HARD)
+    uint chosen = row_best[r];
+    for (uint c = lane; c < dv; c += LANES)
+        OUT.d[out_row + c] = chosen == keys + 1u ? 0.0 / 0.0 : (chosen < keys ? ld2(b, h, chosen, c) : 0.0);
+#else
+    float inverse = row_scale[r];
+    for (uint chunk = 0u; chunk < ACC / (VC / LANES); ++chunk)
+        for (uint w = 0u; w < VC / LANES; ++w) {
+            uint c = chunk * VC + lane + LANES * w;
+            if (c < dv) OUT.d[out_row + c] = acc[chunk * (VC / LANES) + w] * inverse;
+        }
+#endif
+}
