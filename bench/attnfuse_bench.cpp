@@ -1,8 +1,15 @@
-// attnfuse-bench: fused against unfused against the peers, in one process.
+// attnfuse-bench: fused against unfused against the peers, in one process,
+// over every variant family, both backends and n from 128 to 8192.
 //
-// Names: <variant>/<backend>/<mode>/bh:<batch*heads>/n:<n>/d:<d>. Counters:
-// GFLOPS (4 n_q n_k d per head, the two products, per second) and
-// intermediate_bytes (what the run allocated besides inputs and output).
+// Names: <family>/<backend>/<mode>/bh:<batch*heads>/n:<n>/d:<d> (decode:
+// nk for n). Counters: GFLOPS (4 n_q n_k d per head: the two products, per
+// second; masked variants count the dense FLOPs, so skipped tiles show as
+// GFLOPS), intermediate_bytes (what the run allocated besides inputs and
+// output) and, on Vulkan, dispatches and wall_ms.
+//
+// Flags besides Google Benchmark's:
+//   --attnfuse_smoke      every row once at tiny sizes (CI: it must run, no timing)
+//   --attnfuse_max_n=N    the largest n of the sweeps (default 8192)
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 #include <omp.h>
@@ -11,20 +18,30 @@
 #include <attnfuse/cpu/kernels.hpp>
 #include <attnfuse/cpu/simd.hpp>
 #include <attnfuse/vulkan/executor.hpp>
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
 
 namespace af = attnfuse;
+namespace vk = attnfuse::vulkan;
 
 namespace {
 
+bool smoke = false;
+std::size_t max_n = 8192;
+
 struct problem {
     std::size_t bh, n_q, n_k, d;
-    std::vector<float> q, k, v;  // [bh, n, d] row-major each
+    std::vector<float> q, k, v;           // [bh, n, d] row-major each
+    std::vector<float> slopes;            // ALiBi: one per head
+    std::vector<float> w, w1, w2, bias;   // additive: d_a = d
     problem(std::size_t bh_, std::size_t nq, std::size_t nk, std::size_t d_)
-        : bh(bh_), n_q(nq), n_k(nk), d(d_), q(bh * nq * d_), k(bh * nk * d_), v(bh * nk * d_) {
+        : bh(bh_), n_q(nq), n_k(nk), d(d_), q(bh * nq * d_), k(bh * nk * d_), v(bh * nk * d_), slopes(bh), w(d_), w1(d_ * d_),
+          w2(d_ * d_), bias(d_) {
         std::uint32_t s = 12345;
         auto next = [&] {
             s ^= s << 13;
@@ -32,83 +49,168 @@ struct problem {
             s ^= s << 5;
             return static_cast<float>(s >> 8) / 8388608.0f - 1.0f;
         };
-        for (auto* buf : {&q, &k, &v})
+        for (auto* buf : {&q, &k, &v, &w, &w1, &w2, &bias})
             for (float& x : *buf) x = next();
+        for (float& x : w1) x /= std::sqrt(static_cast<float>(d));
+        for (float& x : w2) x /= std::sqrt(static_cast<float>(d));
+        for (std::size_t h = 0; h < bh; ++h) slopes[h] = std::exp2(-8.0f * float(h % 8 + 1) / 8.0f);
     }
     double flops() const { return 4.0 * double(bh) * double(n_q) * double(n_k) * double(d); }
-    // Q, K as columns over the [bh, n, d] arrays, V as rows, heads = bh
-    auto bound() const {
-        return std::tuple{af::bind(af::matrix<"Q">{}, af::col_major(q.data(), d, n_q, 1, bh)),
-                          af::bind(af::matrix<"K">{}, af::col_major(k.data(), d, n_k, 1, bh)),
-                          af::bind(af::matrix<"V">{}, af::row_major(v.data(), n_k, d, 1, bh))};
-    }
 };
+
+// The variant families of VARIANTS.md, one representative each.
+enum class family { sdpa, causal, window, alibi, softcap, hard, additive };
+constexpr family all_families[] = {family::sdpa,    family::causal, family::window,  family::alibi,
+                                   family::softcap, family::hard,   family::additive};
+const char* family_name(family f) {
+    switch (f) {
+        case family::sdpa: return "sdpa";
+        case family::causal: return "sdpa_causal";
+        case family::window: return "sliding_window";
+        case family::alibi: return "alibi";
+        case family::softcap: return "softcap";
+        case family::hard: return "hard";
+        case family::additive: return "additive";
+    }
+    return "?";
+}
+
+// Calls run(expression, bindings...) for family F over p; Q, K and V come
+// from `qkv` (host views, or resident device tensors on Vulkan).
+template <family F, class QKV, class Run>
+auto with_family(const problem& p, const QKV& qkv, Run&& run) {
+    using af::i;
+    using af::j;
+    using af::T;
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const auto& [q, k, v] = qkv;
+    if constexpr (F == family::sdpa) return run(softmax(scale(Q^T*K))*V, q, k, v);
+    else if constexpr (F == family::causal) return run(softmax(mask(scale(Q^T*K), af::causal))*V, q, k, v);
+    else if constexpr (F == family::window) return run(softmax(mask(scale(Q^T*K), af::window(256)))*V, q, k, v);
+    else if constexpr (F == family::alibi) {
+        af::matrix<"m"> m;
+        return run(softmax(mask(scale(Q^T*K) - m * (i - j), af::causal))*V, q, k, v,
+                   af::bind(m, af::row_major(p.slopes.data(), 1, 1, 1, p.bh)));
+    } else if constexpr (F == family::softcap) return run(softmax(30 * tanh(scale(Q^T*K) / 30))*V, q, k, v);
+    else if constexpr (F == family::hard) return run(hard(scale(Q^T*K))*V, q, k, v);
+    else {
+        af::matrix<"w"> w;
+        af::matrix<"W1"> W1;
+        af::matrix<"W2"> W2;
+        af::matrix<"b"> b;
+        return run(softmax(additive(w, W1*Q + b, W2*K))*V, q, k, v, af::bind(w, af::row_major(p.w.data(), p.d, 1)),
+                   af::bind(W1, af::row_major(p.w1.data(), p.d, p.d)), af::bind(W2, af::row_major(p.w2.data(), p.d, p.d)),
+                   af::bind(b, af::row_major(p.bias.data(), p.d, 1)));
+    }
+}
+
+// Q, K as columns over the [bh, n, d] arrays, V as rows, heads = bh.
+auto host_qkv(const problem& p) {
+    return std::tuple{af::bind(af::matrix<"Q">{}, af::col_major(p.q.data(), p.d, p.n_q, 1, p.bh)),
+                      af::bind(af::matrix<"K">{}, af::col_major(p.k.data(), p.d, p.n_k, 1, p.bh)),
+                      af::bind(af::matrix<"V">{}, af::row_major(p.v.data(), p.n_k, p.d, 1, p.bh))};
+}
 
 void set_counters(benchmark::State& state, double flops, std::size_t intermediate) {
     state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
     state.counters["intermediate_bytes"] = static_cast<double>(intermediate);
 }
 
-template <bool Causal>
-void attnfuse_cpu(benchmark::State& state, af::cpu::execution mode, std::size_t bh, std::size_t nq, std::size_t nk,
-                  std::size_t d) {
-    const problem p(bh, nq, nk, d);
-    af::matrix<"Q"> Q;
-    af::matrix<"K"> K;
-    af::matrix<"V"> V;
-    const auto [q, k, v] = p.bound();
+template <family F>
+void attnfuse_cpu(benchmark::State& state, af::cpu::execution mode) {
+    const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
     std::size_t intermediate = 0;
+    // one untimed run first: thread scratch, page faults
+    with_family<F>(p, host_qkv(p), [&](const auto& e, const auto&... b) { return af::cpu::run(e, {mode, 0}, b...).info.kernels.size(); });
     for (auto _ : state) {
-        af::cpu::run_result r = Causal ? af::cpu::run(softmax(mask(scale(Q^af::T*K), af::causal))*V, {mode, 0}, q, k, v)
-                                       : af::cpu::run(softmax(scale(Q^af::T*K))*V, {mode, 0}, q, k, v);
-        benchmark::DoNotOptimize(r.output.values.data());
-        intermediate = r.info.intermediate_bytes;
+        with_family<F>(p, host_qkv(p), [&](const auto& e, const auto&... b) {
+            const auto r = af::cpu::run(e, {mode, 0}, b...);
+            benchmark::DoNotOptimize(r.output.values.data());
+            intermediate = r.info.intermediate_bytes;
+            return 0;
+        });
     }
-    set_counters(state, p.flops(), intermediate);  // causal counts the dense FLOPs: speedup shows as GFLOPS
+    set_counters(state, p.flops(), intermediate);
 }
 
-attnfuse::vulkan::device* bench_device() {
-    static std::unique_ptr<attnfuse::vulkan::device> dev = []() -> std::unique_ptr<attnfuse::vulkan::device> {
+vk::device* bench_device() {
+    static std::unique_ptr<vk::device> dev = []() -> std::unique_ptr<vk::device> {
         try {
-            return std::make_unique<attnfuse::vulkan::device>();
-        } catch (const attnfuse::vulkan::error&) {
+            return std::make_unique<vk::device>();
+        } catch (const vk::error&) {
             return nullptr;
         }
     }();
     return dev.get();
 }
 
-// Vulkan: the time of each iteration is the device's (timestamps around the
-// one submission); wall time, uploads and downloads included, is a counter.
-template <bool Causal>
-void attnfuse_vulkan(benchmark::State& state, attnfuse::vulkan::execution mode, std::size_t bh, std::size_t nq, std::size_t nk,
-                     std::size_t d) {
+// Vulkan: Q, K and V stay on the device, so the time of each iteration is
+// the device's own (timestamps around the submissions); the wall time of a
+// run is a counter.
+template <family F>
+void attnfuse_vulkan(benchmark::State& state, vk::execution mode) {
     auto* dev = bench_device();
     if (!dev) {
         state.SkipWithError("no Vulkan device");
         return;
     }
-    const problem p(bh, nq, nk, d);
-    af::matrix<"Q"> Q;
-    af::matrix<"K"> K;
-    af::matrix<"V"> V;
-    const auto [q, k, v] = p.bound();
-    attnfuse::vulkan::report last;
+    const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
+    const auto [hq, hk, hv] = host_qkv(p);
+    const vk::device_tensor q(*dev, hq.view, "Q"), k(*dev, hk.view, "K"), v(*dev, hv.view, "V");
+    const auto resident = std::tuple{vk::bind_resident(af::matrix<"Q">{}, q), vk::bind_resident(af::matrix<"K">{}, k),
+                                     vk::bind_resident(af::matrix<"V">{}, v)};
+    vk::report last;
+    // one untimed run first: compilation (glslang, and the driver's own, which
+    // lavapipe may do at the first dispatch)
+    with_family<F>(p, resident, [&](const auto& e, const auto&... b) { return vk::run_on_device(*dev, e, {mode}, b...).info.dispatches; });
     for (auto _ : state) {
-        attnfuse::vulkan::run_result r =
-            Causal ? attnfuse::vulkan::run(*dev, softmax(mask(scale(Q^af::T*K), af::causal))*V, {mode}, q, k, v)
-                   : attnfuse::vulkan::run(*dev, softmax(scale(Q^af::T*K))*V, {mode}, q, k, v);
-        state.SetIterationTime(r.info.device_seconds);
-        last = r.info;
+        with_family<F>(p, resident, [&](const auto& e, const auto&... b) {
+            auto r = vk::run_on_device(*dev, e, {mode}, b...);
+            state.SetIterationTime(std::max(r.info.device_seconds, 1e-9));
+            last = r.info;
+            return 0;
+        });
     }
     set_counters(state, p.flops(), last.intermediate_bytes);
     state.counters["dispatches"] = static_cast<double>(last.dispatches);
     state.counters["wall_ms"] = last.wall_seconds * 1e3;
 }
 
+// The loops a person writes first: one query row at a time, scores, softmax,
+// weighted sum, single-threaded. The baseline of the naive row.
+void naive_loops(benchmark::State& state) {
+    const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
+    std::vector<float> scores(p.n_k), out(p.bh * p.n_q * p.d);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(p.d));
+    for (auto _ : state) {
+        for (std::size_t h = 0; h < p.bh; ++h)
+            for (std::size_t r = 0; r < p.n_q; ++r) {
+                const float* qr = &p.q[(h * p.n_q + r) * p.d];
+                float top = -INFINITY;
+                for (std::size_t c = 0; c < p.n_k; ++c) {
+                    float s = 0;
+                    for (std::size_t a = 0; a < p.d; ++a) s += qr[a] * p.k[(h * p.n_k + c) * p.d + a];
+                    scores[c] = s * scale;
+                    top = std::max(top, scores[c]);
+                }
+                float total = 0;
+                for (auto& s : scores) total += (s = std::exp(s - top));
+                float* o = &out[(h * p.n_q + r) * p.d];
+                std::fill(o, o + p.d, 0.0f);
+                for (std::size_t c = 0; c < p.n_k; ++c)
+                    for (std::size_t a = 0; a < p.d; ++a) o[a] += scores[c] / total * p.v[(h * p.n_k + c) * p.d + a];
+            }
+        benchmark::DoNotOptimize(out.data());
+    }
+    set_counters(state, p.flops(), scores.size() * sizeof(float));
+}
+
 // What a C++ user would write instead: OpenBLAS sgemm for both products and
 // a vectorized softmax between them, heads in parallel.
-void openblas_unfused(benchmark::State& state, std::size_t bh, std::size_t nq, std::size_t nk, std::size_t d) {
+void openblas_unfused(benchmark::State& state) {
+    const std::size_t bh = state.range(0), nq = state.range(1), nk = state.range(2), d = state.range(3);
     const problem p(bh, nq, nk, d);
     const int threads = omp_get_max_threads();
     std::vector<float> scores(static_cast<std::size_t>(threads) * nq * nk), out(bh * nq * d);
@@ -155,51 +257,143 @@ void peak_fma(benchmark::State& state) {
     state.counters["threads"] = threads;
 }
 
+// The Vulkan device's fp32 FMA peak, the line GFLOPS are read against:
+// eight independent FMA chains per invocation, many workgroups, device time.
+void peak_vulkan(benchmark::State& state) {
+    auto* dev = bench_device();
+    if (!dev) {
+        state.SkipWithError("no Vulkan device");
+        return;
+    }
+    constexpr int chains = 8, steps = 4096, local = 256;
+    const std::string source = "#version 450\nlayout(local_size_x = " + std::to_string(local) +
+                               ") in;\nlayout(std430, binding = 0) buffer Out { float d[]; } OUT;\nvoid main() {\n"
+                               "    float a[" + std::to_string(chains) + "];\n"
+                               "    for (int c = 0; c < " + std::to_string(chains) + "; ++c) a[c] = float(gl_GlobalInvocationID.x + c) * 1e-9;\n"
+                               "    for (int s = 0; s < " + std::to_string(steps) + "; ++s)\n"
+                               "        for (int c = 0; c < " + std::to_string(chains) + "; ++c) a[c] = fma(a[c], 0.999999, 1e-7);\n"
+                               "    float sum = 0.0;\n    for (int c = 0; c < " + std::to_string(chains) + "; ++c) sum += a[c];\n"
+                               "    OUT.d[gl_GlobalInvocationID.x] = sum;\n}\n";
+    const std::uint32_t groups = smoke ? 1 : (dev->info().kind == vk::device_kind::cpu ? 64 : 16384);
+    const auto kernel = dev->kernel(source, "peak_fma", 1, 0);
+    const auto out = dev->create_buffer(std::size_t(groups) * local * sizeof(float), "peak output");
+    dev->dispatch(kernel, {out}, nullptr, 0, groups);  // warm-up
+    dev->submit_and_wait();
+    for (auto _ : state) {
+        dev->dispatch(kernel, {out}, nullptr, 0, groups);
+        state.SetIterationTime(std::max(dev->submit_and_wait(), 1e-9));
+    }
+    dev->release(out);
+    const double flops = 2.0 * chains * steps * double(groups) * local;
+    state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// Heads so that a row's work stays near that of bh 8 at n 2048 (the
+// issue's reference shape), between 1 and 64.
+std::size_t heads_for(std::size_t n) {
+    const double bh = 8.0 * (2048.0 / double(n)) * (2048.0 / double(n));
+    return static_cast<std::size_t>(std::clamp(bh, 1.0, 64.0));
+}
+
+std::vector<std::int64_t> arguments(std::size_t bh, std::size_t nq, std::size_t nk, std::size_t d) {
+    return {std::int64_t(bh), std::int64_t(nq), std::int64_t(nk), std::int64_t(d)};
+}
+
+template <class Fn>
+benchmark::internal::Benchmark* add(const std::string& name, const std::vector<std::int64_t>& args, Fn fn) {
+    auto* b = benchmark::RegisterBenchmark(name.c_str(), fn);
+    b->ArgNames({"bh", "nq", "nk", "d"})->Args(args)->Unit(benchmark::kMillisecond);
+    if (smoke) b->Iterations(1);
+    return b;
+}
+
+template <family F>
+void register_family(const std::vector<std::size_t>& sizes, const std::vector<std::size_t>& depths, bool vulkan_on_cpu) {
+    using af::cpu::execution;
+    const std::string name = family_name(F);
+    for (const std::size_t d : depths)
+        for (const std::size_t n : sizes) {
+            // additive: a tanh per (query, key, feature); its unfused form is scalar
+            if (F == family::additive && n > 1024 && !smoke) continue;
+            const std::size_t bh = smoke ? 2 : (F == family::additive ? std::max<std::size_t>(1, heads_for(n) / 16) : heads_for(n));
+            const auto args = arguments(bh, n, n, d);
+            add(name + "/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu<F>(st, execution::fused); })->UseRealTime();
+            add(name + "/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu<F>(st, execution::unfused); })->UseRealTime();
+            // lavapipe runs shaders on this machine's cores: one head, n <= 1024,
+            // d 64, and the reference shape for sdpa
+            const bool reference_shape = F == family::sdpa && n == 2048 && d == 64;
+            if (vulkan_on_cpu && !smoke && (n > 1024 || d != 64) && !reference_shape) continue;
+            const auto vargs = vulkan_on_cpu && !smoke && !reference_shape ? arguments(1, n, n, d) : args;
+            for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
+                auto* b = add(name + "/vulkan/" + (mode == vk::execution::fused ? "fused" : "unfused"), vargs,
+                              [mode](benchmark::State& st) { attnfuse_vulkan<F>(st, mode); });
+                b->UseManualTime();
+                if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
+            }
+        }
+}
+
 void register_all() {
     using af::cpu::execution;
-    benchmark::RegisterBenchmark("peak/cpu/fma", peak_fma)->UseRealTime()->Unit(benchmark::kMillisecond);
-    struct shape_args {
-        std::size_t bh, n, d;
-    };
-    for (const shape_args s : {shape_args{8, 2048, 64}, shape_args{1, 4096, 128}, shape_args{8, 512, 64}}) {
-        const auto args = std::vector<std::int64_t>{std::int64_t(s.bh), std::int64_t(s.n), std::int64_t(s.d)};
-        auto add = [&](const std::string& name, auto fn) {
-            benchmark::RegisterBenchmark(name.c_str(), fn)->ArgNames({"bh", "n", "d"})->Args(args)->UseRealTime()->Unit(
-                benchmark::kMillisecond);
-        };
-        add("sdpa/cpu/fused", [s](benchmark::State& st) { attnfuse_cpu<false>(st, execution::fused, s.bh, s.n, s.n, s.d); });
-        add("sdpa/cpu/unfused", [s](benchmark::State& st) { attnfuse_cpu<false>(st, execution::unfused, s.bh, s.n, s.n, s.d); });
-        add("sdpa/cpu/openblas_unfused", [s](benchmark::State& st) { openblas_unfused(st, s.bh, s.n, s.n, s.d); });
-        add("sdpa_causal/cpu/fused", [s](benchmark::State& st) { attnfuse_cpu<true>(st, execution::fused, s.bh, s.n, s.n, s.d); });
-        add("sdpa_causal/cpu/unfused", [s](benchmark::State& st) { attnfuse_cpu<true>(st, execution::unfused, s.bh, s.n, s.n, s.d); });
-    }
-    // Vulkan on the default device; on lavapipe (two CPU cores) a few iterations
-    for (const shape_args s : {shape_args{8, 2048, 64}, shape_args{8, 512, 64}}) {
-        const auto args = std::vector<std::int64_t>{std::int64_t(s.bh), std::int64_t(s.n), std::int64_t(s.d)};
-        auto add = [&](const std::string& name, auto fn) {
-            benchmark::RegisterBenchmark(name.c_str(), fn)->ArgNames({"bh", "n", "d"})->Args(args)->UseManualTime()->Iterations(3)->Unit(
-                benchmark::kMillisecond);
-        };
-        using attnfuse::vulkan::execution;
-        add("sdpa/vulkan/fused", [s](benchmark::State& st) { attnfuse_vulkan<false>(st, execution::fused, s.bh, s.n, s.n, s.d); });
-        add("sdpa/vulkan/unfused", [s](benchmark::State& st) { attnfuse_vulkan<false>(st, execution::unfused, s.bh, s.n, s.n, s.d); });
-        add("sdpa_causal/vulkan/fused", [s](benchmark::State& st) { attnfuse_vulkan<true>(st, execution::fused, s.bh, s.n, s.n, s.d); });
-    }
-    // decode: one query against a 4096-entry cache, 32 heads
-    auto decode_args = std::vector<std::int64_t>{32, 1, 4096, 128};
-    auto add_decode = [&](const std::string& name, auto fn) {
-        benchmark::RegisterBenchmark(name.c_str(), fn)->ArgNames({"bh", "nq", "nk", "d"})->Args(decode_args)->UseRealTime()->Unit(
+    {
+        auto* b = benchmark::RegisterBenchmark("peak/cpu/fma", peak_fma)->UseRealTime()->Unit(benchmark::kMillisecond);
+        if (smoke) b->Iterations(1);
+        auto* g = benchmark::RegisterBenchmark("peak/vulkan/fma", peak_vulkan)->UseManualTime()->Iterations(smoke ? 1 : 5)->Unit(
             benchmark::kMillisecond);
-    };
-    add_decode("decode/cpu/fused", [](benchmark::State& st) { attnfuse_cpu<false>(st, execution::fused, 32, 1, 4096, 128); });
-    add_decode("decode/cpu/unfused", [](benchmark::State& st) { attnfuse_cpu<false>(st, execution::unfused, 32, 1, 4096, 128); });
-    add_decode("decode/cpu/openblas_unfused", [](benchmark::State& st) { openblas_unfused(st, 32, 1, 4096, 128); });
+        (void)g;
+    }
+    std::vector<std::size_t> sizes, depths{64, 128};
+    for (std::size_t n = 128; n <= max_n; n *= 2) sizes.push_back(n);
+    if (smoke) sizes = {33}, depths = {16};
+    const auto* dev = bench_device();
+    const bool vulkan_on_cpu = dev && dev->info().kind == vk::device_kind::cpu;
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+        (register_family<all_families[I]>(sizes, depths, vulkan_on_cpu), ...);
+    }(std::make_index_sequence<std::size(all_families)>{});
+    for (const std::size_t d : depths)
+        for (const std::size_t n : sizes) {
+            const std::size_t bh = smoke ? 2 : heads_for(n);
+            add("sdpa/cpu/openblas_unfused", arguments(bh, n, n, d), openblas_unfused)->UseRealTime();
+            if (n <= 512) add("sdpa/cpu/naive_loops", arguments(smoke ? 1 : 1, n, n, d), naive_loops)->UseRealTime();
+        }
+    // decode: one query per head against a growing cache, 32 heads, d 128
+    std::vector<std::size_t> caches{1024, 4096, 16384};
+    if (smoke) caches = {65};
+    for (const std::size_t nk : caches) {
+        const auto args = arguments(smoke ? 2 : 32, 1, nk, smoke ? 16 : 128);
+        add("decode/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa>(st, execution::fused); })->UseRealTime();
+        add("decode/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa>(st, execution::unfused); })->UseRealTime();
+        add("decode/cpu/openblas_unfused", args, openblas_unfused)->UseRealTime();
+        for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
+            auto* b = add(std::string("decode/vulkan/") + (mode == vk::execution::fused ? "fused" : "unfused"), args,
+                          [mode](benchmark::State& st) { attnfuse_vulkan<family::sdpa>(st, mode); });
+            b->UseManualTime();
+            if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
+        }
+    }
+}
+
+std::string cpu_model() {
+    std::ifstream info("/proc/cpuinfo");
+    for (std::string line; std::getline(info, line);)
+        if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) return line.substr(line.find(':') + 2);
+    return "unknown processor";
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+    // our flags first, out of Google Benchmark's way
+    int kept = 1;
+    for (int a = 1; a < argc; ++a) {
+        if (std::strcmp(argv[a], "--attnfuse_smoke") == 0) smoke = true;
+        else if (std::strncmp(argv[a], "--attnfuse_max_n=", 17) == 0) max_n = std::strtoul(argv[a] + 17, nullptr, 10);
+        else argv[kept++] = argv[a];
+    }
+    argc = kept;
     register_all();
+    benchmark::AddCustomContext("cpu", cpu_model() + ": " + af::cpu::describe(af::cpu::this_machine()));
+    if (const auto* dev = bench_device()) benchmark::AddCustomContext("vulkan_device", dev->info().name + " (" + dev->info().driver + ")");
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
     benchmark::RunSpecifiedBenchmarks();
