@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <unistd.h>
 
@@ -186,7 +188,7 @@ TEST_CASE("Vulkan fused tiles at odd sizes: partial tiles, skipped tiles, deep a
     using af::i;
     using af::j;
     af::variants::input_store in(71);
-    // d crosses the 16-deep staging steps, d_v the 64-column value steps
+    // d crosses the 32-deep staging steps, d_v the 64-column value steps
     const std::size_t depths[][2] = {{1, 1}, {33, 65}, {17, 130}, {7, 256}};
     std::size_t case_index = 0;
     for (const std::size_t n : {1, 3, 31, 33, 65, 127, 257}) {
@@ -257,4 +259,59 @@ TEST_CASE("Vulkan: inputs already on the device, output left on the device", "[v
     CHECK_THROWS_AS(vk::run(*dev, softmax(scale(Q^af::T*K11))*V, af::bind(Q, qv), vk::bind_resident(K11, wrong), af::bind(V, vv)),
                     af::shape_error);
     CHECK(dev->validation_messages() == 0);
+}
+
+// The fused shader's text is a constant expression of the expression's type.
+namespace shader_text {
+af::matrix<"Q"> Q;
+af::matrix<"K"> K;
+af::matrix<"V"> V;
+af::matrix<"m"> m;
+using af::i;
+using af::j;
+using sdpa = decltype(softmax(scale(Q^af::T*K))*V);
+using softcapped = decltype(softmax(30 * tanh(scale(Q^af::T*K) / 30))*V);
+using alibi = decltype(softmax(mask(scale(Q^af::T*K) - m * (i - j), af::causal))*V);
+using hard_causal = decltype(hard(mask(Q^af::T*K, af::causal))*V);
+static_assert(vk::fused_shader_source<sdpa>().find("float epilogue(float s, uint b, uint h, uint bh, uint i, uint j) { return (s * NUM(0u)); }") !=
+              std::string::npos);
+static_assert(vk::fused_shader_source<sdpa>().find("#define AF_SOFTMAX") != std::string::npos);
+static_assert(vk::fused_shader_source<softcapped>().find("af_tanh(") != std::string::npos);
+static_assert(vk::fused_shader_source<softcapped>().find("#define NUM_OPERANDS 3u") != std::string::npos);
+// ALiBi's slopes are the fourth operand, read at (b, h, i, j)
+static_assert(vk::fused_shader_source<alibi>().find("ld3(b, h, i, j)") != std::string::npos);
+static_assert(vk::fused_shader_source<alibi>().find("#define NUM_OPERANDS 4u") != std::string::npos);
+static_assert(vk::fused_shader_source<hard_causal>().find("#define AF_HARD") != std::string::npos);
+static_assert(vk::fused_shader_source<hard_causal>().find("af_select(") != std::string::npos);
+}  // namespace shader_text
+
+TEST_CASE("the fused shader text a static_assert reads is the text that runs", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    using namespace shader_text;
+    const auto dump = std::filesystem::temp_directory_path() / ("attnfuse-text-" + std::to_string(::getpid()));
+    ::setenv("ATTNFUSE_DUMP_SHADERS", dump.c_str(), 1);
+    af::variants::input_store in(73);
+    const std::size_t n = 19, d = 5;
+    const std::vector<float> slopes{0.5f};
+    {
+        vk::device fresh;  // compiles (or loads) and dumps what it runs
+        (void)vk::run(fresh, softmax(mask(scale(Q^af::T*K) - m * (i - j), af::causal))*V, af::bind(Q, af::col_major(in.random(d * n), d, n)),
+                      af::bind(K, af::col_major(in.random(d * n), d, n)), af::bind(V, af::row_major(in.random(n * d), n, d)),
+                      af::bind(m, af::row_major(slopes.data(), 1, 1)));
+    }
+    ::unsetenv("ATTNFUSE_DUMP_SHADERS");
+    bool found = false;
+    for (const auto& entry : std::filesystem::directory_iterator(dump)) {
+        if (entry.path().extension() != ".comp" || entry.path().filename().string().rfind("fused_attention", 0) != 0) continue;
+        std::ifstream in_file(entry.path());
+        const std::string text((std::istreambuf_iterator<char>(in_file)), std::istreambuf_iterator<char>());
+        CHECK(text == vk::fused_shader_source<alibi>());
+        found = true;
+    }
+    CHECK(found);
+    std::filesystem::remove_all(dump);
 }

@@ -248,6 +248,7 @@ struct named : same_shape {
 template <class Kind, class... Kids>
 struct [[nodiscard]] node : expr_base {
     using kind_type = Kind;
+    using kids_type = std::tuple<Kids...>;
     static constexpr std::size_t rows = Kind::template rows<Kids...>();
     static constexpr std::size_t cols = Kind::template cols<Kids...>();
 

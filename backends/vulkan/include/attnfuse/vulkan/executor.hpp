@@ -253,16 +253,16 @@ struct executor {
         // maxComputeWorkGroupCount[0]
         const std::size_t max_x = std::min<std::size_t>(dev.limits().max_workgroup_count[0], 65535);
         const std::size_t gx = std::min(groups, max_x), gy = (groups + max_x - 1) / max_x;
-        launch(name, description, body, operands, numbers, output, out_rows, out_cols, {gx, gy}, local_size, {}, {});
+        launch(name, description, glsl::prelude(operands.size(), numbers.size(), local_size) + body, operands, numbers, output,
+               out_rows, out_cols, {gx, gy}, {}, {});
     }
 
-    // The same over an explicit grid of workgroups, with `extra` words after
-    // the output's extents and `specialization` constants (constant_id 0..).
-    void launch(const std::string& name, const std::string& description, const std::string& body, const std::vector<operand>& operands,
+    // A whole `source` (prelude included) over an explicit grid of
+    // workgroups, with `extra` words after the output's extents and
+    // `specialization` constants (constant_id 0..).
+    void launch(const std::string& name, const std::string& description, const std::string& source, const std::vector<operand>& operands,
                 const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
-                std::array<std::size_t, 2> grid, std::size_t workgroup_size, const std::vector<std::uint32_t>& extra,
-                const std::vector<std::uint32_t>& specialization) {
-        const std::string source = glsl::prelude(operands.size(), numbers.size(), workgroup_size) + body;
+                std::array<std::size_t, 2> grid, const std::vector<std::uint32_t>& extra, const std::vector<std::uint32_t>& specialization) {
         const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(2 + operands.size()), 0, specialization);
         all_from_disk = all_from_disk && dev.kernel_from_disk_cache(kernel);
 
@@ -331,9 +331,30 @@ auto prepare(const E& e, X& x, std::vector<operand>& operands) {
         const double d = static_cast<double>(inner_extent(e, x.env));
         return make_node(kind::scale_by{{}, 1.0 / std::sqrt(d)}, prepare<Core>(e.template kid<0>(), x, operands));
     } else {
-        return std::apply([&](const auto&... kids) { return make_node(e.kind, prepare<Core>(kids, x, operands)...); }, e.kids);
+        // kids left to right (a braced list is evaluated in order), the order
+        // in which glsl::emitter numbers the operand slots
+        auto kids = std::apply([&](const auto&... k) { return std::tuple{prepare<Core>(k, x, operands)...}; }, e.kids);
+        return std::apply([&](auto&&... k) { return make_node(e.kind, std::move(k)...); }, std::move(kids));
     }
 }
+
+// The type prepare<Core>(e, ...) returns, from the types alone.
+template <class Core, class E>
+constexpr auto prepared_type() {
+    if constexpr (!std::is_void_v<Core> && std::is_same_v<E, Core>) return std::type_identity<score_slot>{};
+    else if constexpr (std::is_same_v<E, constant> || std::is_same_v<E, query_index> || std::is_same_v<E, key_index> ||
+                       std::is_same_v<E, pair_query_feature> || std::is_same_v<E, pair_key_feature>)
+        return std::type_identity<E>{};
+    else if constexpr (!is_pointwise_v<E>) return std::type_identity<operand_slot>{};
+    else if constexpr (has_kind_v<E, kind::scale_by_inner_extent>)
+        return std::type_identity<node<kind::scale_by, typename decltype(prepared_type<Core, std::tuple_element_t<0, typename E::kids_type>>())::type>>{};
+    else
+        return []<class K, class... Kids>(node<K, Kids...>*) {
+            return std::type_identity<node<K, typename decltype(prepared_type<Core, Kids>())::type...>>{};
+        }(static_cast<E*>(nullptr));
+}
+template <class Core, class E>
+using prepared_t = typename decltype(prepared_type<Core, std::remove_cvref_t<E>>())::type;
 
 inline std::string element_prologue() { return std::string(shader_sources::element_prologue); }
 inline std::string row_prologue() { return std::string(shader_sources::row_prologue); }
@@ -465,6 +486,57 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
     return table;
 }
 
+// The fused kernel's whole GLSL source, from the expression's type alone, so
+// that a static_assert can read it (tests/test_vulkan.cpp does): the
+// prelude, the mode, the generated epilogue, post factor and score term,
+// then shaders/flash_attention.glsl. Numbers are parameters, read in the
+// order fused_attention collects them.
+template <class E>
+constexpr std::string fused_attention_source() {
+    using parts = plan::attention_parts<E>;
+    using Core = typename parts::core_type;
+    using traits = typename parts::core_kind;
+    using Tree = prepared_t<Core, decltype(parts::score(std::declval<const E&>()))>;
+    using Post = typename decltype([] {
+        if constexpr (parts::post_weighted) return std::type_identity<prepared_t<void, decltype(parts::post(std::declval<const E&>()))>>{};
+        else return std::type_identity<constant>{};
+    }())::type;
+    using Combine = typename decltype([] {
+        if constexpr (traits::pairwise) return std::type_identity<std::remove_cvref_t<decltype(std::declval<const Core&>().kind.combine)>>{};
+        else return std::type_identity<constant>{};
+    }())::type;
+    constexpr std::size_t first_operand = traits::pairwise ? 4 : 3;
+    constexpr std::size_t operands = first_operand + glsl::operands_in<Tree>() + glsl::operands_in<Post>();
+    std::size_t numbers = glsl::numbers_in<Tree>() + glsl::numbers_in<Post>();
+    std::string modes;
+    if constexpr (parts::ratio) {
+        modes += "#define AF_RATIO " + glsl::decimal(numbers) + "u\n";
+        numbers += 1;
+    } else if constexpr (parts::hard) {
+        modes += "#define AF_HARD\n";
+    } else {
+        modes += "#define AF_SOFTMAX\n";
+    }
+    if constexpr (parts::post_weighted) modes += "#define AF_POST\n";
+    if constexpr (traits::pairwise) numbers += glsl::numbers_in<Combine>();
+    if constexpr (parts::dropout) {
+        modes += "#define AF_DROPOUT " + glsl::decimal(numbers) + "u\n";
+        numbers += 3;
+    }
+    glsl::emitter emit{0, first_operand};
+    std::string functions = modes;
+    functions += "float epilogue(float s, uint b, uint h, uint bh, uint i, uint j) { return " + emit.template emit<Tree>() + "; }\n";
+    functions += "float post_factor(uint b, uint h, uint bh, uint i, uint j) { return " + emit.template emit<Post>() + "; }\n";
+    if constexpr (parts::ratio) ++emit.next_number;  // the offset, read by AF_RATIO
+    if constexpr (traits::pairwise)
+        functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return ld3(b, h, a, 0u) * " +
+                     emit.template emit<Combine>() + "; }\n";
+    else
+        functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return qv * kv; }\n";
+    return glsl::prelude(operands, numbers, flash::queries_per_workgroup * flash::lanes) + functions +
+           std::string(shader_sources::flash_attention);
+}
+
 // FlashAttention-style (shaders/flash_attention.glsl): a workgroup per (query
 // tile, batch x head), key and value tiles in shared memory, running maximum
 // and sum per row, the epilogue inlined; the n_q x n_k scores are never
@@ -474,7 +546,6 @@ operand fused_attention(const E& e, X& x) {
     using parts = plan::attention_parts<E>;
     using Core = typename parts::core_type;
     using traits = typename parts::core_kind;
-    constexpr bool hard = parts::hard;
     constexpr bool ratio = parts::ratio;
     constexpr bool with_dropout = parts::dropout;
     const auto& weights = parts::weights(e);
@@ -505,22 +576,13 @@ operand fused_attention(const E& e, X& x) {
         if constexpr (parts::post_weighted) return prepare<void>(parts::post(e), x, operands);
         else return constant(1.0);
     }();
+    // the numbers, in the order fused_attention_source<E>() reads them
     std::vector<std::uint32_t> numbers;
     collect_numbers(tree, numbers);
     collect_numbers(post_factor, numbers);
-    std::string modes;
-    if constexpr (ratio) {
-        modes += "#define AF_RATIO " + std::to_string(numbers.size()) + "u\n";
-        collect_numbers(constant(parts::ratio_offset(e)), numbers);
-    } else if constexpr (hard) {
-        modes += "#define AF_HARD\n";
-    } else {
-        modes += "#define AF_SOFTMAX\n";
-    }
-    if constexpr (parts::post_weighted) modes += "#define AF_POST\n";
+    if constexpr (ratio) collect_numbers(constant(parts::ratio_offset(e)), numbers);
     if constexpr (traits::pairwise) collect_numbers(core.kind.combine, numbers);
     if constexpr (with_dropout) {
-        modes += "#define AF_DROPOUT " + std::to_string(numbers.size()) + "u\n";
         numbers.push_back(weights.kind.seed);
         numbers.push_back(op::dropout_threshold(weights.kind.p));
         const auto keep = static_cast<float>(1.0 / (1.0 - weights.kind.p));
@@ -528,24 +590,21 @@ operand fused_attention(const E& e, X& x) {
         std::memcpy(&bits, &keep, 4);
         numbers.push_back(bits);
     }
-    glsl::emitter emit;
-    std::string functions = modes;
-    functions += "float epilogue(float s, uint b, uint h, uint bh, uint i, uint j) { return " + emit(tree) + "; }\n";
-    functions += "float post_factor(uint b, uint h, uint bh, uint i, uint j) { return " + emit(post_factor) + "; }\n";
-    if constexpr (ratio) emit(constant(0.0));  // the offset's number, read by AF_RATIO
-    if constexpr (traits::pairwise)
-        functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return ld3(b, h, a, 0u) * " + emit(core.kind.combine) + "; }\n";
-    else
-        functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return qv * kv; }\n";
-
+    // the text comes from the type alone; what was collected here must be what it reads
+    static_assert(std::is_same_v<std::remove_cvref_t<decltype(tree)>, prepared_t<Core, decltype(parts::score(e))>>);
+    const std::string source = fused_attention_source<E>();
+    const std::size_t first_operand = traits::pairwise ? 4 : 3;
+    if (operands.size() != first_operand + glsl::operands_in<std::remove_cvref_t<decltype(tree)>>() +
+                               glsl::operands_in<std::remove_cvref_t<decltype(post_factor)>>() ||
+        source.find("#define NUM_NUMBERS " + std::to_string(numbers.size()) + "u\n") == std::string::npos)
+        throw error("attnfuse internal: the fused shader of `" + to_string(e) + "` reads other parameters than the executor collected");
     std::vector<std::uint32_t> extra = live_key_tiles<ratio>(parts::score(e), x, n_q, n_k);
     const std::uint32_t acc_per_invocation =
         static_cast<std::uint32_t>((d_v + flash::value_columns - 1) / flash::value_columns * (flash::value_columns / flash::lanes));
     const auto out = output_buffer(x, n_q, d_v, "the result of " + to_string(e));
     const std::size_t qtiles = (n_q + flash::queries_per_workgroup - 1) / flash::queries_per_workgroup;
-    x.launch("fused_attention", plan::kernel_name<plan::fused_attention_kernel<E>>::get(e),
-             functions + std::string(shader_sources::flash_attention), operands, numbers, out, n_q, d_v,
-             {qtiles, x.env.batch * x.env.heads}, flash::queries_per_workgroup * flash::lanes, extra,
+    x.launch("fused_attention", plan::kernel_name<plan::fused_attention_kernel<E>>::get(e), source, operands, numbers, out, n_q, d_v,
+             {qtiles, x.env.batch * x.env.heads}, extra,
              {std::max<std::uint32_t>(acc_per_invocation, flash::value_columns / flash::lanes)});
     return dense_operand(out, n_q, d_v, x.env.batch, x.env.heads);
 }
@@ -650,6 +709,17 @@ auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bi
     return run_bound<OnDevice>(dev, e, opt, std::move(resident), host_face(bindings)...);
 }
 }  // namespace detail
+
+// The GLSL of the fused kernel that runs `E` (softmax(s)*V and its kin), as
+// a constant expression of the type: static_assert(fused_shader_source<
+// decltype(e)>().find("tanh") != std::string::npos) holds for a soft-capped
+// score. Every number of the expression is a parameter, so one text serves
+// every value.
+template <class E>
+    requires plan::fuses_as_attention_v<E>
+constexpr std::string fused_shader_source() {
+    return detail::fused_attention_source<E>();
+}
 
 // Runs `e` on a Vulkan device: host inputs go up once (inputs bound with
 // bind_resident are there already), every kernel of the plan is one

@@ -11,6 +11,7 @@
 //   binding 2 + k: operand k.
 #pragma once
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include <attnfuse/expr.hpp>
@@ -33,21 +34,30 @@ struct operand_slot : expr_base {
     std::size_t index = 0;  // k: binding 2 + k
 };
 
+// A number as decimal text, in constant evaluation too (std::to_string is not constexpr).
+constexpr std::string decimal(std::size_t v) {
+    std::string s;
+    do {
+        s.insert(s.begin(), static_cast<char>('0' + v % 10));
+        v /= 10;
+    } while (v);
+    return s;
+}
+
 // The start of every generated kernel: the bindings, the shared helpers of
 // shaders/prelude.glsl, and one accessor per operand.
-inline std::string prelude(std::size_t operands, std::size_t numbers, std::size_t local_size) {
+constexpr std::string prelude(std::size_t operands, std::size_t numbers, std::size_t local_size) {
     std::string s = "#version 450\n";
-    s += "#define NUM_OPERANDS " + std::to_string(operands) + "u\n";
-    s += "#define NUM_NUMBERS " + std::to_string(numbers) + "u\n";
-    s += "layout(local_size_x = " + std::to_string(local_size) + ") in;\n";
+    s += "#define NUM_OPERANDS " + decimal(operands) + "u\n";
+    s += "#define NUM_NUMBERS " + decimal(numbers) + "u\n";
+    s += "layout(local_size_x = " + decimal(local_size) + ") in;\n";
     s += "layout(std430, binding = 0) readonly buffer Params { uint u[]; } P;\n";
     s += "layout(std430, binding = 1) buffer Output { float d[]; } OUT;\n";
     for (std::size_t k = 0; k < operands; ++k)
-        s += "layout(std430, binding = " + std::to_string(2 + k) + ") readonly buffer Operand" + std::to_string(k) +
-             " { float d[]; } OP" + std::to_string(k) + ";\n";
-    s += shader_sources::prelude;
+        s += "layout(std430, binding = " + decimal(2 + k) + ") readonly buffer Operand" + decimal(k) + " { float d[]; } OP" + decimal(k) + ";\n";
+    s += std::string(shader_sources::prelude);
     for (std::size_t k = 0; k < operands; ++k) {
-        const std::string n = std::to_string(k);
+        const std::string n = decimal(k);
         s += "float ld" + n + "(uint b, uint h, uint r, uint c) { return OP" + n + ".d[at_of(" + n + "u, b, h, r, c)]; }\n";
         // a one-row or one-column table, indexed by a rounded, clamped number (NaN reads entry 0)
         s += "float lookup" + n + "(uint b, uint h, float index) { uint len = max(G(" + n + "u, 0u), G(" + n +
@@ -57,55 +67,93 @@ inline std::string prelude(std::size_t operands, std::size_t numbers, std::size_
     return s;
 }
 
-// The GLSL expression of a prepared pointwise tree at (b, h, i, j), with the
-// tree's numbers read as NUM(first), NUM(first + 1), ... in walk order.
-// `bh` names the flattened batch-head index, `qv`/`kv` the pairwise features.
+// The GLSL expression of a prepared pointwise tree at (b, h, i, j), from its
+// type alone (so that a static_assert can read it): the tree's numbers are
+// read as NUM(first), NUM(first + 1), ... and its operand slots as ld<k>
+// with k = first_operand, first_operand + 1, ..., both in walk order (kids
+// left to right), the order in which the executor collects them. `bh` names
+// the flattened batch-head index, `qv`/`kv` the pairwise features.
 struct emitter {
     std::size_t next_number = 0;
+    std::size_t next_operand = 0;
 
     template <class E>
-    std::string operator()(const E& e) {
+    constexpr std::string operator()(const E&) {
+        return emit<E>();
+    }
+
+    template <class E>
+    constexpr std::string emit() {
         if constexpr (std::is_same_v<E, constant>) return number();
         else if constexpr (std::is_same_v<E, query_index>) return "float(i)";
         else if constexpr (std::is_same_v<E, key_index>) return "float(j)";
         else if constexpr (std::is_same_v<E, score_slot>) return "s";
         else if constexpr (std::is_same_v<E, pair_query_feature>) return "qv";
         else if constexpr (std::is_same_v<E, pair_key_feature>) return "kv";
-        else if constexpr (std::is_same_v<E, operand_slot>) return "ld" + std::to_string(e.index) + "(b, h, i, j)";
+        else if constexpr (std::is_same_v<E, operand_slot>) return "ld" + decimal(next_operand++) + "(b, h, i, j)";
         else if constexpr (has_kind_template<E, kind::elementwise>::value) {
             using Op = typename E::kind_type::op;
-            constexpr std::size_t arity = std::tuple_size_v<decltype(e.kids)>;
-            std::string args[arity];
-            std::size_t n = 0;
-            std::apply([&](const auto&... kids) { ((args[n++] = (*this)(kids)), ...); }, e.kids);
-            if constexpr (arity == 2 && (std::is_same_v<Op, op::add> || std::is_same_v<Op, op::subtract> ||
-                                         std::is_same_v<Op, op::multiply> || std::is_same_v<Op, op::divide>))
-                return "(" + args[0] + " " + std::string(Op::glsl) + " " + args[1] + ")";
-            else if constexpr (arity == 1 && std::is_same_v<Op, op::negate>) return "(-" + args[0] + ")";
-            else {
-                std::string call = std::string(Op::glsl) + "(";
-                for (std::size_t a = 0; a < arity; ++a) call += (a ? ", " : "") + args[a];
-                return call + ")";
-            }
+            return elementwise<Op>(static_cast<typename E::kids_type*>(nullptr));
         } else if constexpr (has_kind_v<E, kind::scale_by>) {
-            const std::string x = (*this)(e.template kid<0>());
+            const std::string x = emit<kid_t<E, 0>>();
             return "(" + x + " * " + number() + ")";
         } else if constexpr (has_kind_v<E, kind::dropout>) {
-            const std::string x = (*this)(e.template kid<0>());
-            const std::string seed = "NUMU(" + std::to_string(next_number++) + "u)";
-            const std::string threshold = "NUMU(" + std::to_string(next_number++) + "u)";
+            const std::string x = emit<kid_t<E, 0>>();
+            const std::string seed = "NUMU(" + decimal(next_number++) + "u)";
+            const std::string threshold = "NUMU(" + decimal(next_number++) + "u)";
             const std::string keep = number();
             return "af_dropout(" + x + ", " + seed + ", " + threshold + ", " + keep + ", bh, i, j)";
         } else if constexpr (has_kind_v<E, kind::lookup>) {
-            const auto& table = e.template kid<0>();
-            return "lookup" + std::to_string(table.index) + "(b, h, " + (*this)(e.template kid<1>()) + ")";
+            static_assert(std::is_same_v<kid_t<E, 0>, operand_slot>, "attnfuse internal: a lookup table is an operand");
+            const std::string table = decimal(next_operand++);
+            return "lookup" + table + "(b, h, " + emit<kid_t<E, 1>>() + ")";
         } else {  // named
-            return (*this)(e.template kid<0>());
+            return emit<kid_t<E, 0>>();
         }
     }
 
 private:
-    std::string number() { return "NUM(" + std::to_string(next_number++) + "u)"; }
+    template <class E, std::size_t N>
+    using kid_t = std::tuple_element_t<N, typename E::kids_type>;
+
+    template <class Op, class... Kids>
+    constexpr std::string elementwise(std::tuple<Kids...>*) {
+        constexpr std::size_t arity = sizeof...(Kids);
+        std::string args[arity];
+        std::size_t n = 0;
+        ((args[n++] = emit<Kids>()), ...);  // left to right
+        if constexpr (arity == 2 && (std::is_same_v<Op, op::add> || std::is_same_v<Op, op::subtract> ||
+                                     std::is_same_v<Op, op::multiply> || std::is_same_v<Op, op::divide>))
+            return "(" + args[0] + " " + std::string(Op::glsl) + " " + args[1] + ")";
+        else if constexpr (arity == 1 && std::is_same_v<Op, op::negate>) return "(-" + args[0] + ")";
+        else {
+            std::string call = std::string(Op::glsl) + "(";
+            for (std::size_t a = 0; a < arity; ++a) call += (a ? ", " : "") + args[a];
+            return call + ")";
+        }
+    }
+
+    constexpr std::string number() { return "NUM(" + decimal(next_number++) + "u)"; }
 };
+
+// How many numbers and operand slots a prepared tree holds: the parameter
+// words and bindings its text reads.
+template <class E>
+constexpr std::size_t numbers_in() {
+    if constexpr (std::is_same_v<E, constant>) return 1;
+    else if constexpr (is_node_v<E>) {
+        constexpr std::size_t own = has_kind_v<E, kind::scale_by> ? 1 : has_kind_v<E, kind::dropout> ? 3 : 0;
+        return own + []<class... K>(std::tuple<K...>*) { return (std::size_t{0} + ... + numbers_in<K>()); }(
+                         static_cast<typename E::kids_type*>(nullptr));
+    } else return 0;
+}
+template <class E>
+constexpr std::size_t operands_in() {
+    if constexpr (std::is_same_v<E, operand_slot>) return 1;
+    else if constexpr (is_node_v<E>)
+        return []<class... K>(std::tuple<K...>*) { return (std::size_t{0} + ... + operands_in<K>()); }(
+            static_cast<typename E::kids_type*>(nullptr));
+    else return 0;
+}
 
 }  // namespace attnfuse::vulkan::glsl
