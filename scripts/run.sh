@@ -2,6 +2,9 @@
 # attnfuse's one entry point on a fresh Debian 12 machine:
 #   bash scripts/run.sh zoo    install what is missing, build, run the attention zoo
 #   bash scripts/run.sh test   install what is missing, build, run every test (ctest)
+#   bash scripts/run.sh bench  install what is missing, build, run the benchmark sweep on
+#                              this machine (CPU and the default Vulkan device) and plot
+#                              it with every other sweep in bench/results into docs/plots
 # Environment: BUILD_DIR (default build), JOBS (default nproc),
 # ATTNFUSE_SANITIZE=1 (an AddressSanitizer + UBSan build in build-sanitize).
 set -euo pipefail
@@ -9,8 +12,8 @@ cd "$(dirname "$0")/.."
 
 mode=${1:-}
 case "$mode" in
-  zoo|test) ;;
-  *) echo "usage: bash scripts/run.sh zoo|test" >&2; exit 2 ;;
+  zoo|test|bench) ;;
+  *) echo "usage: bash scripts/run.sh zoo|test|bench" >&2; exit 2 ;;
 esac
 
 # Debian 12 packages attnfuse builds, tests and runs with.
@@ -18,6 +21,7 @@ packages=(cmake g++ make pkg-config
           libvulkan-dev mesa-vulkan-drivers vulkan-validationlayers vulkan-tools
           glslang-dev glslang-tools spirv-tools
           catch2 libbenchmark-dev libopenblas-dev)
+[[ $mode == bench ]] && packages+=(python3-matplotlib)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -46,6 +50,13 @@ cmake --build "$build" -j "$jobs"
 case "$mode" in
   zoo)
     "$build/examples/attnfuse-zoo"
+    ;;
+  bench)
+    # Google Benchmark's own flags pass through BENCH_ARGS (a filter, say).
+    results=bench/results/sweep-${BENCH_LABEL:-$(hostname -s)}-$(date +%F).json
+    "$build/bench/attnfuse-bench" --benchmark_min_time=0.2 --benchmark_out="$results" --benchmark_out_format=json ${BENCH_ARGS:-}
+    # Debian's matplotlib belongs to Debian's python3
+    /usr/bin/python3 bench/plot.py docs/plots bench/results/sweep-*.json
     ;;
   test)
     # Validation layers on for every Vulkan test: a message fails the test.
