@@ -19,7 +19,7 @@ trap 'rm -rf "$work"' EXIT
 seconds() {  # seconds of wall time for one command
   local start end
   start=$(date +%s.%N)
-  "$@" >/dev/null
+  "$@" >/dev/null || { echo "compile_time.sh: this compile failed: $*" >&2; exit 1; }
   end=$(date +%s.%N)
   awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }'
 }

@@ -51,7 +51,13 @@ void main() {
 
     uint qtiles = P.u[RANGES() + 1u];
     uint range_at = RANGES() + 2u + 2u * ((P.u[RANGES()] != 0u ? bh * qtiles : 0u) + gl_WorkGroupID.x);
-    uint first_tile = P.u[range_at], end_tile = P.u[range_at + 1u];
+    uint live_first = P.u[range_at], live_end = P.u[range_at + 1u];
+    // with the keys split over workgroups (z), this workgroup's share of the
+    // live tiles; shaders/combine_splits.glsl merges the shares
+    uint splits = gl_NumWorkGroups.z, split = gl_WorkGroupID.z;
+    uint per_split = (live_end - live_first + splits - 1u) / splits;
+    uint first_tile = min(live_end, live_first + split * per_split);
+    uint end_tile = min(live_end, first_tile + per_split);
 
     float acc[ACC];
     for (uint w = 0u; w < ACC; ++w) acc[w] = 0.0;
@@ -161,6 +167,31 @@ void main() {
             }
         }
 #endif
+    }
+
+    // ---- a share of split keys: the row's state and unnormalised context ----
+    if (splits > 1u) {  // uniform
+        if (!row_live) return;
+        uint stride = dv + 3u;
+        uint at = ((bh * n_q + i) * splits + split) * stride;
+        if (lane == 0u) {
+#if defined(AF_HARD)
+            OUT.d[at] = best;
+            OUT.d[at + 1u] = float(best_at);  // exact: the host splits only below 2^24 keys
+#else
+            OUT.d[at] = m;
+            OUT.d[at + 1u] = l;
+#endif
+            OUT.d[at + 2u] = nan_row ? 1.0 : 0.0;
+        }
+#if !defined(AF_HARD)
+        for (uint chunk = 0u; chunk < ACC / (VC / LANES); ++chunk)
+            for (uint w = 0u; w < VC / LANES; ++w) {
+                uint c = chunk * VC + lane + LANES * w;
+                if (c < dv) OUT.d[at + 3u + c] = acc[chunk * (VC / LANES) + w];
+            }
+#endif
+        return;
     }
 
     // ---- the rows' results ----

@@ -26,6 +26,11 @@ enum class execution { fused, unfused };
 
 struct options {
     execution mode = execution::fused;
+    // Workgroups the keys of a fused attention are split over (a second
+    // dispatch merges them, as in FlashDecoding); 0 chooses per device: on a
+    // GPU, enough to fill it when queries x heads alone would not (decode,
+    // short sequences); none on a CPU device.
+    std::size_t key_splits = 0;
 };
 
 // A dense [batch][heads][rows][cols] fp32 array in a device's memory: an
@@ -254,7 +259,7 @@ struct executor {
         const std::size_t max_x = std::min<std::size_t>(dev.limits().max_workgroup_count[0], 65535);
         const std::size_t gx = std::min(groups, max_x), gy = (groups + max_x - 1) / max_x;
         launch(name, description, glsl::prelude(operands.size(), numbers.size(), local_size) + body, operands, numbers, output,
-               out_rows, out_cols, {gx, gy}, {}, {});
+               out_rows, out_cols, {gx, gy, 1}, {}, {});
     }
 
     // A whole `source` (prelude included) over an explicit grid of
@@ -262,7 +267,7 @@ struct executor {
     // `specialization` constants (constant_id 0..).
     void launch(const std::string& name, const std::string& description, const std::string& source, const std::vector<operand>& operands,
                 const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
-                std::array<std::size_t, 2> grid, const std::vector<std::uint32_t>& extra, const std::vector<std::uint32_t>& specialization) {
+                std::array<std::size_t, 3> grid, const std::vector<std::uint32_t>& extra, const std::vector<std::uint32_t>& specialization) {
         const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(2 + operands.size()), 0, specialization);
         all_from_disk = all_from_disk && dev.kernel_from_disk_cache(kernel);
 
@@ -276,13 +281,13 @@ struct executor {
         dev.upload(p, params.data(), params.size() * 4);
         std::vector<device::buffer_id> bindings{p, output};
         for (const auto& o : operands) bindings.push_back(o.buffer);
-        for (int a = 0; a < 2; ++a)
+        for (int a = 0; a < 3; ++a)
             if (grid[a] > dev.limits().max_workgroup_count[a])
                 throw error("attnfuse: " + description + " needs " + std::to_string(grid[a]) + " workgroups along dimension " +
                             std::to_string(a) + ", more than this device's maxComputeWorkGroupCount[" + std::to_string(a) + "] = " +
                             std::to_string(dev.limits().max_workgroup_count[a]));
         dev.dispatch(kernel, bindings, nullptr, 0, static_cast<std::uint32_t>(std::max<std::size_t>(grid[0], 1)),
-                     static_cast<std::uint32_t>(std::max<std::size_t>(grid[1], 1)));
+                     static_cast<std::uint32_t>(std::max<std::size_t>(grid[1], 1)), static_cast<std::uint32_t>(std::max<std::size_t>(grid[2], 1)));
         info.kernels.push_back(description);
         ++info.dispatches;
     }
@@ -486,6 +491,20 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
     return table;
 }
 
+// How many shares the keys of a fused attention are split into: `requested`
+// when the caller chose; else, on a GPU, enough workgroups to fill a large
+// one (2048) when queries x heads give fewer, each share keeping at least 4
+// key tiles; never on a CPU device, whose threads the workgroups already
+// outnumber. Key indices travel as floats through the merge: below 2^24 only.
+inline std::size_t key_splits(const device& dev, std::size_t requested, std::size_t workgroups, std::size_t key_tiles, std::size_t n_k) {
+    if (n_k >= (std::size_t{1} << 24) || key_tiles < 2) return 1;
+    if (requested) return std::min(requested, key_tiles);
+    if (dev.info().kind == device_kind::cpu) return 1;
+    constexpr std::size_t target = 2048;
+    if (workgroups >= target) return 1;
+    return std::clamp<std::size_t>((target + workgroups - 1) / workgroups, 1, std::max<std::size_t>(1, std::min<std::size_t>(64, key_tiles / 4)));
+}
+
 // The fused kernel's whole GLSL source, from the expression's type alone, so
 // that a static_assert can read it (tests/test_vulkan.cpp does): the
 // prelude, the mode, the generated epilogue, post factor and score term,
@@ -603,9 +622,28 @@ operand fused_attention(const E& e, X& x) {
         static_cast<std::uint32_t>((d_v + flash::value_columns - 1) / flash::value_columns * (flash::value_columns / flash::lanes));
     const auto out = output_buffer(x, n_q, d_v, "the result of " + to_string(e));
     const std::size_t qtiles = (n_q + flash::queries_per_workgroup - 1) / flash::queries_per_workgroup;
-    x.launch("fused_attention", plan::kernel_name<plan::fused_attention_kernel<E>>::get(e), source, operands, numbers, out, n_q, d_v,
-             {qtiles, x.env.batch * x.env.heads}, extra,
-             {std::max<std::uint32_t>(acc_per_invocation, flash::value_columns / flash::lanes)});
+    const std::size_t bh = x.env.batch * x.env.heads;
+    const std::size_t splits = key_splits(x.dev, x.opt.key_splits, qtiles * bh, (n_k + flash::keys_per_tile - 1) / flash::keys_per_tile, n_k);
+    const std::vector<std::uint32_t> specialization{std::max<std::uint32_t>(acc_per_invocation, flash::value_columns / flash::lanes)};
+    const std::string name = plan::kernel_name<plan::fused_attention_kernel<E>>::get(e);
+    if (splits == 1) {
+        x.launch("fused_attention", name, source, operands, numbers, out, n_q, d_v, {qtiles, bh, 1}, extra, specialization);
+        return dense_operand(out, n_q, d_v, x.env.batch, x.env.heads);
+    }
+    // each share's state and unnormalised context, then one merge
+    const auto shares = x.buffer(bh * n_q * splits * (d_v + 3) * sizeof(float), "the key shares of " + to_string(e), true);
+    x.launch("fused_attention", name + " (keys in " + std::to_string(splits) + " shares)", source, operands, numbers, shares, n_q, d_v,
+             {qtiles, bh, splits}, extra, specialization);
+    std::string mode = ratio ? "#define AF_RATIO\n" : parts::hard ? "#define AF_HARD\n" : "#define AF_SOFTMAX\n";
+    const float offset = [&] {
+        if constexpr (ratio) return static_cast<float>(parts::ratio_offset(e));
+        else return 0.0f;
+    }();
+    std::uint32_t offset_bits;
+    std::memcpy(&offset_bits, &offset, 4);
+    x.launch("combine_splits", "merge of the key shares", mode + element_prologue() + std::string(shader_sources::combine_splits),
+             {dense_operand(shares, 1, 1, 1, 1), operands[2]}, {static_cast<std::uint32_t>(splits), offset_bits}, out, n_q, d_v,
+             bh * n_q * d_v);
     return dense_operand(out, n_q, d_v, x.env.batch, x.env.heads);
 }
 

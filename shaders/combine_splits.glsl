@@ -1,0 +1,41 @@
+// Merges the shares of a fused attention whose keys were split over
+// workgroups (shaders/flash_attention.glsl with gl_NumWorkGroups.z > 1):
+// one invocation per output element (b, h, i, c). Operand 0 holds, per
+// (batch x head, query, share), [maximum (or best score), sum (or best key),
+// NaN flag, unnormalised context...]; operand 1 is the values (hard reads
+// the chosen row). NUMU(0) is the number of shares, NUM(1) a ratio's offset.
+// Follows element_prologue.glsl; the generator defines the mode.
+    uint splits = NUMU(0u), stride = cols + 3u, keys = G(1u, 0u);
+    uint base = (bh * rows + i) * splits * stride;
+    bool nan_row = false;
+    for (uint s = 0u; s < splits; ++s) nan_row = nan_row || OP0.d[base + s * stride + 2u] != 0.0;
+#if defined(AF_HARD)
+    // the earliest share wins a tie, as the earliest key does within one
+    float best = -1.0 / 0.0;
+    uint best_at = keys;
+    for (uint s = 0u; s < splits; ++s) {
+        float v = OP0.d[base + s * stride];
+        if (v > best) { best = v; best_at = uint(OP0.d[base + s * stride + 1u]); }
+    }
+    OUT.d[idx] = nan_row ? 0.0 / 0.0 : (best_at < keys ? ld1(b, h, best_at, j) : 0.0);
+#elif defined(AF_RATIO)
+    float l = 0.0, acc = 0.0;
+    for (uint s = 0u; s < splits; ++s) {
+        l += OP0.d[base + s * stride + 1u];
+        acc += OP0.d[base + s * stride + 3u + j];
+    }
+    float denominator = l + NUM(1u);
+    OUT.d[idx] = denominator == 0.0 ? 0.0 : acc / denominator;
+#else
+    float m = -1.0 / 0.0;
+    for (uint s = 0u; s < splits; ++s) m = max(m, OP0.d[base + s * stride]);
+    float l = 0.0, acc = 0.0;
+    for (uint s = 0u; s < splits; ++s) {
+        float ms = OP0.d[base + s * stride];
+        float weight = isinf(ms) ? 0.0 : exp(ms - m);  // a share with every key masked weighs 0
+        l += OP0.d[base + s * stride + 1u] * weight;
+        acc += OP0.d[base + s * stride + 3u + j] * weight;
+    }
+    OUT.d[idx] = nan_row ? 0.0 / 0.0 : (l == 0.0 ? 0.0 : acc / l);
+#endif
+}
