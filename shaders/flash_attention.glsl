@@ -14,6 +14,10 @@
 
 // Context columns per invocation: d_v rounded up to VC, over LANES lanes.
 layout(constant_id = 0) const uint ACC = 16u;
+// Keys split over workgroups (z): write this share's state for
+// combine_splits.glsl. A constant, so that the one-share pipeline carries
+// none of it.
+layout(constant_id = 1) const bool SHARES = false;
 
 #define BQ 16u     // queries per workgroup
 #define BK 32u     // keys per tile
@@ -54,7 +58,7 @@ void main() {
     uint live_first = P.u[range_at], live_end = P.u[range_at + 1u];
     // with the keys split over workgroups (z), this workgroup's share of the
     // live tiles; shaders/combine_splits.glsl merges the shares
-    uint splits = gl_NumWorkGroups.z, split = gl_WorkGroupID.z;
+    uint splits = SHARES ? gl_NumWorkGroups.z : 1u, split = SHARES ? gl_WorkGroupID.z : 0u;
     uint per_split = (live_end - live_first + splits - 1u) / splits;
     uint first_tile = min(live_end, live_first + split * per_split);
     uint end_tile = min(live_end, first_tile + per_split);
@@ -170,7 +174,7 @@ void main() {
     }
 
     // ---- a share of split keys: the row's state and unnormalised context ----
-    if (splits > 1u) {  // uniform
+    if (SHARES) {
         if (!row_live) return;
         uint stride = dv + 3u;
         uint at = ((bh * n_q + i) * splits + split) * stride;

@@ -492,16 +492,19 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
 }
 
 // How many shares the keys of a fused attention are split into: `requested`
-// when the caller chose; else, on a GPU, enough workgroups to fill a large
-// one (2048) when queries x heads give fewer, each share keeping at least 4
-// key tiles; never on a CPU device, whose threads the workgroups already
-// outnumber. Key indices travel as floats through the merge: below 2^24 only.
+// when the caller chose; else, on a GPU whose queries x heads give fewer
+// than 256 workgroups (decode, short prompts), enough shares for about 1024,
+// each keeping at least 4 key tiles. Never on a CPU device, whose threads
+// the workgroups already outnumber, nor where queries x heads fill a GPU
+// already: measured on an H200, splitting 512 or 1024 workgroups gained
+// nothing and the merge cost a little. Key indices travel as floats through
+// the merge: below 2^24 only.
 inline std::size_t key_splits(const device& dev, std::size_t requested, std::size_t workgroups, std::size_t key_tiles, std::size_t n_k) {
     if (n_k >= (std::size_t{1} << 24) || key_tiles < 2) return 1;
     if (requested) return std::min(requested, key_tiles);
     if (dev.info().kind == device_kind::cpu) return 1;
-    constexpr std::size_t target = 2048;
-    if (workgroups >= target) return 1;
+    constexpr std::size_t enough = 256, target = 1024;
+    if (workgroups >= enough) return 1;
     return std::clamp<std::size_t>((target + workgroups - 1) / workgroups, 1, std::max<std::size_t>(1, std::min<std::size_t>(64, key_tiles / 4)));
 }
 
@@ -624,7 +627,8 @@ operand fused_attention(const E& e, X& x) {
     const std::size_t qtiles = (n_q + flash::queries_per_workgroup - 1) / flash::queries_per_workgroup;
     const std::size_t bh = x.env.batch * x.env.heads;
     const std::size_t splits = key_splits(x.dev, x.opt.key_splits, qtiles * bh, (n_k + flash::keys_per_tile - 1) / flash::keys_per_tile, n_k);
-    const std::vector<std::uint32_t> specialization{std::max<std::uint32_t>(acc_per_invocation, flash::value_columns / flash::lanes)};
+    const std::vector<std::uint32_t> specialization{std::max<std::uint32_t>(acc_per_invocation, flash::value_columns / flash::lanes),
+                                                    splits > 1 ? 1u : 0u};
     const std::string name = plan::kernel_name<plan::fused_attention_kernel<E>>::get(e);
     if (splits == 1) {
         x.launch("fused_attention", name, source, operands, numbers, out, n_q, d_v, {qtiles, bh, 1}, extra, specialization);
