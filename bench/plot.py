@@ -24,6 +24,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+# one colour per family, in every plot; d = 128 dashed
+COLOURS = {"sdpa": "tab:blue", "sdpa_causal": "tab:orange", "sliding_window": "tab:green", "alibi": "tab:red",
+           "softcap": "tab:purple", "hard": "tab:brown", "additive": "tab:pink", "decode": "tab:gray"}
+
 NAME = re.compile(r"^(?P<family>[a-z_]+)/(?P<backend>cpu|vulkan)/(?P<mode>[a-z_]+)/bh:(?P<bh>\d+)/nq:(?P<nq>\d+)/nk:(?P<nk>\d+)/d:(?P<d>\d+)")
 
 
@@ -91,7 +95,7 @@ def plot_speedup(rows, out_dir):
                 ns = [n for n in fused if n in unfused]
                 if ns:
                     ax.plot(ns, [unfused[n]["seconds"] / fused[n]["seconds"] for n in ns], style, marker="o", ms=3,
-                            label="%s d=%d" % (family, d))
+                            color=COLOURS.get(family), label="%s d=%d" % (family, d))
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
@@ -112,11 +116,13 @@ def plot_gflops(rows, peaks, out_dir):
         for family in families(rows, machine):
             fused = series(rows, machine, family, "fused", 64)
             if fused:
-                ax.plot(list(fused), [v["gflops"] for v in fused.values()], marker="o", ms=3, label=family + " fused d=64")
-        for mode in ("unfused", "openblas_unfused", "naive_loops"):
+                ax.plot(list(fused), [v["gflops"] for v in fused.values()], marker="o", ms=3, color=COLOURS.get(family),
+                        label=family + " fused d=64")
+        for mode, style in (("unfused", ":"), ("openblas_unfused", "-."), ("naive_loops", "--")):
             s = series(rows, machine, "sdpa", mode, 64)
             if s:
-                ax.plot(list(s), [v["gflops"] for v in s.values()], ":", marker="x", ms=3, label="sdpa " + mode + " d=64")
+                ax.plot(list(s), [v["gflops"] for v in s.values()], style, marker="x", ms=3, color="black",
+                        label="sdpa " + mode + " d=64")
         peak = peaks.get((machine, backend))
         if peak:
             ax.axhline(peak, color="black", lw=1.2, label="FMA peak %.0f" % peak)

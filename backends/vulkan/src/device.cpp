@@ -178,8 +178,9 @@ struct device::impl {
         buffers_in_flight.clear();
         if (waited == vk::Result::eTimeout) throw error("attnfuse: a Vulkan submission did not finish within 10 minutes (VK_TIMEOUT)");
         if (!has_timestamps) return 0;
-        const auto [result, stamps] =
-            queries.getResults<std::uint64_t>(0, 2, 2 * sizeof(std::uint64_t), sizeof(std::uint64_t), vk::QueryResultFlagBits::e64);
+        const auto [result, stamps] = guarded("vkGetQueryPoolResults", [&] {
+            return queries.getResults<std::uint64_t>(0, 2, 2 * sizeof(std::uint64_t), sizeof(std::uint64_t), vk::QueryResultFlagBits::e64);
+        });
         if (result != vk::Result::eSuccess) return 0;
         const double seconds = static_cast<double>(stamps[1] - stamps[0]) * timestamp_period * 1e-9;
         device_seconds_pending += seconds;
