@@ -214,6 +214,11 @@ TEST_CASE("Vulkan fused tiles at odd sizes: partial tiles, skipped tiles, deep a
         check("sliding window", softmax(mask(scale(Q^af::T*K), af::window(40)))*V, q, k, v);
         check("local-m", softmax(mask(scale(Q^af::T*K), abs(j - i) <= 2))*V, q, k, v);
         check("key lengths per batch", softmax(mask(scale(Q^af::T*K), af::key_lengths(L)))*V, q, k, v, l);
+        // a limit per query (a column): the host reads it over each tile's queries
+        std::vector<float> limits(n_q);
+        for (std::size_t r = 0; r < n_q; ++r) limits[r] = static_cast<float>(r / 2);
+        af::matrix<"C"> C;
+        check("key limit per query", softmax(mask(scale(Q^af::T*K), j <= C))*V, q, k, v, af::bind(C, af::row_major(limits.data(), n_q, 1)));
         check("hard", hard(mask(Q^af::T*K, af::causal))*V, q, k, v);
         const auto x = where(af::causal, exp(scale(Q^af::T*K)), 0);
         check("ratio", x / (row_sum(x) + 1e-6) * V, q, k, v);

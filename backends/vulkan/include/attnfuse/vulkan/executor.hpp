@@ -437,6 +437,7 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
     const std::size_t qtiles = (n_q + bq - 1) / bq, ktiles = (n_k + bk - 1) / bk;
     bool reads_vectors = false;  // then the bounds depend on the batch and head
     std::size_t b = 0, h = 0;
+    std::size_t tile_q0 = 0, tile_q1 = 0, tile_k0 = 0, tile_k1 = 0;  // the tile being bounded
     auto leaf = [&](const auto& node) -> interval {
         using N = std::remove_cvref_t<decltype(node)>;
         if constexpr (is_input_v<N>) {
@@ -446,10 +447,12 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
             reads_vectors = true;
             const float* base = v.data + (v.batch == 1 ? 0 : static_cast<std::ptrdiff_t>(b) * v.batch_stride) +
                                 static_cast<std::ptrdiff_t>(h / (x.env.heads / v.heads)) * v.head_stride;
-            const std::size_t count = std::max(v.rows, v.cols);
+            // a column is read at the tile's queries, a row at its keys, as the CPU does
+            const std::size_t from = v.rows > 1 ? tile_q0 : (v.cols > 1 ? tile_k0 : 0);
+            const std::size_t to = v.rows > 1 ? std::min(tile_q1, v.rows) : (v.cols > 1 ? std::min(tile_k1, v.cols) : 1);
             const std::ptrdiff_t stride = v.rows > 1 ? v.row_stride : v.col_stride;
             interval out{std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity()};
-            for (std::size_t n = 0; n < count; ++n) {
+            for (std::size_t n = from; n < to; ++n) {
                 const double value = base[static_cast<std::ptrdiff_t>(n) * stride];
                 if (value != value) return interval::everything();
                 out.lo = std::min(out.lo, value);
@@ -466,6 +469,8 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
         else return node.kind.factor;
     };
     auto dead = [&](std::size_t qt, std::size_t kt) {
+        tile_q0 = qt * bq, tile_q1 = std::min(n_q, qt * bq + bq);
+        tile_k0 = kt * bk, tile_k1 = std::min(n_k, kt * bk + bk);
         const interval rows{static_cast<double>(qt * bq), static_cast<double>(std::min(n_q, qt * bq + bq) - 1)};
         const interval cols{static_cast<double>(kt * bk), static_cast<double>(std::min(n_k, kt * bk + bk) - 1)};
         const interval tile = bounds(score, rows, cols, leaf, factor);
