@@ -366,3 +366,28 @@ TEST_CASE("Vulkan fused attention with its keys split over workgroups agrees wit
     }
     CHECK(dev->validation_messages() == 0);
 }
+
+TEST_CASE("Vulkan: values wider than the fused kernel holds run unfused, each operand computed once", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"W"> W;
+    af::variants::input_store in(75);
+    const std::size_t n = 21, d = 6, wide = 257;  // d_v 257 > 256
+    auto q = af::bind(Q, af::col_major(in.random(d * n), d, n));
+    auto k = af::bind(K, af::col_major(in.random(d * n), d, n));
+    auto v = af::bind(V, af::row_major(in.random(n * d), n, d));
+    auto w = af::bind(W, af::row_major(in.random(d * wide), d, wide));
+    const auto e = softmax(scale(Q^af::T*K))*(V*W);
+    const auto ref = af::reference::evaluate(e, q, k, v, w);
+    const auto [out, info] = vk::run(*dev, e, vk::options{vk::execution::fused}, q, k, v, w);
+    CHECK(relative_error(ref.values, out.values) <= 1e-4);
+    CHECK(info.notes.size() == 1);
+    CHECK(info.dispatches == 5);  // V*W once, then the four kernels of unfused attention
+    CHECK(dev->validation_messages() == 0);
+}

@@ -192,7 +192,9 @@ struct device::impl {
         if (was_recording) submit();  // keep order with what came before
         begin_if_needed();
         commands.copyBuffer(*source.handle, *target.handle, vk::BufferCopy(source_offset, target_offset, bytes));
-        submit();
+        // a copy is no kernel's work: device time counts dispatches only (an
+        // upload or download between runs would otherwise land in the next)
+        device_seconds_pending -= submit();
     }
 };
 

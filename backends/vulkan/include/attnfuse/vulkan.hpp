@@ -117,9 +117,10 @@ public:
     void dispatch(kernel_id, const std::vector<buffer_id>& buffers, const void* push, std::size_t push_bytes,
                   std::uint32_t groups_x, std::uint32_t groups_y = 1, std::uint32_t groups_z = 1);
     // Submits what was recorded and waits; returns the device seconds of
-    // every submission since the last call (an upload into a buffer that a
-    // recorded dispatch reads submits early), measured with timestamps (0
-    // where the queue has none).
+    // every submission of dispatches since the last call (an upload into a
+    // buffer that a recorded dispatch reads submits early), measured with
+    // timestamps (0 where the queue has none). Staging copies are not
+    // counted.
     double submit_and_wait();
 
     std::size_t validation_messages() const;

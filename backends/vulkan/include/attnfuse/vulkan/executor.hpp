@@ -582,11 +582,9 @@ operand fused_attention(const E& e, X& x) {
     // softmax(s) % g broadcasts too)
     if (!parts::fusable(e) || shape_of(parts::weights(e), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
 
-    // operands 0, 1, 2: queries, keys, values (and 3: feature weights of a
-    // pairwise score); then the epilogue's own operands
-    std::vector<operand> operands{evaluate(parts::queries(e), x), evaluate(parts::keys(e), x), evaluate(parts::values(e), x)};
-    if constexpr (traits::pairwise) operands.push_back(evaluate(parts::feature_weights(e), x));
-    const std::size_t n_q = operands[0].cols(), n_k = operands[1].cols(), d_v = operands[2].cols();
+    // the fallbacks first, before any operand is computed (node_kernel
+    // computes them again)
+    const std::size_t d_v = shape_of(parts::values(e), x.env).cols;
     if (x.dev.limits().max_shared_memory < flash::shared_bytes) {
         x.info.notes.push_back("the device's maxComputeSharedMemorySize " + std::to_string(x.dev.limits().max_shared_memory) + " < " +
                                std::to_string(flash::shared_bytes) + " bytes: `" + to_string(e) + "` ran unfused");
@@ -597,6 +595,12 @@ operand fused_attention(const E& e, X& x) {
                                "` ran unfused");
         return node_kernel(e, x);
     }
+
+    // operands 0, 1, 2: queries, keys, values (and 3: feature weights of a
+    // pairwise score); then the epilogue's own operands
+    std::vector<operand> operands{evaluate(parts::queries(e), x), evaluate(parts::keys(e), x), evaluate(parts::values(e), x)};
+    if constexpr (traits::pairwise) operands.push_back(evaluate(parts::feature_weights(e), x));
+    const std::size_t n_q = operands[0].cols(), n_k = operands[1].cols();
     const auto tree = prepare<Core>(parts::score(e), x, operands);
     // g of softmax(s) % g, read after the score's numbers
     const auto post_factor = [&] {
