@@ -149,7 +149,28 @@ vk::device* bench_device() {
 // the device's own (timestamps around the submissions); the wall time of a
 // run is a counter.
 template <family F>
-void attnfuse_vulkan_rows(benchmark::State& state, vk::device& dev, vk::execution mode);
+void attnfuse_vulkan_rows(benchmark::State& state, vk::device& dev, vk::execution mode) {
+    const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
+    const auto [hq, hk, hv] = host_qkv(p);
+    const vk::device_tensor q(dev, hq.view, "Q"), k(dev, hk.view, "K"), v(dev, hv.view, "V");
+    const auto resident = std::tuple{vk::bind_resident(af::matrix<"Q">{}, q), vk::bind_resident(af::matrix<"K">{}, k),
+                                     vk::bind_resident(af::matrix<"V">{}, v)};
+    vk::report last;
+    // one untimed run first: compilation (glslang, and the driver's own, which
+    // lavapipe may do at the first dispatch)
+    with_family<F>(p, resident, [&](const auto& e, const auto&... b) { return vk::run_on_device(dev, e, {mode}, b...).info.dispatches; });
+    for (auto _ : state) {
+        with_family<F>(p, resident, [&](const auto& e, const auto&... b) {
+            auto r = vk::run_on_device(dev, e, {mode}, b...);
+            state.SetIterationTime(std::max(r.info.device_seconds, 1e-9));
+            last = r.info;
+            return 0;
+        });
+    }
+    set_counters(state, p.flops(), last.intermediate_bytes);
+    state.counters["dispatches"] = static_cast<double>(last.dispatches);
+    state.counters["wall_ms"] = last.wall_seconds * 1e3;
+}
 
 template <family F>
 void attnfuse_vulkan(benchmark::State& state, vk::execution mode) {
@@ -163,31 +184,6 @@ void attnfuse_vulkan(benchmark::State& state, vk::execution mode) {
     } catch (const vk::error& e) {  // beyond this device's limits (lavapipe's 128 MiB per binding): a row with its reason
         state.SkipWithError(e.what());
     }
-}
-
-template <family F>
-void attnfuse_vulkan_rows(benchmark::State& state, vk::device& device, vk::execution mode) {
-    vk::device* dev = &device;
-    const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
-    const auto [hq, hk, hv] = host_qkv(p);
-    const vk::device_tensor q(*dev, hq.view, "Q"), k(*dev, hk.view, "K"), v(*dev, hv.view, "V");
-    const auto resident = std::tuple{vk::bind_resident(af::matrix<"Q">{}, q), vk::bind_resident(af::matrix<"K">{}, k),
-                                     vk::bind_resident(af::matrix<"V">{}, v)};
-    vk::report last;
-    // one untimed run first: compilation (glslang, and the driver's own, which
-    // lavapipe may do at the first dispatch)
-    with_family<F>(p, resident, [&](const auto& e, const auto&... b) { return vk::run_on_device(*dev, e, {mode}, b...).info.dispatches; });
-    for (auto _ : state) {
-        with_family<F>(p, resident, [&](const auto& e, const auto&... b) {
-            auto r = vk::run_on_device(*dev, e, {mode}, b...);
-            state.SetIterationTime(std::max(r.info.device_seconds, 1e-9));
-            last = r.info;
-            return 0;
-        });
-    }
-    set_counters(state, p.flops(), last.intermediate_bytes);
-    state.counters["dispatches"] = static_cast<double>(last.dispatches);
-    state.counters["wall_ms"] = last.wall_seconds * 1e3;
 }
 
 // The loops a person writes first: one query row at a time, scores, softmax,

@@ -85,10 +85,26 @@ def families(rows, machine):
     return sorted({k[2] for k in rows if k[0] == machine and k[2] != "decode"})
 
 
-def plot_speedup(rows, out_dir):
+def per_machine(rows, out_dir, filename, title, ylabel, draw, ybase=10, legend=None):
+    """One panel per machine, n on a log-2 axis; draw(ax, machine, backend) adds the lines."""
     ms = machines(rows)
     fig, axes = plt.subplots(1, len(ms), figsize=(6.5 * len(ms), 4.5), squeeze=False)
-    for ax, (machine, _) in zip(axes[0], ms):
+    for ax, (machine, backend) in zip(axes[0], ms):
+        draw(ax, machine, backend)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=ybase)
+        ax.set_xlabel("n (queries = keys)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(machine)
+        ax.legend(**(legend or {"fontsize": 6, "ncol": 2}))
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, filename), dpi=110)
+
+
+def plot_speedup(rows, out_dir):
+    def draw(ax, machine, _):
         for family in families(rows, machine):
             for d, style in ((64, "-"), (128, "--")):
                 fused, unfused = series(rows, machine, family, "fused", d), series(rows, machine, family, "unfused", d)
@@ -97,22 +113,13 @@ def plot_speedup(rows, out_dir):
                     ax.plot(ns, [unfused[n]["seconds"] / fused[n]["seconds"] for n in ns], style, marker="o", ms=3,
                             color=COLOURS.get(family), label="%s d=%d" % (family, d))
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_xlabel("n (queries = keys)")
-        ax.set_ylabel("unfused time / fused time")
-        ax.set_title(machine)
-        ax.legend(fontsize=6, ncol=2)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("attnfuse: fused over unfused")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "speedup.png"), dpi=110)
+
+    per_machine(rows, out_dir, "speedup.png", "attnfuse: fused over unfused", "unfused time / fused time", draw,
+                ybase=2)
 
 
 def plot_gflops(rows, peaks, out_dir):
-    ms = machines(rows)
-    fig, axes = plt.subplots(1, len(ms), figsize=(6.5 * len(ms), 4.5), squeeze=False)
-    for ax, (machine, backend) in zip(axes[0], ms):
+    def draw(ax, machine, backend):
         for family in families(rows, machine):
             fused = series(rows, machine, family, "fused", 64)
             if fused:
@@ -126,37 +133,21 @@ def plot_gflops(rows, peaks, out_dir):
         peak = peaks.get((machine, backend))
         if peak:
             ax.axhline(peak, color="black", lw=1.2, label="FMA peak %.0f" % peak)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("n (queries = keys)")
-        ax.set_ylabel("GFLOP/s (4 n^2 d per head; masked rows count dense)")
-        ax.set_title(machine)
-        ax.legend(fontsize=6, ncol=2)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("attnfuse: throughput against the peak")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "gflops.png"), dpi=110)
+
+    per_machine(rows, out_dir, "gflops.png", "attnfuse: throughput against the peak",
+                "GFLOP/s (4 n^2 d per head; masked rows count dense)", draw)
 
 
 def plot_memory(rows, out_dir):
-    ms = machines(rows)
-    fig, axes = plt.subplots(1, len(ms), figsize=(6.5 * len(ms), 4.5), squeeze=False)
-    for ax, (machine, _) in zip(axes[0], ms):
+    def draw(ax, machine, _):
         for mode, style in (("fused", "-"), ("unfused", "--")):
             s = series(rows, machine, "sdpa", mode, 64)
             if s:
                 ax.plot(list(s), [max(v["bytes"], 1) for v in s.values()], style, marker="o", ms=3,
                         label="sdpa %s (bh as run)" % mode)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("n (queries = keys)")
-        ax.set_ylabel("bytes of intermediates (1 = none)")
-        ax.set_title(machine)
-        ax.legend(fontsize=7)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("attnfuse: memory besides inputs and output")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "memory.png"), dpi=110)
+
+    per_machine(rows, out_dir, "memory.png", "attnfuse: memory besides inputs and output", "bytes of intermediates (1 = none)",
+                draw, legend={"fontsize": 7})
 
 
 def write_table(rows, peaks, out_dir):

@@ -167,17 +167,7 @@ interval tile_bounds(const E& e, std::size_t row0, std::size_t row1, std::size_t
         if constexpr (std::is_same_v<X, memory_leaf>) {
             const tensor_view<float>& v = x.view;
             if (v.rows > 1 && v.cols > 1) return interval::everything();
-            interval out{std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity()};
-            const std::size_t from = v.rows > 1 ? row0 : (v.cols > 1 ? col0 : 0);
-            const std::size_t to = v.rows > 1 ? std::min(row1, v.rows) : (v.cols > 1 ? std::min(col1, v.cols) : 1);
-            const std::ptrdiff_t stride = v.rows > 1 ? v.row_stride : v.col_stride;
-            for (std::size_t n = from; n < to; ++n) {
-                const double value = x.base[static_cast<std::ptrdiff_t>(n) * stride];
-                if (value != value) return interval::everything();
-                out.lo = std::min(out.lo, value);
-                out.hi = std::max(out.hi, value);
-            }
-            return out;
+            return vector_bounds(x.base, v.rows, v.cols, v.row_stride, v.col_stride, row0, row1, col0, col1);
         } else {
             return interval::everything();
         }

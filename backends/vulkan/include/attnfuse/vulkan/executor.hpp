@@ -3,7 +3,6 @@
 #pragma once
 #include <array>
 #include <chrono>
-#include <limits>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -447,18 +446,7 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
             reads_vectors = true;
             const float* base = v.data + (v.batch == 1 ? 0 : static_cast<std::ptrdiff_t>(b) * v.batch_stride) +
                                 static_cast<std::ptrdiff_t>(h / (x.env.heads / v.heads)) * v.head_stride;
-            // a column is read at the tile's queries, a row at its keys, as the CPU does
-            const std::size_t from = v.rows > 1 ? tile_q0 : (v.cols > 1 ? tile_k0 : 0);
-            const std::size_t to = v.rows > 1 ? std::min(tile_q1, v.rows) : (v.cols > 1 ? std::min(tile_k1, v.cols) : 1);
-            const std::ptrdiff_t stride = v.rows > 1 ? v.row_stride : v.col_stride;
-            interval out{std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity()};
-            for (std::size_t n = from; n < to; ++n) {
-                const double value = base[static_cast<std::ptrdiff_t>(n) * stride];
-                if (value != value) return interval::everything();
-                out.lo = std::min(out.lo, value);
-                out.hi = std::max(out.hi, value);
-            }
-            return out;
+            return vector_bounds(base, v.rows, v.cols, v.row_stride, v.col_stride, tile_q0, tile_q1, tile_k0, tile_k1);
         } else {
             return interval::everything();
         }
@@ -623,7 +611,7 @@ operand fused_attention(const E& e, X& x) {
     }
     // the text comes from the type alone; what was collected here must be what it reads
     static_assert(std::is_same_v<std::remove_cvref_t<decltype(tree)>, prepared_t<Core, decltype(parts::score(e))>>);
-    const std::string source = fused_attention_source<E>();
+    static const std::string source = fused_attention_source<E>();  // the type's text: built once per process
     const std::size_t first_operand = traits::pairwise ? 4 : 3;
     if (operands.size() != first_operand + glsl::operands_in<std::remove_cvref_t<decltype(tree)>>() +
                                glsl::operands_in<std::remove_cvref_t<decltype(post_factor)>>() ||
