@@ -1,8 +1,9 @@
 // Merges the shares of a fused attention whose keys were split over
 // workgroups (shaders/flash_attention.glsl with gl_NumWorkGroups.z > 1):
 // one invocation per output element (b, h, i, c). Operand 0 holds, per
-// (batch x head, query, share), [maximum (or best score), sum (or best key),
-// NaN flag, unnormalised context...]; operand 1 is the values (hard reads
+// (batch x head, query, share), [maximum (or best score), sum (or the best
+// key / 4096), NaN flag, context (normalised by the share's sum for softmax;
+// for hard, the best key % 4096)...]; operand 1 is the values (hard reads
 // the chosen row). NUMU(0) is the number of shares, NUM(1) a ratio's offset.
 // Follows element_prologue.glsl; the generator defines the mode.
     uint splits = NUMU(0u), stride = cols + 3u, keys = G(1u, 0u);
@@ -15,9 +16,10 @@
     uint best_at = keys;
     for (uint s = 0u; s < splits; ++s) {
         float v = OP0.d[base + s * stride];
-        if (v > best) { best = v; best_at = uint(OP0.d[base + s * stride + 1u]); }
+        if (v > best) { best = v; best_at = uint(OP0.d[base + s * stride + 1u]) * 4096u + uint(OP0.d[base + s * stride + 3u]); }
     }
     OUT.d[idx] = nan_row ? 0.0 / 0.0 : (best_at < keys ? ld1(b, h, best_at, j) : 0.0);
+    af_check_loops();
 #elif defined(AF_RATIO)
     float l = 0.0, acc = 0.0;
     for (uint s = 0u; s < splits; ++s) {
@@ -26,16 +28,24 @@
     }
     float denominator = l + NUM(1u);
     OUT.d[idx] = denominator == 0.0 ? 0.0 : acc / denominator;
+    af_check_loops();
 #else
     float m = -1.0 / 0.0;
     for (uint s = 0u; s < splits; ++s) m = max(m, OP0.d[base + s * stride]);
-    float l = 0.0, acc = 0.0;
+    // each share's context is already a convex combination of value rows: the
+    // merge weighs them by their sums, so it cannot overflow either
+    float l = 0.0;
     for (uint s = 0u; s < splits; ++s) {
         float ms = OP0.d[base + s * stride];
-        float weight = isinf(ms) ? 0.0 : exp(ms - m);  // a share with every key masked weighs 0
-        l += OP0.d[base + s * stride + 1u] * weight;
-        acc += OP0.d[base + s * stride + 3u + j] * weight;
+        l += isinf(ms) ? 0.0 : OP0.d[base + s * stride + 1u] * exp(ms - m);  // a share with every key masked weighs 0
     }
-    OUT.d[idx] = nan_row ? 0.0 / 0.0 : (l == 0.0 ? 0.0 : acc / l);
+    float acc = 0.0;
+    for (uint s = 0u; s < splits && l > 0.0; ++s) {
+        float ms = OP0.d[base + s * stride];
+        float weight = isinf(ms) ? 0.0 : OP0.d[base + s * stride + 1u] * exp(ms - m) / l;
+        if (weight != 0.0) acc += OP0.d[base + s * stride + 3u + j] * weight;
+    }
+    OUT.d[idx] = nan_row ? 0.0 / 0.0 : acc;
 #endif
+    af_check_loops();
 }

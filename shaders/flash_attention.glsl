@@ -1,22 +1,28 @@
 // FlashAttention-style fused attention: a workgroup per (tile of BQ queries,
 // batch x head). Key and value tiles are staged in shared memory; each
 // query row keeps a running maximum and sum (or argmax), its context in
-// registers, and the n_q x n_k scores are never written. Embedded at build
-// time; the generator puts in front of it the prelude, the mode
+// registers, and the n_q x n_k scores are never written. A softmax row's
+// context is kept normalised by its running sum (a convex combination of
+// value rows: it cannot overflow while the result is finite), and a value
+// row whose weight is 0 is never added: a NaN there reaches no output.
+// Embedded at build time; the generator puts in front of it the prelude, the mode
 // (AF_SOFTMAX, AF_HARD or AF_RATIO, with AF_DROPOUT and AF_POST), and
 //   float score_term(uint b, uint h, uint a, float qv, float kv)  one term of the core's sum
 //   float epilogue(float s, uint b, uint h, uint bh, uint i, uint j)  the score around the core
 //   float post_factor(uint b, uint h, uint bh, uint i, uint j)     g of softmax(s) % g
 // Operands 0, 1, 2 are queries (depth x n_q), keys (depth x n_k) and values
-// (n_k x d_v). After the output's extents, P.u holds the live key tiles of
-// every query tile (host-computed interval bounds of the score), so that
-// wholly masked tiles are never loaded.
+// (n_k x d_v). After the output's extents, P.u holds this dispatch's window
+// of key tiles [begin, end) and whether it resumes the state an earlier
+// dispatch left (the host runs a long key row as several dispatches, so
+// that no invocation loops past the driver's limit), then the live key
+// tiles of every query tile (host-computed interval bounds of the score),
+// so that wholly masked tiles are never loaded.
 
 // Context columns per invocation: d_v rounded up to VC, over LANES lanes.
 layout(constant_id = 0) const uint ACC = 16u;
-// Keys split over workgroups (z): write this share's state for
-// combine_splits.glsl. A constant, so that the one-share pipeline carries
-// none of it.
+// Keys split over workgroups (z) or over dispatches: write this share's
+// state for combine_splits.glsl (and for the next dispatch to resume). A
+// constant, so that the one-share pipeline carries none of it.
 layout(constant_id = 1) const bool SHARES = false;
 
 #define BQ 16u     // queries per workgroup
@@ -34,8 +40,10 @@ shared float stage[STAGE_FLOATS];       // queries and keys, then values
 shared float weights[BQ * (BK + 1u)];   // scores, then weights, of the tile
 shared float row_scale[BQ];             // per row: rescale of the context
 shared uint row_best[BQ];               // per row (hard): the chosen key
+shared uint bad_keys[2];                // keys of the staged values holding NaN or inf, by step parity
 
-uint RANGES() { return 4u + 12u * NUM_OPERANDS + NUM_NUMBERS; }
+uint WINDOW() { return 4u + 12u * NUM_OPERANDS + NUM_NUMBERS; }
+uint RANGES() { return WINDOW() + 3u; }
 
 void main() {
     uint t = gl_LocalInvocationID.x;
@@ -62,6 +70,11 @@ void main() {
     uint per_split = (live_end - live_first + splits - 1u) / splits;
     uint first_tile = min(live_end, live_first + split * per_split);
     uint end_tile = min(live_end, first_tile + per_split);
+    // this dispatch's window of the key tiles
+    first_tile = max(first_tile, P.u[WINDOW()]);
+    end_tile = min(end_tile, P.u[WINDOW() + 1u]);
+    bool resume = SHARES && P.u[WINDOW() + 2u] != 0u;
+    uint share_at = ((bh * n_q + min(i, n_q - 1u)) * splits + split) * (dv + 3u);
 
     float acc[ACC];
     for (uint w = 0u; w < ACC; ++w) acc[w] = 0.0;
@@ -69,6 +82,26 @@ void main() {
     float m = -1.0 / 0.0, l = 0.0, best = -1.0 / 0.0;
     uint best_at = keys;
     bool nan_row = false;
+    if (resume && row_live) {  // the state this share's previous dispatch left
+#if defined(AF_HARD)
+        best = OUT.d[share_at];
+        best_at = uint(OUT.d[share_at + 1u]) * 4096u + uint(OUT.d[share_at + 3u]);
+#else
+        m = OUT.d[share_at];
+        l = OUT.d[share_at + 1u];
+        for (uint chunk = 0u; chunk < ACC / (VC / LANES); ++chunk)
+            for (uint w = 0u; w < VC / LANES; ++w) {
+                uint c = chunk * VC + lane + LANES * w;
+                if (c < dv) acc[chunk * (VC / LANES) + w] = OUT.d[share_at + 3u + c];
+            }
+#endif
+        nan_row = OUT.d[share_at + 2u] != 0.0;
+    }
+    if (t == 0u) {
+        bad_keys[0] = 0u;
+        bad_keys[1] = 0u;
+    }
+    uint step = 0u;  // value chunks staged so far: picks the bad_keys slot
 
     bool queries_resident = depth <= QMAX;  // uniform
     if (queries_resident) {
@@ -130,12 +163,21 @@ void main() {
                 else top = max(top, x);
             }
             // masked scores (-inf) weigh exactly 0; a row masked so far keeps l = 0
-            scale = isinf(m) ? 0.0 : exp(m - top);
-            l *= scale;
-            for (uint k = 0u; k < BK; ++k) {
+            float alpha = isinf(m) ? 0.0 : exp(m - top);
+            float l_new = l * alpha;
+            for (uint k = 0u; k < live; ++k) {
                 float x = weights[r * (BK + 1u) + k];
-                float p = (k < live && !isnan(x) && !isinf(top) && !(isinf(x) && x < 0.0)) ? exp(x - top) : 0.0;
-                l += p;
+                float p = (!isnan(x) && !isinf(top) && !(isinf(x) && x < 0.0)) ? exp(x - top) : 0.0;
+                weights[r * (BK + 1u) + k] = p;
+                l_new += p;
+            }
+            // the context stays sum(p v) / l: rescaled by l_old alpha / l_new,
+            // and this tile's weights divided by l_new
+            float inverse = l_new > 0.0 ? 1.0 / l_new : 0.0;
+            scale = l * alpha * inverse;
+            l = l_new;
+            for (uint k = 0u; k < BK; ++k) {
+                float p = k < live ? weights[r * (BK + 1u) + k] * inverse : 0.0;
 #if defined(AF_DROPOUT)
                 p = af_dropout(p, NUMU(AF_DROPOUT), NUMU(AF_DROPOUT + 1u), NUM(AF_DROPOUT + 2u), bh, i, k0 + k);
 #endif
@@ -160,28 +202,45 @@ void main() {
             barrier();
             for (uint e = t; e < BK * VC; e += BQ * LANES) {
                 uint k = e / VC, c = e % VC;
-                stage[e] = (k0 + k < keys && c0 + c < dv) ? OP2.d[v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs] : 0.0;
+                float v = (k0 + k < keys && c0 + c < dv) ? OP2.d[v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs] : 0.0;
+                if (isnan(v) || isinf(v)) {  // left out of the product; added back below where its weight is not 0
+                    atomicOr(bad_keys[step & 1u], 1u << k);
+                    v = 0.0;
+                }
+                stage[e] = v;
             }
             barrier();
+            uint bad = bad_keys[step & 1u];
+            if (t == 0u) bad_keys[(step + 1u) & 1u] = 0u;  // no one reads or writes that slot until the next barrier
+            ++step;
             for (uint w = 0u; w < VC / LANES; ++w) {
                 uint c = lane + LANES * w;
                 float sum = 0.0;
                 for (uint k = 0u; k < BK; ++k) sum += weights[r * (BK + 1u) + k] * stage[k * VC + c];
+                for (uint k = 0u; bad != 0u && k < BK; ++k) {
+                    float weight = weights[r * (BK + 1u) + k];
+                    if (((bad >> k) & 1u) != 0u && weight != 0.0 && c0 + c < dv) {
+                        float v = OP2.d[v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs];
+                        if (isnan(v) || isinf(v)) sum += weight * v;
+                    }
+                }
                 acc[chunk * (VC / LANES) + w] += sum;
             }
         }
 #endif
     }
 
-    // ---- a share of split keys: the row's state and unnormalised context ----
+    af_check_loops();
+
+    // ---- a share of split keys: the row's state and context ----
     if (SHARES) {
         if (!row_live) return;
-        uint stride = dv + 3u;
-        uint at = ((bh * n_q + i) * splits + split) * stride;
+        uint at = share_at;
         if (lane == 0u) {
 #if defined(AF_HARD)
             OUT.d[at] = best;
-            OUT.d[at + 1u] = float(best_at);  // exact: the host splits only below 2^24 keys
+            OUT.d[at + 1u] = float(best_at / 4096u);  // two exact halves: the key as one float would round past 2^24
+            OUT.d[at + 3u] = float(best_at % 4096u);
 #else
             OUT.d[at] = m;
             OUT.d[at + 1u] = l;
@@ -206,7 +265,7 @@ void main() {
         float denominator = l + NUM(AF_RATIO);
         row_scale[r] = denominator == 0.0 ? 0.0 : 1.0 / denominator;
 #else
-        row_scale[r] = nan_row ? 0.0 / 0.0 : (l == 0.0 ? 0.0 : 1.0 / l);  // every key masked: context 0
+        row_scale[r] = nan_row ? 0.0 / 0.0 : (l == 0.0 ? 0.0 : 1.0);  // normalised as it went; every key masked: context 0
 #endif
     }
     barrier();

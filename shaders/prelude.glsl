@@ -57,3 +57,15 @@ float af_dropout(float x, uint seed, uint threshold, float keep_scale, uint bh, 
 uint invocation() {
     return (gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x) * gl_WorkGroupSize.x + gl_LocalInvocationID.x;
 }
+
+// Some drivers end every loop of an invocation, silently, once its loops
+// have run a number of iterations in all: llvmpipe after 65535. The host
+// sizes every loop to stay under the device's limit; this check, at the end
+// of each kernel, catches a miss: a loop of two trips runs once when the
+// limit was reached, and the run is then redone in smaller pieces.
+void af_check_loops() {
+    uint trips = 2u + (P.u[0] >> 31u);  // 2, but not known to the compiler
+    uint ran = 0u;
+    for (uint z = 0u; z < trips; ++z) ran += min(P.u[0], 1u);
+    if (ran != trips) atomicOr(AF_STATUS.flags, 1u);
+}

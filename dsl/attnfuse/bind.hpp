@@ -5,6 +5,7 @@
 #pragma once
 #include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -74,6 +75,38 @@ struct tensor {
     }
 };
 
+// The lowest and highest element offsets a view reaches from its data
+// pointer, and how many elements lie between them. An axis of extent 1
+// reaches nothing, whatever its stride. Throws shape_error, naming `name`,
+// when the arithmetic would overflow or the span exceeds what an address can
+// hold: a stride of 2^62 over two rows is an error, never a wrapped span.
+struct element_span {
+    std::ptrdiff_t low = 0, high = 0;
+    std::size_t count() const { return static_cast<std::size_t>(high - low) + 1; }
+};
+template <class Element>
+element_span checked_span(const tensor_view<Element>& v, const std::string& name) {
+    const std::size_t extents[4] = {v.rows, v.cols, v.batch, v.heads};
+    const std::ptrdiff_t strides[4] = {v.row_stride, v.col_stride, v.batch_stride, v.head_stride};
+    const char* axes[4] = {"row", "column", "batch", "head"};
+    constexpr std::ptrdiff_t limit = std::numeric_limits<std::ptrdiff_t>::max() / static_cast<std::ptrdiff_t>(sizeof(Element));
+    element_span span;
+    for (int a = 0; a < 4; ++a) {
+        if (extents[a] <= 1) continue;
+        std::ptrdiff_t reach = 0, width = 0;
+        const bool overflow = extents[a] - 1 > static_cast<std::size_t>(limit) ||
+                              __builtin_mul_overflow(static_cast<std::ptrdiff_t>(extents[a] - 1), strides[a], &reach) ||
+                              (reach < 0 ? __builtin_add_overflow(span.low, reach, &span.low) : __builtin_add_overflow(span.high, reach, &span.high)) ||
+                              __builtin_sub_overflow(span.high, span.low, &width) || width >= limit;
+        if (overflow)
+            throw shape_error("input " + name + ": " + axes[a] + " stride " + std::to_string(strides[a]) + " over " +
+                              std::to_string(extents[a]) + " " + axes[a] + "s reaches past what an address can hold (" +
+                              std::to_string(v.batch) + " batch x " + std::to_string(v.heads) + " heads of " +
+                              shape_to_string(v.rows, v.cols) + ")");
+    }
+    return span;
+}
+
 template <fixed_string Name, class Element>
 struct binding {
     static constexpr auto name = Name;
@@ -97,6 +130,7 @@ binding<Name, El> bind(const matrix<Name, R, C, El>&, tensor_view<El> view) {
              " heads of " + shape_to_string(view.rows, view.cols) + ")");
     if ((R != dyn && R != view.rows) || (C != dyn && C != view.cols))
         fail("declared " + shape_to_string(R, C) + " but bound to " + shape_to_string(view.rows, view.cols));
+    (void)checked_span(view, std::string(Name.view()));
     return {view};
 }
 template <fixed_string Name, std::size_t R, std::size_t C, class El>

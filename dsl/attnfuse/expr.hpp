@@ -316,6 +316,9 @@ template <> struct is_pointwise<constant> : std::true_type {};
 template <> struct is_pointwise<query_index> : std::true_type {};
 template <> struct is_pointwise<key_index> : std::true_type {};
 template <class E> inline constexpr bool is_pointwise_v = is_pointwise<std::remove_cvref_t<E>>::value;
+// A sub-expression under a printed name (causal, window(w)): it computes its operand.
+template <class E> struct is_named_node : std::false_type {};
+template <fixed_string L, class A> struct is_named_node<node<kind::named<L>, A>> : std::true_type {};
 
 // ----------------------------------------------------------- builders ---
 

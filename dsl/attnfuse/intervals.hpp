@@ -42,6 +42,21 @@ inline interval product_bounds(interval a, interval b) {
     return {*std::min_element(c, c + 4), *std::max_element(c, c + 4)};
 }
 
+// The unary operations whose bounds are their values at the interval's ends:
+// each is listed, never assumed.
+template <class Op>
+inline constexpr bool monotone_increasing = std::is_same_v<Op, op::exp_> || std::is_same_v<Op, op::log_> ||
+                                            std::is_same_v<Op, op::tanh_> || std::is_same_v<Op, op::sigmoid> ||
+                                            std::is_same_v<Op, op::relu> || std::is_same_v<Op, op::sqrt_>;
+
+// An operation with no rule here is a compile error naming it (the Op of the
+// instantiation): a guessed bound would let a kernel skip tiles it needs.
+template <class Op> constexpr void no_bounds_rule() {
+    static_assert(sizeof(Op) == 0, "attnfuse: this elementwise operation has no interval-bounds rule (it is the Op of "
+                                   "this instantiation). Fix: add its branch to attnfuse::detail::apply_bounds, stating "
+                                   "its monotonicity.");
+}
+
 template <class Op> interval apply_bounds(interval a) {
     if constexpr (std::is_same_v<Op, op::negate>) return {-a.hi, -a.lo};
     else if constexpr (std::is_same_v<Op, op::logical_not>) return truth(a.surely_zero(), a.surely_nonzero());
@@ -52,8 +67,11 @@ template <class Op> interval apply_bounds(interval a) {
     } else if constexpr (std::is_same_v<Op, op::square>) {
         const interval m = apply_bounds<op::abs_>(a);
         return {m.lo * m.lo, m.hi * m.hi};
-    } else {  // exp, log, tanh, sigmoid, relu, sqrt are monotone increasing
+    } else if constexpr (monotone_increasing<Op>) {
         return checked(Op::apply(a.lo), Op::apply(a.hi));
+    } else {
+        no_bounds_rule<Op>();
+        return interval::everything();
     }
 }
 
@@ -76,7 +94,12 @@ template <class Op> interval apply_bounds(interval a, interval b) {
         return truth(a.hi < b.lo || b.hi < a.lo, a.lo == a.hi && b.lo == b.hi && a.lo == b.lo);
     else if constexpr (std::is_same_v<Op, op::logical_and>)
         return truth(a.surely_nonzero() && b.surely_nonzero(), a.surely_zero() || b.surely_zero());
-    else return truth(a.surely_nonzero() || b.surely_nonzero(), a.surely_zero() && b.surely_zero());  // or
+    else if constexpr (std::is_same_v<Op, op::logical_or>)
+        return truth(a.surely_nonzero() || b.surely_nonzero(), a.surely_zero() && b.surely_zero());
+    else {
+        no_bounds_rule<Op>();
+        return interval::everything();
+    }
 }
 
 }  // namespace detail
@@ -114,7 +137,10 @@ interval bounds(const E& e, interval rows, interval cols, const Leaf& leaf, cons
         if constexpr (std::tuple_size_v<decltype(e.kids)> == 1) return detail::apply_bounds<Op>(kid(e.template kid<0>()));
         else if constexpr (std::tuple_size_v<decltype(e.kids)> == 2)
             return detail::apply_bounds<Op>(kid(e.template kid<0>()), kid(e.template kid<1>()));
-        else {  // where(c, a, b)
+        else if constexpr (!std::is_same_v<Op, op::select>) {
+            detail::no_bounds_rule<Op>();
+            return interval::everything();
+        } else {  // where(c, a, b)
             const interval c = kid(e.template kid<0>());
             if (c.surely_nonzero()) return kid(e.template kid<1>());
             if (c.surely_zero()) return kid(e.template kid<2>());
@@ -127,8 +153,11 @@ interval bounds(const E& e, interval rows, interval cols, const Leaf& leaf, cons
         return detail::hull(detail::product_bounds(a, interval::point(1 / (1 - e.kind.p))), interval::point(0));
     } else if constexpr (has_kind_v<E, kind::lookup>) {
         return interval::everything();
-    } else {  // named
+    } else if constexpr (is_named_node<E>::value) {
         return bounds(e.template kid<0>(), rows, cols, leaf, factor);
+    } else {
+        static_assert(sizeof(E) == 0, "attnfuse: a pointwise node kind has no interval-bounds rule (the E of this instantiation)");
+        return interval::everything();
     }
 }
 

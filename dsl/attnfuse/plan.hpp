@@ -121,6 +121,16 @@ struct normaliser<node<kind::elementwise<op::divide>, X,
     using post = void;
 };
 
+// normalise(score)*V, fused or not: the context as a weighted sum of value
+// rows. Every backend, mode and the reference follow one rule for it: a key
+// whose weight is exactly 0 (masked, not chosen by hard, dropped by dropout,
+// zeroed by a post factor) is never read, so a NaN or inf in its value row
+// reaches no output; a weight that is merely small still multiplies.
+template <class E> struct is_weighted_sum : std::false_type {};
+template <class N, class V>
+struct is_weighted_sum<node<kind::product, N, V>> : std::bool_constant<normaliser<N>::norm != normalisation::none> {};
+template <class E> inline constexpr bool is_weighted_sum_v = is_weighted_sum<std::remove_cvref_t<E>>::value;
+
 template <class G> struct operands_of_post { using type = cluster_operands_t<G>; };
 template <> struct operands_of_post<void> { using type = list<>; };
 

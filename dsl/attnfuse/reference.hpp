@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "bind.hpp"
+#include "plan.hpp"
 
 namespace attnfuse::reference {
 
@@ -114,8 +115,10 @@ dense fill(const E& e, const context<Env>& ctx, std::size_t rows, std::size_t co
             const double at = std::nearbyint(std::fmin(std::fmax(index.values[n], 0.0), last));
             out.values[n] = table.values[static_cast<std::size_t>(at)];
         }
-    } else {  // named
+    } else if constexpr (is_named_node<E>::value) {
         out = fill(e.template kid<0>(), ctx, rows, cols);
+    } else {
+        static_assert(sizeof(E) == 0, "attnfuse: the reference has no rule for this pointwise node (the E of this instantiation)");
     }
     return out;
 }
@@ -188,10 +191,12 @@ dense materialize(const E& e, const context<Env>& ctx) {
     } else if constexpr (has_kind_v<E, kind::product>) {
         const dense a = materialize(e.template kid<0>(), ctx), b = materialize(e.template kid<1>(), ctx);
         dense out(a.rows, b.cols);
+        constexpr bool weighted_sum = plan::is_weighted_sum_v<E>;  // zero weights skip their value rows
         for (std::size_t r = 0; r < a.rows; ++r)
             for (std::size_t c = 0; c < b.cols; ++c) {
                 double sum = 0;
-                for (std::size_t k = 0; k < a.cols; ++k) sum += a(r, k) * b(k, c);
+                for (std::size_t k = 0; k < a.cols; ++k)
+                    if (!weighted_sum || a(r, k) != 0) sum += a(r, k) * b(k, c);
                 out(r, c) = sum;
             }
         return out;

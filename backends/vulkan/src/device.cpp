@@ -51,6 +51,79 @@ std::filesystem::path cache_directory() {
     return std::filesystem::temp_directory_path() / "attnfuse-cache";
 }
 
+// Cache files carry a header of their own: what they hold, for which key,
+// how long it is and a checksum of it, so that a file cut short, garbled or
+// swapped with another kernel's is recognised and rebuilt, never used.
+struct cache_header {
+    char magic[4];
+    std::uint32_t format;
+    std::uint64_t key;
+    std::uint64_t bytes;
+    std::uint64_t checksum;
+};
+constexpr std::uint32_t cache_format = 1;
+
+std::uint64_t checksum(const void* data, std::size_t bytes) {
+    return fnv1a(std::string_view(static_cast<const char*>(data), bytes));
+}
+
+// The payload of a cache file made for `key`, or nothing with `problem` set
+// ("" when the file is simply absent).
+std::optional<std::vector<char>> read_cache_file(const std::filesystem::path& file, const char (&magic)[5], std::uint64_t key,
+                                                 std::string& problem) {
+    problem.clear();
+    std::ifstream in(file, std::ios::binary);
+    if (!in) return std::nullopt;
+    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    cache_header h{};
+    if (bytes.size() < sizeof h) {
+        problem = "shorter than its header (" + std::to_string(bytes.size()) + " bytes)";
+        return std::nullopt;
+    }
+    std::memcpy(&h, bytes.data(), sizeof h);
+    if (std::memcmp(h.magic, magic, 4) != 0 || h.format != cache_format) {
+        problem = "not an attnfuse cache file of this format";
+        return std::nullopt;
+    }
+    if (h.key != key) {
+        problem = "made for another kernel or device";
+        return std::nullopt;
+    }
+    if (h.bytes != bytes.size() - sizeof h) {
+        problem = "cut short or padded (" + std::to_string(bytes.size() - sizeof h) + " bytes where its header says " +
+                  std::to_string(h.bytes) + ")";
+        return std::nullopt;
+    }
+    if (h.checksum != checksum(bytes.data() + sizeof h, h.bytes)) {
+        problem = "corrupted (its checksum does not match)";
+        return std::nullopt;
+    }
+    return std::vector<char>(bytes.begin() + sizeof h, bytes.end());
+}
+
+// Written aside and renamed: processes running side by side never read half a file.
+void write_cache_file(const std::filesystem::path& file, const char (&magic)[5], std::uint64_t key, const void* data,
+                      std::size_t bytes, const void* owner) {
+    std::error_code ignored;
+    std::filesystem::create_directories(file.parent_path(), ignored);
+    cache_header h{};
+    std::memcpy(h.magic, magic, 4);
+    h.format = cache_format;
+    h.key = key;
+    h.bytes = bytes;
+    h.checksum = checksum(data, bytes);
+    const auto temporary = file.string() + ".tmp" + std::to_string(fnv1a(std::to_string(reinterpret_cast<std::uintptr_t>(owner)) +
+                                                                      std::to_string(::getpid())));
+    {
+        std::ofstream out(temporary, std::ios::binary);
+        if (!out) return;
+        out.write(reinterpret_cast<const char*>(&h), sizeof h);
+        out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+        if (!out) return;
+    }
+    std::filesystem::rename(temporary, file, ignored);
+}
+
 bool env_flag(const char* name, std::string_view contains = "1") {
     const char* v = std::getenv(name);
     return v && std::string_view(v).find(contains) != std::string_view::npos;
@@ -63,8 +136,11 @@ VKAPI_ATTR VkBool32 VKAPI_CALL on_validation_message(VkDebugUtilsMessageSeverity
 }  // namespace
 
 struct device::impl {
+    // every public call holds it; a run holds it throughout (exclusive())
+    mutable std::recursive_mutex mutex;
     device_info info;
     device_limits limits;
+    std::vector<std::string> notes;  // for the next run's report
     std::atomic<std::size_t> messages{0};
     std::mutex message_mutex;
     std::string last_message;
@@ -94,6 +170,7 @@ struct device::impl {
         std::size_t bytes = 0;
     };
     std::vector<std::optional<buffer>> buffers;
+    std::vector<buffer_id> free_slots;  // released entries of `buffers`, reused first
 
     struct kernel {
         vk::raii::DescriptorSetLayout set_layout{nullptr};
@@ -263,6 +340,15 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
         d.limits.max_shared_memory = props.limits.maxComputeSharedMemorySize;
         const auto sub = d.physical.getProperties2<vk::PhysicalDeviceProperties2, vk::PhysicalDeviceSubgroupProperties>();
         d.limits.subgroup_size = sub.get<vk::PhysicalDeviceSubgroupProperties>().subgroupSize;
+        // llvmpipe ends every shader loop once an invocation has run 65535
+        // iterations of its loops in all (LP_MAX_TGSI_LOOP_ITERATIONS), silently
+        const auto driver_id = d.physical.getProperties2<vk::PhysicalDeviceProperties2, vk::PhysicalDeviceDriverProperties>()
+                                   .get<vk::PhysicalDeviceDriverProperties>().driverID;
+        const bool llvmpipe = driver_id == vk::DriverId::eMesaLlvmpipe || std::string_view(props.deviceName.data()).find("llvmpipe") != std::string_view::npos;
+        const std::uint32_t driver_cap = llvmpipe ? 65535u : 0u;
+        d.limits.max_loop_iterations = options.max_loop_iterations == 0 ? driver_cap
+                                       : driver_cap == 0                ? options.max_loop_iterations
+                                                                        : std::min(driver_cap, options.max_loop_iterations);
         d.unified_memory = props.deviceType == vk::PhysicalDeviceType::eCpu ||
                            props.deviceType == vk::PhysicalDeviceType::eIntegratedGpu;
 
@@ -280,11 +366,14 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
                                 .get<vk::PhysicalDeviceDriverProperties>();
         d.device_key = std::string(props.deviceName.data()) + "|" + driver.driverInfo.data() + "|" +
                        std::to_string(props.driverVersion);
-        std::vector<std::uint8_t> initial;
         d.pipeline_cache_file = cache_directory() / ("pipelines-" + std::to_string(fnv1a(d.device_key)) + ".bin");
-        if (std::ifstream in(d.pipeline_cache_file, std::ios::binary); in)
-            initial.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-        d.pipeline_cache = vk::raii::PipelineCache(d.dev, vk::PipelineCacheCreateInfo({}, initial.size(), initial.data()));
+        std::string problem;
+        const auto initial = read_cache_file(d.pipeline_cache_file, "AFPC", fnv1a(d.device_key), problem);
+        if (!problem.empty())
+            d.notes.push_back("the pipeline cache " + d.pipeline_cache_file.string() + " was " + problem +
+                              ": started empty, and it is rewritten when this device closes");
+        d.pipeline_cache = vk::raii::PipelineCache(
+            d.dev, initial ? vk::PipelineCacheCreateInfo({}, initial->size(), initial->data()) : vk::PipelineCacheCreateInfo());
     } catch (const vk::SystemError& e) {
         rethrow(e, "opening Vulkan device " + which.name);
     }
@@ -293,22 +382,24 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
 device::~device() {
     if (!impl_) return;
     try {  // keep the pipelines for the next process; a failure here only costs time later
-        std::filesystem::create_directories(impl_->pipeline_cache_file.parent_path());
         const auto data = impl_->pipeline_cache.getData();
-        // written aside and renamed: processes running side by side never read half a file
-        const auto temporary = impl_->pipeline_cache_file.string() + ".tmp" +
-                               std::to_string(fnv1a(std::to_string(reinterpret_cast<std::uintptr_t>(this)) + std::to_string(::getpid())));
-        {
-            std::ofstream out(temporary, std::ios::binary);
-            out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
-        }
-        std::filesystem::rename(temporary, impl_->pipeline_cache_file);
+        write_cache_file(impl_->pipeline_cache_file, "AFPC", fnv1a(impl_->device_key), data.data(), data.size(), this);
     } catch (...) {
     }
 }
 
 device::device(device&&) noexcept = default;
 device& device::operator=(device&&) noexcept = default;
+
+std::unique_lock<std::recursive_mutex> device::exclusive() const { return std::unique_lock(impl_->mutex); }
+std::vector<std::string> device::take_notes() {
+    std::lock_guard lock(impl_->mutex);
+    return std::exchange(impl_->notes, {});
+}
+std::size_t device::buffer_slots() const {
+    std::lock_guard lock(impl_->mutex);
+    return impl_->buffers.size();
+}
 
 const device_info& device::info() const { return impl_->info; }
 const device_limits& device::limits() const { return impl_->limits; }
@@ -318,23 +409,44 @@ std::string device::last_validation_message() const {
     return impl_->last_message;
 }
 
-device::buffer_id device::create_buffer(std::size_t bytes, std::string_view what) {
+device::buffer_id device::create_buffer(std::size_t bytes, std::string_view what, bool host_visible) {
     impl& d = *impl_;
+    std::lock_guard lock(d.mutex);
     const std::string name(what);
     if (bytes > d.limits.max_storage_buffer_range)
         throw out_of_memory_error("attnfuse: " + name + " needs " + std::to_string(bytes) + " bytes, more than this device's maxStorageBufferRange (" +
                                   std::to_string(d.limits.max_storage_buffer_range) + " bytes) for one binding");
-    const auto wanted = d.unified_memory ? vk::MemoryPropertyFlagBits::eHostVisible | vk::MemoryPropertyFlagBits::eHostCoherent
-                                         : vk::MemoryPropertyFlags(vk::MemoryPropertyFlagBits::eDeviceLocal);
-    d.buffers.emplace_back(d.make_buffer(bytes, wanted, name));
+    const auto wanted = d.unified_memory || host_visible
+                            ? vk::MemoryPropertyFlagBits::eHostVisible | vk::MemoryPropertyFlagBits::eHostCoherent
+                            : vk::MemoryPropertyFlags(vk::MemoryPropertyFlagBits::eDeviceLocal);
+    auto made = d.make_buffer(bytes, wanted, name);
+    if (!d.free_slots.empty()) {
+        const buffer_id id = d.free_slots.back();
+        d.free_slots.pop_back();
+        d.buffers[id].emplace(std::move(made));
+        return id;
+    }
+    d.buffers.emplace_back(std::move(made));
     return static_cast<buffer_id>(d.buffers.size() - 1);
 }
 
-std::size_t device::buffer_bytes(buffer_id id) const { return impl_->buffers.at(id)->bytes; }
+namespace {
+template <class Buffers>
+auto& live_buffer(Buffers& buffers, device::buffer_id id) {
+    if (id >= buffers.size() || !buffers[id]) throw error("attnfuse internal: buffer " + std::to_string(id) + " is not a live buffer of this device");
+    return *buffers[id];
+}
+}  // namespace
+
+std::size_t device::buffer_bytes(buffer_id id) const {
+    std::lock_guard lock(impl_->mutex);
+    return live_buffer(impl_->buffers, id).bytes;
+}
 
 void device::upload(buffer_id id, const void* data, std::size_t bytes, std::size_t offset) {
     impl& d = *impl_;
-    auto& b = *d.buffers.at(id);
+    std::lock_guard lock(d.mutex);
+    auto& b = live_buffer(d.buffers, id);
     if (b.mapped) {
         // a host write must not race a recorded dispatch that reads this buffer;
         // a buffer no recorded dispatch uses (new parameters) is written at once
@@ -349,7 +461,8 @@ void device::upload(buffer_id id, const void* data, std::size_t bytes, std::size
 
 void device::download(buffer_id id, void* data, std::size_t bytes, std::size_t offset) {
     impl& d = *impl_;
-    auto& b = *d.buffers.at(id);
+    std::lock_guard lock(d.mutex);
+    auto& b = live_buffer(d.buffers, id);
     if (d.recording) d.submit();
     if (b.mapped) {
         std::memcpy(data, static_cast<const char*>(b.mapped) + offset, bytes);
@@ -362,13 +475,17 @@ void device::download(buffer_id id, void* data, std::size_t bytes, std::size_t o
 
 void device::release(buffer_id id) {
     impl& d = *impl_;
+    std::lock_guard lock(d.mutex);
+    (void)live_buffer(d.buffers, id);
     if (d.recording) d.submit();
-    d.buffers.at(id).reset();
+    d.buffers[id].reset();
+    d.free_slots.push_back(id);
 }
 
 device::kernel_id device::kernel(const std::string& glsl, std::string_view name, std::uint32_t bindings, std::uint32_t push_bytes,
                                  const std::vector<std::uint32_t>& specialization) {
     impl& d = *impl_;
+    std::lock_guard lock(d.mutex);
     const std::string version = std::to_string(GLSLANG_VERSION_MAJOR) + "." + std::to_string(GLSLANG_VERSION_MINOR) + "." +
                                 std::to_string(GLSLANG_VERSION_PATCH);
     const std::uint64_t key = fnv1a(d.device_key, fnv1a(version, fnv1a(glsl)));
@@ -381,26 +498,21 @@ device::kernel_id device::kernel(const std::string& glsl, std::string_view name,
     const auto cache_file = cache_directory() / ("spirv-" + std::to_string(key) + ".spv");
     std::vector<std::uint32_t> spirv;
     bool from_disk = false;
-    if (std::ifstream in(cache_file, std::ios::binary | std::ios::ate); in) {
-        const auto size = static_cast<std::size_t>(in.tellg());
-        if (size % 4 == 0 && size > 20) {
-            spirv.resize(size / 4);
-            in.seekg(0);
-            in.read(reinterpret_cast<char*>(spirv.data()), static_cast<std::streamsize>(size));
-            from_disk = in.good() && spirv[0] == 0x07230203u;
+    std::string problem;
+    if (const auto cached = read_cache_file(cache_file, "AFSV", key, problem)) {
+        if (cached->size() % 4 == 0 && cached->size() >= 20) {
+            spirv.resize(cached->size() / 4);
+            std::memcpy(spirv.data(), cached->data(), cached->size());
+            from_disk = spirv[0] == 0x07230203u;
         }
+        if (!from_disk) problem = "not SPIR-V";
     }
     if (!from_disk) {
         spirv = compile_compute_shader(glsl, name);
-        std::error_code ignored;
-        std::filesystem::create_directories(cache_file.parent_path(), ignored);
-        const auto temporary = cache_file.string() + ".tmp" +
-                               std::to_string(fnv1a(std::to_string(reinterpret_cast<std::uintptr_t>(this)) + std::to_string(::getpid())));
-        if (std::ofstream out(temporary, std::ios::binary); out) {
-            out.write(reinterpret_cast<const char*>(spirv.data()), static_cast<std::streamsize>(spirv.size() * 4));
-            out.close();
-            std::filesystem::rename(temporary, cache_file, ignored);  // atomic: another process never reads half a file
-        }
+        write_cache_file(cache_file, "AFSV", key, spirv.data(), spirv.size() * 4, this);
+        if (!problem.empty())
+            d.notes.push_back("the SPIR-V cache file " + cache_file.string() + " of kernel " + std::string(name) + " was " + problem +
+                              ": recompiled and rewritten");
     }
     if (const char* dump = std::getenv("ATTNFUSE_DUMP_SHADERS"); dump && *dump) {
         std::error_code ignored;
@@ -438,11 +550,15 @@ device::kernel_id device::kernel(const std::string& glsl, std::string_view name,
     });
 }
 
-bool device::kernel_from_disk_cache(kernel_id id) const { return impl_->kernels.at(id).from_disk; }
+bool device::kernel_from_disk_cache(kernel_id id) const {
+    std::lock_guard lock(impl_->mutex);
+    return impl_->kernels.at(id).from_disk;
+}
 
 void device::dispatch(kernel_id id, const std::vector<buffer_id>& buffers, const void* push, std::size_t push_bytes,
                       std::uint32_t gx, std::uint32_t gy, std::uint32_t gz) {
     impl& d = *impl_;
+    std::lock_guard lock(d.mutex);
     const auto& k = d.kernels.at(id);
     for (int a = 0; a < 3; ++a) {
         const std::uint32_t g = a == 0 ? gx : a == 1 ? gy : gz;
@@ -456,7 +572,7 @@ void device::dispatch(kernel_id id, const std::vector<buffer_id>& buffers, const
         vk::raii::DescriptorSets sets(d.dev, vk::DescriptorSetAllocateInfo(*d.descriptors, *k.set_layout));
         std::vector<vk::DescriptorBufferInfo> infos;
         infos.reserve(buffers.size());
-        for (buffer_id b : buffers) infos.emplace_back(*d.buffers.at(b)->handle, 0, VK_WHOLE_SIZE);
+        for (buffer_id b : buffers) infos.emplace_back(*live_buffer(d.buffers, b).handle, 0, VK_WHOLE_SIZE);
         std::vector<vk::WriteDescriptorSet> writes;
         for (std::uint32_t b = 0; b < buffers.size(); ++b)
             writes.emplace_back(*sets[0], b, 0, 1, vk::DescriptorType::eStorageBuffer, nullptr, &infos[b]);
@@ -478,6 +594,7 @@ void device::dispatch(kernel_id id, const std::vector<buffer_id>& buffers, const
 }
 
 double device::submit_and_wait() {
+    std::lock_guard lock(impl_->mutex);
     impl_->submit();
     const double total = impl_->device_seconds_pending;  // every submission since the last call
     impl_->device_seconds_pending = 0;

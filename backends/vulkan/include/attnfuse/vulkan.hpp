@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -70,6 +71,11 @@ struct device_options {
     // Enable VK_LAYER_KHRONOS_validation (also on when VK_INSTANCE_LAYERS or
     // ATTNFUSE_VK_VALIDATION=1 ask for it); every message is counted.
     bool validation = false;
+    // At most this many loop iterations per shader invocation, all loops
+    // together (0: the driver's own limit, where one is known). Lower than
+    // the driver's, it forces the key passes and chunked dispatches that
+    // keep every shader within such a limit (tests use it at small sizes).
+    std::uint32_t max_loop_iterations = 0;
 };
 
 struct device_limits {
@@ -78,12 +84,23 @@ struct device_limits {
     std::uint32_t max_workgroup_invocations = 0;
     std::uint32_t max_shared_memory = 0;
     std::uint32_t subgroup_size = 0;
+    // Loop iterations a shader invocation may run, all its loops together,
+    // before the driver silently ends its loops: 65535 on Mesa's llvmpipe
+    // (lavapipe); 0 where no such limit is known. Every kernel attnfuse
+    // dispatches stays within it.
+    std::uint32_t max_loop_iterations = 0;
 };
 
 // An open Vulkan device with a compute queue. The executor drives it through
 // this small interface: buffers, kernels compiled from GLSL (SPIR-V cached on
 // disk, pipelines in a VkPipelineCache), dispatches recorded into one
 // command buffer and submitted together.
+//
+// Threads: one device may be used from several threads at once. Each call
+// is serialised on the device, and vulkan::run holds the device for its
+// whole length (exclusive()), so concurrent runs queue one after the other,
+// each with its own buffers and results. For work that truly overlaps, open
+// one device per thread.
 class device {
 public:
     explicit device(const device_info& which, device_options options = {});
@@ -98,12 +115,21 @@ public:
     using buffer_id = std::uint32_t;
     using kernel_id = std::uint32_t;
 
-    // `what` names the allocation in an out-of-memory error.
-    buffer_id create_buffer(std::size_t bytes, std::string_view what);
+    // Holds the device for the calling thread until the lock is released
+    // (recursive: the holder's own calls go through).
+    std::unique_lock<std::recursive_mutex> exclusive() const;
+
+    // `what` names the allocation in an out-of-memory error. A host-visible
+    // buffer is mapped memory the host reads without a copy (small status
+    // words); others live where the device computes fastest.
+    buffer_id create_buffer(std::size_t bytes, std::string_view what, bool host_visible = false);
     void upload(buffer_id, const void* data, std::size_t bytes, std::size_t offset = 0);
     void download(buffer_id, void* data, std::size_t bytes, std::size_t offset = 0);
     void release(buffer_id);
     std::size_t buffer_bytes(buffer_id) const;
+    // Slots of the buffer table, live or released: released slots are reused,
+    // so a long-lived device does not grow.
+    std::size_t buffer_slots() const;
 
     // A compute kernel from GLSL with `bindings` storage buffers (binding 0..),
     // `push_bytes` of push constants and 32-bit specialization constants
@@ -113,6 +139,9 @@ public:
     kernel_id kernel(const std::string& glsl, std::string_view name, std::uint32_t bindings, std::uint32_t push_bytes,
                      const std::vector<std::uint32_t>& specialization = {});
     bool kernel_from_disk_cache(kernel_id) const;
+    // What the device noticed since the last call and a run report should
+    // say: a damaged cache file found, recompiled and rewritten, say.
+    std::vector<std::string> take_notes();
 
     void dispatch(kernel_id, const std::vector<buffer_id>& buffers, const void* push, std::size_t push_bytes,
                   std::uint32_t groups_x, std::uint32_t groups_y = 1, std::uint32_t groups_z = 1);

@@ -9,6 +9,7 @@
 #include <set>
 #include <memory>
 #include <string>
+#include <thread>
 #include <typeinfo>
 #include <vector>
 
@@ -169,6 +170,32 @@ tensor_view<float> product_kernel(const tensor_view<float>& lhs, const tensor_vi
     return out;
 }
 
+// The rule of weights x values (plan::is_weighted_sum): a key whose weight
+// is 0 contributes nothing, whatever its value. The packed product computes
+// 0 * NaN = NaN, so a row left non-finite is summed again, skipping zero
+// weights; rows with finite results (almost always all of them) cost a scan.
+template <class X>
+void skip_zero_weights(const tensor_view<float>& weights, const tensor_view<float>& values, const tensor_view<float>& out, X& x) {
+    for (std::size_t b = 0; b < x.env.batch; ++b)
+        for (std::size_t h = 0; h < x.env.heads; ++h) {
+            const float *w = matrix_base(weights, x.env, b, h), *v = matrix_base(values, x.env, b, h);
+            float* o = x.matrix_of(out, b, h);
+            for (std::size_t r = 0; r < out.rows; ++r) {
+                float* row = o + static_cast<std::ptrdiff_t>(r) * out.row_stride;
+                if (std::all_of(row, row + out.cols, [](float y) { return std::isfinite(y); })) continue;
+                for (std::size_t c = 0; c < out.cols; ++c) {
+                    double sum = 0;
+                    for (std::size_t k = 0; k < weights.cols; ++k) {
+                        const float wk = w[static_cast<std::ptrdiff_t>(r) * weights.row_stride + static_cast<std::ptrdiff_t>(k) * weights.col_stride];
+                        if (wk != 0.0f)
+                            sum += static_cast<double>(wk) * v[static_cast<std::ptrdiff_t>(k) * values.row_stride + static_cast<std::ptrdiff_t>(c) * values.col_stride];
+                    }
+                    row[c] = static_cast<float>(sum);
+                }
+            }
+        }
+}
+
 template <class X>
 tensor_view<float> dense_copy(const tensor_view<float>& v, X& x) {
     const tensor_view<float> out = x.allocate(v.rows, v.cols, v.cols);
@@ -323,6 +350,12 @@ tensor_view<float> fused_attention(const E& e, X& x) {
             const float* w_base = traits::pairwise ? matrix_base(in.feature_weights, x.env, b, h) : nullptr;
             const auto batch_head = static_cast<std::uint32_t>(bh);
 
+            // One pass over the key tiles. The careful pass (run again only when
+            // the fast one left a non-finite context) keeps the context
+            // normalised as it goes, so that it cannot overflow while the
+            // result is finite, and reads no value row whose weight is 0.
+            auto compute = [&](bool careful) {
+            if (careful) packed_values.resize(std::max(packed_values.size(), key_tile * dv_padded));
             std::fill_n(acc.begin(), rows_padded * dv_padded, 0.0f);
             for (std::size_t r = 0; r < rows_padded; ++r) {
                 state[r] = {-std::numeric_limits<float>::infinity(), 0.0f};
@@ -449,15 +482,27 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                     if constexpr (ratio) {
                         if (transposed) kernels::accumulate_column_sums(s.data(), cols, rows, rows_padded, state.data());
                         else kernels::accumulate_row_sums(s.data(), rows, cols, key_tile, state.data());
-                    } else if (transposed) {
-                        kernels::online_softmax_columns(s.data(), cols, rows, rows_padded, tile_max.data(), state.data(), acc.data(),
-                                                        dv_padded, dv_padded);
                     } else {
-                        kernels::online_softmax_step(s.data(), rows, cols, key_tile, state.data(), acc.data(), dv_padded, dv_padded);
+                        // the careful pass keeps each row's sum before the step (best[] is free outside hard)
+                        if (careful)
+                            for (std::size_t r = 0; r < rows; ++r) best[r] = state[r].sum;
+                        if (transposed)
+                            kernels::online_softmax_columns(s.data(), cols, rows, rows_padded, tile_max.data(), state.data(), acc.data(),
+                                                            dv_padded, dv_padded);
+                        else
+                            kernels::online_softmax_step(s.data(), rows, cols, key_tile, state.data(), acc.data(), dv_padded, dv_padded);
                     }
                     // weight (query r, key c) sits at s[r*ws_r + c*ws_c]
                     const std::ptrdiff_t ws_r = transposed ? 1 : static_cast<std::ptrdiff_t>(key_tile);
                     const std::ptrdiff_t ws_c = transposed ? static_cast<std::ptrdiff_t>(rows_padded) : 1;
+                    if (careful && !ratio)  // context normalised by the running sum: acc = sum p v / l
+                        for (std::size_t r = 0; r < rows; ++r) {
+                            const float l_new = state[r].sum;
+                            if (!(l_new > 0.0f)) continue;  // nothing kept yet, or a NaN row: nothing to scale
+                            const float keep = best[r] / l_new, inverse = 1.0f / l_new;
+                            for (std::size_t c = 0; c < dv_padded; ++c) acc[r * dv_padded + c] *= keep;
+                            for (std::size_t k = 0; k < cols; ++k) s[r * static_cast<std::size_t>(ws_r) + k * static_cast<std::size_t>(ws_c)] *= inverse;
+                        }
                     if constexpr (parts::post_weighted) {
                         if (transposed) {
                             for (std::size_t k = 0; k < cols; ++k)
@@ -477,7 +522,34 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                         kernels::dropout_tile(s.data(), rows, cols, ws_r, ws_c, dropout_seed, dropout_threshold, keep_scale,
                                               batch_head, q0, k0);
                     const float* v_tile = v_base + static_cast<std::ptrdiff_t>(k0) * in.values.row_stride;
-                    if (values_in_place) {
+                    if (careful) {
+                        // non-finite value rows are left out of the product and
+                        // added back only where their weight is not zero
+                        kernels::pack_panels(cols, d_v, v_tile, in.values.row_stride, in.values.col_stride, packed_values.data());
+                        unsigned char bad[key_tile] = {};
+                        bool any_bad = false;
+                        for (std::size_t n = 0; n < (dv_padded / kernels::panel_width) * cols * kernels::panel_width; ++n)
+                            if (!std::isfinite(packed_values[n])) {
+                                bad[n / kernels::panel_width % cols] = 1;
+                                packed_values[n] = 0.0f;
+                                any_bad = true;
+                            }
+                        kernels::multiply_panels(rows, dv_padded / kernels::panel_width, cols, s.data(), ws_r, ws_c,
+                                                 packed_values.data(), kernels::panel_width,
+                                                 static_cast<std::ptrdiff_t>(cols * kernels::panel_width), acc.data(), dv_padded, true);
+                        for (std::size_t k = 0; any_bad && k < cols; ++k) {
+                            if (!bad[k]) continue;
+                            for (std::size_t r = 0; r < rows; ++r) {
+                                const float w = s[r * static_cast<std::size_t>(ws_r) + k * static_cast<std::size_t>(ws_c)];
+                                if (w == 0.0f) continue;
+                                for (std::size_t c = 0; c < d_v; ++c) {  // the entries the product left out
+                                    const float value = v_tile[static_cast<std::ptrdiff_t>(k) * in.values.row_stride +
+                                                               static_cast<std::ptrdiff_t>(c) * in.values.col_stride];
+                                    if (!std::isfinite(value)) acc[r * dv_padded + c] += w * value;
+                                }
+                            }
+                        }
+                    } else if (values_in_place) {
                         kernels::multiply_panels(rows, dv_padded / kernels::panel_width, cols, s.data(), ws_r, ws_c, v_tile,
                                                  in.values.row_stride, kernels::panel_width, acc.data(), dv_padded, true);
                     } else {
@@ -486,6 +558,22 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                                                  packed_values.data(), kernels::panel_width,
                                                  static_cast<std::ptrdiff_t>(cols * kernels::panel_width), acc.data(), dv_padded, true);
                     }
+                }
+            }
+
+            };  // compute
+            compute(false);
+            // A non-finite context with finite inputs means overflow; with
+            // non-finite values it may hold a zero-weight key's NaN: either
+            // way the careful pass decides (a NaN row stays NaN there too).
+            bool careful = false;
+            if constexpr (!hard) {
+                bool finite = true;
+                for (std::size_t r = 0; r < rows && finite; ++r)
+                    for (std::size_t c = 0; c < d_v; ++c) finite = finite && std::isfinite(acc[r * dv_padded + c]);
+                if (!finite) {
+                    careful = true;
+                    compute(true);
                 }
             }
 
@@ -502,7 +590,8 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 } else {
                     // a row with every key masked has sum 0: its context is 0
                     const float denominator = state[r].sum + static_cast<float>(ratio_offset);
-                    const float inverse = denominator == 0.0f ? 0.0f : 1.0f / denominator;
+                    float inverse = denominator == 0.0f ? 0.0f : 1.0f / denominator;
+                    if (careful && !ratio) inverse = state[r].sum == 0.0f ? 0.0f : 1.0f;  // normalised as it went
                     for (std::size_t c = 0; c < d_v; ++c) row[c] = acc[r * dv_padded + c] * inverse;
                 }
             }
@@ -518,7 +607,9 @@ tensor_view<float> node_kernel(const E& e, X& x) {
     if constexpr (has_kind_v<E, kind::product>) {
         const tensor_view<float> a = evaluate(e.template kid<0>(), x), b = evaluate(e.template kid<1>(), x);
         x.info.kernels.push_back(plan::kernel_name<plan::node_kernel<E>>::get(e));
-        return product_kernel(a, b, x);
+        const tensor_view<float> out = product_kernel(a, b, x);
+        if constexpr (plan::is_weighted_sum_v<E>) skip_zero_weights(a, b, out, x);
+        return out;
     } else if constexpr (has_kind_v<E, kind::softmax> || has_kind_v<E, kind::hard>) {
         const tensor_view<float> in = evaluate(e.template kid<0>(), x);
         x.info.kernels.push_back(plan::kernel_name<plan::node_kernel<E>>::get(e));
@@ -615,7 +706,12 @@ run_result run(const E& e, const options& opt, const Bindings&... bindings) {
     run_result result;
     report& info = result.info;
     options o = opt;
-    if (o.threads == 0) o.threads = static_cast<std::size_t>(omp_get_max_threads());
+    // More threads than the machine runs at once never speeds up these
+    // kernels, and a huge request would make OpenMP allocate per-thread
+    // state for each: clamp to the hardware, and report what ran.
+    const std::size_t hardware = std::max(1u, std::thread::hardware_concurrency());
+    if (o.threads == 0) o.threads = static_cast<std::size_t>(std::max(1, omp_get_max_threads()));
+    o.threads = std::min(o.threads, hardware);
     info.threads = o.threads;
     const auto start = std::chrono::steady_clock::now();
     {

@@ -121,8 +121,11 @@ vf lanes_of(const E& e, const lane_position& at) {
             out[l] = table.base[static_cast<std::ptrdiff_t>(clamped) * stride];
         }
         return out;
-    } else {  // named
+    } else if constexpr (is_named_node<E>::value) {
         return lanes_of<Along>(e.template kid<0>(), at);
+    } else {
+        static_assert(sizeof(E) == 0, "attnfuse: the CPU has no vector rule for this pointwise node (the E of this instantiation)");
+        return vf{};
     }
 }
 

@@ -99,6 +99,13 @@ inline vf tanh(vf x) {
     return x != x ? x : t;
 }
 
+// An operation that none of the branches below knows: a compile error whose
+// instantiation names it, never a silent fall-through to another operation.
+template <class Op> constexpr void no_vector_face() {
+    static_assert(sizeof(Op) == 0, "attnfuse: this elementwise operation has no CPU vector face (it is the Op of this "
+                                   "instantiation). Fix: add its branch to attnfuse::cpu::simd::apply.");
+}
+
 // The vector face of op::Op: same meaning as Op::apply, lane by lane.
 template <class Op> vf apply(vf a) {
     if constexpr (std::is_same_v<Op, op::negate>) return -a;
@@ -109,10 +116,13 @@ template <class Op> vf apply(vf a) {
     else if constexpr (std::is_same_v<Op, op::relu>) return a > 0.0f ? a : splat(0.0f);
     else if constexpr (std::is_same_v<Op, op::abs_>) return a < 0.0f ? -a : a;
     else if constexpr (std::is_same_v<Op, op::square>) return a * a;
-    else {  // log, sqrt: lane by lane through the scalar face
+    else if constexpr (std::is_same_v<Op, op::log_> || std::is_same_v<Op, op::sqrt_>) {  // lane by lane through the scalar face
         vf out;
         for (int l = 0; l < lanes; ++l) out[l] = Op::apply(a[l]);
         return out;
+    } else {
+        no_vector_face<Op>();
+        return a;
     }
 }
 
@@ -130,11 +140,19 @@ template <class Op> vf apply(vf a, vf b) {
     else if constexpr (std::is_same_v<Op, op::equal>) return from_mask(a == b);
     else if constexpr (std::is_same_v<Op, op::not_equal>) return from_mask(a != b);
     else if constexpr (std::is_same_v<Op, op::logical_and>) return from_mask((a != 0.0f) & (b != 0.0f));
-    else return from_mask((a != 0.0f) | (b != 0.0f));  // logical_or
+    else if constexpr (std::is_same_v<Op, op::logical_or>) return from_mask((a != 0.0f) | (b != 0.0f));
+    else {
+        no_vector_face<Op>();
+        return a;
+    }
 }
 
-template <class Op> vf apply(vf c, vf a, vf b) {  // select
-    return c != 0.0f ? a : b;
+template <class Op> vf apply(vf c, vf a, vf b) {
+    if constexpr (std::is_same_v<Op, op::select>) return c != 0.0f ? a : b;
+    else {
+        no_vector_face<Op>();
+        return a;
+    }
 }
 
 }  // namespace attnfuse::cpu::simd

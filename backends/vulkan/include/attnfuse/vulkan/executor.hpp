@@ -1,15 +1,18 @@
 // Lowering of the planner's kernels to Vulkan compute dispatches: the same
 // plan as the CPU, one generated shader per kernel.
 #pragma once
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <optional>
 #include <utility>
 #include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <attnfuse/bind.hpp>
@@ -41,6 +44,7 @@ public:
     // Copies `host` (any layout) up, densely.
     device_tensor(device& dev, const tensor_view<float>& host, std::string_view what = "a device tensor")
         : owner_(&dev), batch_(host.batch), heads_(host.heads), rows_(host.rows), cols_(host.cols) {
+        (void)checked_span(host, std::string(what));  // strides that overflow are an error, not a read out of bounds
         std::vector<float> dense(batch_ * heads_ * rows_ * cols_);
         std::size_t n = 0;
         for (std::size_t b = 0; b < batch_; ++b)
@@ -159,6 +163,16 @@ inline constexpr std::size_t lanes = 4;
 inline constexpr std::uint32_t value_columns = 64;
 // stage, query_tile, weights, row_scale and row_best of the shader
 inline constexpr std::size_t shared_bytes = 4 * (32 * 64 + 16 * 128 + 16 * 33 + 16 + 16);
+// Loop steps one invocation of the shader runs per key tile, counted from its
+// loops (the tile loop, the depth steps and their staging, the row's lane-0
+// loops, the value chunks and their staging), and besides the tiles: what a
+// dispatch's window of key tiles is sized by under a driver's loop limit.
+// Calibrated on llvmpipe (Mesa 22.3) with af_check_loops, with a margin.
+inline constexpr std::size_t loop_steps_per_tile(std::size_t depth, std::size_t d_v) {
+    return 112 + 2 * depth + 64 * ((d_v + value_columns - 1) / value_columns);
+}
+inline constexpr std::size_t loop_steps_fixed = 256;
+inline constexpr std::size_t merge_steps_per_share = 4;  // combine_splits.glsl's loops over the shares
 // The shader text is fixed at compile time: its tile shape must be this one.
 static_assert(shader_sources::flash_attention.find("#define BQ 16u") != std::string_view::npos &&
                   shader_sources::flash_attention.find("#define BK 32u") != std::string_view::npos &&
@@ -186,6 +200,10 @@ inline operand dense_operand(device::buffer_id id, std::size_t rows, std::size_t
     return o;
 }
 
+// What makes two uploads the same: the memory and the whole view of it.
+using upload_key = std::tuple<const void*, std::size_t, std::size_t, std::size_t, std::size_t, std::ptrdiff_t, std::ptrdiff_t,
+                              std::ptrdiff_t, std::ptrdiff_t>;
+
 template <class Env>
 struct executor {
     device& dev;
@@ -193,13 +211,39 @@ struct executor {
     options opt;
     report& info;
     std::vector<device::buffer_id> owned;               // released at the end of the run
-    std::map<const void*, operand> uploaded;            // one upload per bound array
+    std::map<upload_key, operand> uploaded;             // one upload per bound view
     std::map<std::string, operand> resident;            // inputs already on the device, by name
     bool all_from_disk = true;
     std::set<const void*> score_nodes;                  // plan::collect_score_nodes
+    // Times this run's loop windows were halved after a shader reported that
+    // the driver ended its loops early (af_check_loops): the run is redone.
+    std::size_t halvings = 0;
+    std::optional<device::buffer_id> status;            // the run's status word, host-visible
 
     ~executor() {
         for (auto id : owned) dev.release(id);
+    }
+
+    // How many iterations of a loop whose every iteration costs `per_iteration`
+    // loop steps one invocation may run, besides `fixed` steps of its own,
+    // within the device's limit on loop iterations (unbounded without one).
+    // A quarter of the limit is kept back for what the estimate misses.
+    std::size_t loop_window(std::size_t per_iteration, std::size_t fixed = 64) const {
+        // a device with no known limit that still cut a loop short is given llvmpipe's
+        const std::size_t limit = dev.limits().max_loop_iterations ? dev.limits().max_loop_iterations : halvings ? 65535 : 0;
+        if (limit == 0) return std::numeric_limits<std::uint32_t>::max();
+        const std::size_t usable = (limit / 4 * 3) >> halvings;
+        return std::max<std::size_t>(1, usable > fixed ? (usable - fixed) / std::max<std::size_t>(per_iteration, 1) : 1);
+    }
+
+    device::buffer_id status_buffer() {
+        if (!status) {
+            status = dev.create_buffer(4, "the run's status word", true);
+            owned.push_back(*status);
+            const std::uint32_t zero = 0;
+            dev.upload(*status, &zero, 4);
+        }
+        return *status;
     }
 
     bool uploaded_buffer(device::buffer_id id) const {
@@ -219,28 +263,26 @@ struct executor {
     template <class El>
     operand upload(const tensor_view<El>& v, const std::string& name) {
         if (auto found = resident.find(name); found != resident.end()) return found->second;
-        const std::ptrdiff_t extents[4] = {static_cast<std::ptrdiff_t>(v.rows) - 1, static_cast<std::ptrdiff_t>(v.cols) - 1,
-                                           static_cast<std::ptrdiff_t>(v.batch) - 1, static_cast<std::ptrdiff_t>(v.heads) - 1};
-        const std::ptrdiff_t strides[4] = {v.row_stride, v.col_stride, v.batch_stride, v.head_stride};
-        std::ptrdiff_t low = 0, high = 0;
-        for (int a = 0; a < 4; ++a) {
-            const std::ptrdiff_t reach = extents[a] * strides[a];
-            (reach < 0 ? low : high) += reach;
-        }
-        const void* key = v.data + low;
-        if (auto found = uploaded.find(key); found != uploaded.end() && found->second.geometry[0] == v.rows &&
-                                             found->second.geometry[1] == v.cols && found->second.geometry[4] == static_cast<std::uint32_t>(v.row_stride) &&
-                                             found->second.geometry[5] == static_cast<std::uint32_t>(v.col_stride))
-            return found->second;
-        const std::size_t count = static_cast<std::size_t>(high - low + 1);
+        const element_span span = checked_span(v, name);  // overflow-checked: a wrapped span would upload too little
+        // an axis of extent 1 reaches nothing: its stride is 0 here, whatever the view says
+        auto stride = [](std::size_t extent, std::ptrdiff_t s) { return extent > 1 ? s : std::ptrdiff_t{0}; };
+        const std::ptrdiff_t rs = stride(v.rows, v.row_stride), cs = stride(v.cols, v.col_stride),
+                             bs = stride(v.batch, v.batch_stride), hs = stride(v.heads, v.head_stride);
+        const upload_key key{v.data, v.rows, v.cols, v.batch, v.heads, rs, cs, bs, hs};
+        if (auto found = uploaded.find(key); found != uploaded.end()) return found->second;
+        const std::size_t count = span.count();
+        if (count > dev.limits().max_storage_buffer_range / sizeof(float))
+            throw out_of_memory_error("attnfuse: input " + name + " spans " + std::to_string(count) + " elements, more than this device's "
+                                      "maxStorageBufferRange (" + std::to_string(dev.limits().max_storage_buffer_range) + " bytes) for one binding");
         operand o;
         o.buffer = buffer(count * sizeof(float), "input " + name, false);
-        dev.upload(o.buffer, v.data + low, count * sizeof(float));
+        dev.upload(o.buffer, v.data + span.low, count * sizeof(float));
+        // within one binding every offset fits the shader's 32-bit int
         const std::uint32_t g[] = {static_cast<std::uint32_t>(v.rows), static_cast<std::uint32_t>(v.cols),
                                    static_cast<std::uint32_t>(v.batch), static_cast<std::uint32_t>(v.heads),
-                                   static_cast<std::uint32_t>(v.row_stride), static_cast<std::uint32_t>(v.col_stride),
-                                   static_cast<std::uint32_t>(v.batch_stride), static_cast<std::uint32_t>(v.head_stride),
-                                   static_cast<std::uint32_t>(-low)};
+                                   static_cast<std::uint32_t>(rs), static_cast<std::uint32_t>(cs),
+                                   static_cast<std::uint32_t>(bs), static_cast<std::uint32_t>(hs),
+                                   static_cast<std::uint32_t>(-span.low)};
         std::memcpy(o.geometry, g, sizeof g);
         uploaded.emplace(key, o);
         return o;
@@ -267,7 +309,7 @@ struct executor {
     void launch(const std::string& name, const std::string& description, const std::string& source, const std::vector<operand>& operands,
                 const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
                 std::array<std::size_t, 3> grid, const std::vector<std::uint32_t>& extra, const std::vector<std::uint32_t>& specialization) {
-        const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(2 + operands.size()), 0, specialization);
+        const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(3 + operands.size()), 0, specialization);
         all_from_disk = all_from_disk && dev.kernel_from_disk_cache(kernel);
 
         std::vector<std::uint32_t> params{static_cast<std::uint32_t>(env.batch), static_cast<std::uint32_t>(env.heads)};
@@ -280,6 +322,7 @@ struct executor {
         dev.upload(p, params.data(), params.size() * 4);
         std::vector<device::buffer_id> bindings{p, output};
         for (const auto& o : operands) bindings.push_back(o.buffer);
+        bindings.push_back(status_buffer());
         for (int a = 0; a < 3; ++a)
             if (grid[a] > dev.limits().max_workgroup_count[a])
                 throw error("attnfuse: " + description + " needs " + std::to_string(grid[a]) + " workgroups along dimension " +
@@ -287,7 +330,7 @@ struct executor {
                             std::to_string(dev.limits().max_workgroup_count[a]));
         dev.dispatch(kernel, bindings, nullptr, 0, static_cast<std::uint32_t>(std::max<std::size_t>(grid[0], 1)),
                      static_cast<std::uint32_t>(std::max<std::size_t>(grid[1], 1)), static_cast<std::uint32_t>(std::max<std::size_t>(grid[2], 1)));
-        info.kernels.push_back(description);
+        if (!description.empty()) info.kernels.push_back(description);  // one entry per planned kernel, however many dispatches
         ++info.dispatches;
     }
 };
@@ -361,7 +404,6 @@ template <class Core, class E>
 using prepared_t = typename decltype(prepared_type<Core, std::remove_cvref_t<E>>())::type;
 
 inline std::string element_prologue() { return std::string(shader_sources::element_prologue); }
-inline std::string row_prologue() { return std::string(shader_sources::row_prologue); }
 
 template <class X>
 device::buffer_id output_buffer(X& x, std::size_t rows, std::size_t cols, const std::string& what) {
@@ -384,44 +426,78 @@ operand pointwise_kernel(const E& e, X& x) {
     return dense_operand(out, shape.rows, shape.cols, x.env.batch, x.env.heads);
 }
 
+// Dispatches `body` (which reads NUMU(AF_CHUNK) .. NUMU(AF_CHUNK + 2u): a
+// chunk [begin, end) of a loop over `extent` and whether it resumes from
+// OUT) as many times as the device's loop limit needs, each chunk within
+// loop_window(per_iteration). The kernel is named once in the report.
+template <class X>
+void chunked_launch(X& x, const std::string& kernel, const std::string& description, const std::string& body,
+                    const std::vector<operand>& operands, std::vector<std::uint32_t> numbers, device::buffer_id out, std::size_t rows,
+                    std::size_t cols, std::size_t invocations, std::size_t extent, std::size_t per_iteration) {
+    const std::size_t window = x.loop_window(per_iteration);
+    const std::size_t base = numbers.size(), pieces = (extent + window - 1) / window;
+    numbers.resize(base + 3);
+    const std::string source = "#define AF_CHUNK " + glsl::decimal(base) + "u\n" + body;
+    for (std::size_t piece = 0, k0 = 0; piece < std::max<std::size_t>(pieces, 1); ++piece, k0 += window) {
+        numbers[base] = static_cast<std::uint32_t>(k0);
+        numbers[base + 1] = static_cast<std::uint32_t>(std::min(extent, k0 + window));
+        numbers[base + 2] = piece > 0 ? 1u : 0u;
+        x.launch(kernel, piece == 0 ? description + (pieces > 1 ? " (in " + std::to_string(pieces) + " dispatches)" : "") : "", source,
+                 operands, numbers, out, rows, cols, invocations);
+    }
+}
+
 template <class E, class X>
 operand node_kernel(const E& e, X& x) {
     const runtime_shape shape = shape_of(e, x.env);
     std::vector<operand> operands;
     std::apply([&](const auto&... kids) { (operands.push_back(evaluate(kids, x)), ...); }, e.kids);
-    std::vector<std::uint32_t> numbers;
-    std::string body, name;
-    std::size_t invocations = x.env.batch * x.env.heads * shape.rows * shape.cols;
+    const std::string name = plan::kernel_name<plan::node_kernel<E>>::get(e);
+    const std::size_t bh = x.env.batch * x.env.heads;
+    const std::size_t elements = bh * shape.rows * shape.cols;
+    const auto out = output_buffer(x, shape.rows, shape.cols, "the result of " + to_string(e));
     if constexpr (has_kind_v<E, kind::product>) {
-        name = "product";
-        body = element_prologue() + std::string(shader_sources::product);
-    } else if constexpr (has_kind_v<E, kind::softmax>) {
-        name = "softmax_rows";
-        invocations = x.env.batch * x.env.heads * shape.rows;
-        body = row_prologue() + std::string(shader_sources::softmax_rows);
-    } else if constexpr (has_kind_v<E, kind::hard>) {
-        name = "hard_rows";
-        invocations = x.env.batch * x.env.heads * shape.rows;
-        body = row_prologue() + std::string(shader_sources::hard_rows);
+        // weights x values: a zero weight skips its value row (plan::is_weighted_sum)
+        const std::string mode = plan::is_weighted_sum_v<E> ? "#define AF_WEIGHTED_SUM\n" : "";
+        chunked_launch(x, "product", name, mode + element_prologue() + std::string(shader_sources::product), operands, {}, out,
+                       shape.rows, shape.cols, elements, operands[0].cols(), 1);
+    } else if constexpr (has_kind_v<E, kind::softmax> || has_kind_v<E, kind::hard>) {
+        // three passes, each bounded: the row maxima, then the sums (softmax)
+        // or the first column at the maximum (hard), then every weight at once
+        constexpr bool hard = has_kind_v<E, kind::hard>;
+        if (hard && shape.cols >= (std::size_t{1} << 24))
+            throw error("attnfuse: unfused hard() over " + std::to_string(shape.cols) + " keys: the chosen column travels as a float, "
+                        "exact below 2^24; run it fused");
+        const auto rows_of = [&](const char* what) { return x.buffer(std::max<std::size_t>(bh * shape.rows, 1) * sizeof(float), what, true); };
+        const auto top = rows_of("the row maxima"), second = rows_of(hard ? "the chosen columns" : "the row sums");
+        const std::string pass = element_prologue() + std::string(shader_sources::row_pass);
+        chunked_launch(x, "row_max", name, "#define AF_MAX\n" + pass, {operands[0]}, {}, top, shape.rows, 1, bh * shape.rows,
+                       shape.cols, 1);
+        const operand top_operand = dense_operand(top, shape.rows, 1, x.env.batch, x.env.heads);
+        chunked_launch(x, hard ? "row_first_at" : "row_sum_exp", "", (hard ? "#define AF_ROW_FIRST_AT\n" : "#define AF_ROW_SUM_EXP\n") + pass,
+                       {operands[0], top_operand}, {}, second, shape.rows, 1, bh * shape.rows, shape.cols, 1);
+        x.launch(hard ? "hard_write" : "softmax_write", "", (hard ? "#define AF_HARD\n" : "") + element_prologue() + std::string(shader_sources::row_write),
+                 {operands[0], top_operand, dense_operand(second, shape.rows, 1, x.env.batch, x.env.heads)}, {}, out, shape.rows,
+                 shape.cols, elements);
     } else if constexpr (has_kind_template<E, kind::reduce_along_rows>::value || has_kind_template<E, kind::reduce_along_cols>::value) {
         constexpr bool along_rows = has_kind_template<E, kind::reduce_along_rows>::value;
         constexpr bool sum = std::is_same_v<typename E::kind_type::op, op::add>;
-        name = along_rows ? "reduce_rows" : "reduce_cols";
-        const std::string combine = sum ? "acc + v" : "af_max(acc, v)";
-        body = element_prologue() + (along_rows ? "    uint n = G(0u, 1u); float acc = ld0(b, h, i, 0u);\n    for (uint k = 1u; k < n; ++k) { float v = ld0(b, h, i, k); acc = " + combine + "; }\n"
-                                                : "    uint n = G(0u, 0u); float acc = ld0(b, h, 0u, j);\n    for (uint k = 1u; k < n; ++k) { float v = ld0(b, h, k, j); acc = " + combine + "; }\n") +
-               "    OUT.d[idx] = acc;\n}\n";
+        const std::string mode = std::string(sum ? "#define AF_SUM\n" : "#define AF_MAX\n") + (along_rows ? "" : "#define AF_ALONG_COLS\n");
+        chunked_launch(x, along_rows ? "reduce_rows" : "reduce_cols", name, mode + element_prologue() + std::string(shader_sources::row_pass),
+                       operands, {}, out, shape.rows, shape.cols, elements, along_rows ? operands[0].cols() : operands[0].rows(), 1);
     } else {
         static_assert(has_kind_template<E, kind::pairwise>::value, "attnfuse internal: Vulkan has no kernel for this node");
-        name = "pairwise";
+        std::vector<std::uint32_t> numbers;
         collect_numbers(e.kind.combine, numbers);
         glsl::emitter emit;
-        body = element_prologue() + "    float acc = 0.0;\n    uint depth = G(1u, 0u);\n    for (uint a = 0u; a < depth; ++a) {\n        float qv = ld1(b, h, a, i), kv = ld2(b, h, a, j);\n        acc += ld0(b, h, a, 0u) * " +
-               emit(e.kind.combine) + ";\n    }\n    OUT.d[idx] = acc;\n}\n";
+        const std::string body = element_prologue() +
+                                 "    float acc = NUMU(AF_CHUNK + 2u) != 0u ? OUT.d[idx] : 0.0;\n"
+                                 "    uint a_end = NUMU(AF_CHUNK + 1u);\n"
+                                 "    for (uint a = NUMU(AF_CHUNK); a < a_end; ++a) {\n"
+                                 "        float qv = ld1(b, h, a, i), kv = ld2(b, h, a, j);\n        acc += ld0(b, h, a, 0u) * " +
+                                 emit(e.kind.combine) + ";\n    }\n    OUT.d[idx] = acc;\n    af_check_loops();\n}\n";
+        chunked_launch(x, "pairwise", name, body, operands, numbers, out, shape.rows, shape.cols, elements, operands[1].rows(), 1);
     }
-    body = body;
-    const auto out = output_buffer(x, shape.rows, shape.cols, "the result of " + to_string(e));
-    x.launch(name, plan::kernel_name<plan::node_kernel<E>>::get(e), body, operands, numbers, out, shape.rows, shape.cols, invocations);
     return dense_operand(out, shape.rows, shape.cols, x.env.batch, x.env.heads);
 }
 
@@ -490,10 +566,10 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
 // each keeping at least 4 key tiles. Never on a CPU device, whose threads
 // the workgroups already outnumber, nor where queries x heads fill a GPU
 // already: measured on an H200, splitting 512 or 1024 workgroups gained
-// nothing and the merge cost a little. Key indices travel as floats through
-// the merge: below 2^24 only.
+// nothing and the merge cost a little.
 inline std::size_t key_splits(const device& dev, std::size_t requested, std::size_t workgroups, std::size_t key_tiles, std::size_t n_k) {
-    if (n_k >= (std::size_t{1} << 24) || key_tiles < 2) return 1;
+    (void)n_k;
+    if (key_tiles < 2) return 1;
     if (requested) return std::min(requested, key_tiles);
     if (dev.info().kind == device_kind::cpu) return 1;
     constexpr std::size_t enough = 256, target = 1024;
@@ -617,24 +693,46 @@ operand fused_attention(const E& e, X& x) {
                                glsl::operands_in<std::remove_cvref_t<decltype(post_factor)>>() ||
         source.find("#define NUM_NUMBERS " + std::to_string(numbers.size()) + "u\n") == std::string::npos)
         throw error("attnfuse internal: the fused shader of `" + to_string(e) + "` reads other parameters than the executor collected");
-    std::vector<std::uint32_t> extra = live_key_tiles<ratio>(parts::score(e), x, n_q, n_k);
+    // the window of key tiles a dispatch covers, then whether it resumes, then the live tiles
+    std::vector<std::uint32_t> extra{0u, 0u, 0u};
+    const std::vector<std::uint32_t> live = live_key_tiles<ratio>(parts::score(e), x, n_q, n_k);
+    extra.insert(extra.end(), live.begin(), live.end());
     const std::uint32_t acc_per_invocation =
         static_cast<std::uint32_t>((d_v + flash::value_columns - 1) / flash::value_columns * (flash::value_columns / flash::lanes));
     const auto out = output_buffer(x, n_q, d_v, "the result of " + to_string(e));
     const std::size_t qtiles = (n_q + flash::queries_per_workgroup - 1) / flash::queries_per_workgroup;
     const std::size_t bh = x.env.batch * x.env.heads;
-    const std::size_t splits = key_splits(x.dev, x.opt.key_splits, qtiles * bh, (n_k + flash::keys_per_tile - 1) / flash::keys_per_tile, n_k);
+    const std::size_t key_tiles = (n_k + flash::keys_per_tile - 1) / flash::keys_per_tile;
+    // Within the device's loop limit an invocation runs `window` key tiles; a
+    // longer row runs as several dispatches over consecutive windows, each
+    // resuming the state the one before left (the merge reads the last).
+    const std::size_t window = x.loop_window(flash::loop_steps_per_tile(operands[0].rows(), d_v), flash::loop_steps_fixed);
+    const std::size_t passes = (key_tiles + window - 1) / window;
+    const std::size_t splits =
+        std::min(key_splits(x.dev, x.opt.key_splits, qtiles * bh, key_tiles, n_k), x.loop_window(flash::merge_steps_per_share));
+    const bool shared_state = splits > 1 || passes > 1;
     const std::vector<std::uint32_t> specialization{std::max<std::uint32_t>(acc_per_invocation, flash::value_columns / flash::lanes),
-                                                    splits > 1 ? 1u : 0u};
+                                                    shared_state ? 1u : 0u};
     const std::string name = plan::kernel_name<plan::fused_attention_kernel<E>>::get(e);
-    if (splits == 1) {
+    if (!shared_state) {
+        extra[1] = static_cast<std::uint32_t>(key_tiles);
         x.launch("fused_attention", name, source, operands, numbers, out, n_q, d_v, {qtiles, bh, 1}, extra, specialization);
         return dense_operand(out, n_q, d_v, x.env.batch, x.env.heads);
     }
-    // each share's state and unnormalised context, then one merge
+    // each share's state and context, then one merge
     const auto shares = x.buffer(bh * n_q * splits * (d_v + 3) * sizeof(float), "the key shares of " + to_string(e), true);
-    x.launch("fused_attention", name + " (keys in " + std::to_string(splits) + " shares)", source, operands, numbers, shares, n_q, d_v,
-             {qtiles, bh, splits}, extra, specialization);
+    for (std::size_t pass = 0; pass < passes; ++pass) {
+        extra[0] = static_cast<std::uint32_t>(pass * window);
+        extra[1] = static_cast<std::uint32_t>(std::min(key_tiles, (pass + 1) * window));
+        extra[2] = pass > 0 ? 1u : 0u;
+        std::string what;
+        if (pass == 0) {
+            what = name + " (keys in " + std::to_string(splits) + " shares";
+            if (passes > 1) what += ", " + std::to_string(passes) + " dispatches of " + std::to_string(window) + " key tiles";
+            what += ")";
+        }
+        x.launch("fused_attention", what, source, operands, numbers, shares, n_q, d_v, {qtiles, bh, splits}, extra, specialization);
+    }
     std::string mode = ratio ? "#define AF_RATIO\n" : parts::hard ? "#define AF_HARD\n" : "#define AF_SOFTMAX\n";
     const float offset = [&] {
         if constexpr (ratio) return static_cast<float>(parts::ratio_offset(e));
@@ -684,45 +782,70 @@ auto host_face(const B& b) {
 }
 
 template <bool OnDevice, class E, class... Bindings>
-auto run_bound(device& dev, const E& e, const options& opt, std::map<std::string, operand> resident, const Bindings&... bindings) {
+auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::string, operand>& resident, const Bindings&... bindings) {
     using Env = environment<Bindings...>;
     const Env env(bindings...);
     const runtime_shape shape = shape_of(e, env);
     std::conditional_t<OnDevice, device_run_result, run_result> result;
     const auto start = std::chrono::steady_clock::now();
-    {
-        executor<Env> x{dev, env, opt, result.info, {}, {}, std::move(resident), true, {}};
-        plan::collect_score_nodes(e, x.score_nodes);
-        operand out = evaluate(e, x);
-        // the answer, dense and owned by this run: a last copy kernel when the
-        // root was a view (an input, a transpose)
-        const bool dense = out.geometry[4] == shape.cols && out.geometry[5] == 1 && out.geometry[8] == 0 &&
-                           out.geometry[2] == env.batch && out.geometry[3] == env.heads &&
-                           out.geometry[7] == shape.rows * shape.cols;
-        const auto owned = std::find(x.owned.begin(), x.owned.end(), out.buffer);
-        if (!dense || owned == x.owned.end() || x.uploaded_buffer(out.buffer)) {
-            const auto copy = x.buffer(std::max<std::size_t>(env.batch * env.heads * shape.rows * shape.cols, 1) * sizeof(float), "the output", false);
-            const std::string body = element_prologue() + "    OUT.d[idx] = ld0(b, h, i, j);\n}\n";
-            x.launch("copy", "copy to the output", body, {out}, {}, copy, shape.rows, shape.cols, env.batch * env.heads * shape.rows * shape.cols);
-            out = dense_operand(copy, shape.rows, shape.cols, env.batch, env.heads);
-        } else if (result.info.intermediate_bytes >= dev.buffer_bytes(out.buffer)) {
-            result.info.intermediate_bytes -= dev.buffer_bytes(out.buffer);  // the output is no intermediate
+    // The whole run holds the device: another thread's run waits, so that
+    // recorded work, buffers and the submission stay this run's own.
+    const auto hold = dev.exclusive();
+    std::vector<std::string> retries;
+    for (std::size_t halvings = 0;; ++halvings) {
+        result.info = {};
+        bool cut_short = false;
+        {
+            executor<Env> x{dev, env, opt, result.info, {}, {}, resident, true, {}, halvings, {}};
+            plan::collect_score_nodes(e, x.score_nodes);
+            operand out = evaluate(e, x);
+            // the answer, dense and owned by this run: a last copy kernel when the
+            // root was a view (an input, a transpose)
+            const bool dense = out.geometry[4] == shape.cols && out.geometry[5] == 1 && out.geometry[8] == 0 &&
+                               out.geometry[2] == env.batch && out.geometry[3] == env.heads &&
+                               out.geometry[7] == shape.rows * shape.cols;
+            const auto owned = std::find(x.owned.begin(), x.owned.end(), out.buffer);
+            if (!dense || owned == x.owned.end() || x.uploaded_buffer(out.buffer)) {
+                const auto copy = x.buffer(std::max<std::size_t>(env.batch * env.heads * shape.rows * shape.cols, 1) * sizeof(float), "the output", false);
+                const std::string body = element_prologue() + "    OUT.d[idx] = ld0(b, h, i, j);\n}\n";
+                x.launch("copy", "copy to the output", body, {out}, {}, copy, shape.rows, shape.cols, env.batch * env.heads * shape.rows * shape.cols);
+                out = dense_operand(copy, shape.rows, shape.cols, env.batch, env.heads);
+            } else if (result.info.intermediate_bytes >= dev.buffer_bytes(out.buffer)) {
+                result.info.intermediate_bytes -= dev.buffer_bytes(out.buffer);  // the output is no intermediate
+            }
+            result.info.device_seconds = dev.submit_and_wait();
+            if (x.status) {  // did the driver end a loop early (af_check_loops)?
+                std::uint32_t flags = 0;
+                dev.download(*x.status, &flags, sizeof flags);
+                cut_short = flags != 0;
+            }
+            if (!cut_short) {
+                if constexpr (OnDevice) {
+                    x.owned.erase(std::find(x.owned.begin(), x.owned.end(), out.buffer));  // the result's now
+                    result.output = device_tensor(dev, out.buffer, env.batch, env.heads, shape.rows, shape.cols);
+                } else {
+                    tensor& t = result.output;
+                    t.batch = env.batch;
+                    t.heads = env.heads;
+                    t.rows = shape.rows;
+                    t.cols = shape.cols;
+                    t.values.resize(env.batch * env.heads * shape.rows * shape.cols);
+                    dev.download(out.buffer, t.values.data(), t.values.size() * sizeof(float));
+                }
+                result.info.spirv_from_disk_cache = x.all_from_disk;
+            }
         }
-        result.info.device_seconds = dev.submit_and_wait();
-        if constexpr (OnDevice) {
-            x.owned.erase(std::find(x.owned.begin(), x.owned.end(), out.buffer));  // the result's now
-            result.output = device_tensor(dev, out.buffer, env.batch, env.heads, shape.rows, shape.cols);
-        } else {
-            tensor& t = result.output;
-            t.batch = env.batch;
-            t.heads = env.heads;
-            t.rows = shape.rows;
-            t.cols = shape.cols;
-            t.values.resize(env.batch * env.heads * shape.rows * shape.cols);
-            dev.download(out.buffer, t.values.data(), t.values.size() * sizeof(float));
-        }
-        result.info.spirv_from_disk_cache = x.all_from_disk;
+        if (!cut_short) break;
+        // every loop window is sized from the device's limit with a margin; a
+        // driver that still ended one early gets the run again in pieces half
+        // as large, and an error rather than an answer if that never suffices
+        if (halvings == 4)
+            throw error("attnfuse: running `" + to_string(e) + "`, a shader was cut short by " + dev.info().name +
+                        "'s limit on loop iterations even in pieces 16 times smaller than planned; no result is returned");
+        retries.push_back("a shader's loops were ended early by the driver's limit on loop iterations: ran again in pieces half as large");
     }
+    result.info.notes.insert(result.info.notes.begin(), retries.begin(), retries.end());
+    for (auto& note : dev.take_notes()) result.info.notes.push_back(std::move(note));
     result.info.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return result;
 }
@@ -745,7 +868,7 @@ auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bi
         }
     };
     (note(bindings), ...);
-    return run_bound<OnDevice>(dev, e, opt, std::move(resident), host_face(bindings)...);
+    return run_bound<OnDevice>(dev, e, opt, resident, host_face(bindings)...);
 }
 }  // namespace detail
 

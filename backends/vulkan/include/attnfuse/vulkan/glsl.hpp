@@ -9,6 +9,7 @@
 //              output's rows and cols.
 //   binding 1: the output, dense [batch][heads][rows][cols].
 //   binding 2 + k: operand k.
+//   binding 2 + operands: the run's status word (af_check_loops).
 #pragma once
 #include <string>
 #include <tuple>
@@ -55,6 +56,7 @@ constexpr std::string prelude(std::size_t operands, std::size_t numbers, std::si
     s += "layout(std430, binding = 1) buffer Output { float d[]; } OUT;\n";
     for (std::size_t k = 0; k < operands; ++k)
         s += "layout(std430, binding = " + decimal(2 + k) + ") readonly buffer Operand" + decimal(k) + " { float d[]; } OP" + decimal(k) + ";\n";
+    s += "layout(std430, binding = " + decimal(2 + operands) + ") buffer Status { uint flags; } AF_STATUS;\n";
     s += std::string(shader_sources::prelude);
     for (std::size_t k = 0; k < operands; ++k) {
         const std::string n = decimal(k);
@@ -107,8 +109,11 @@ struct emitter {
             static_assert(std::is_same_v<kid_t<E, 0>, operand_slot>, "attnfuse internal: a lookup table is an operand");
             const std::string table = decimal(next_operand++);
             return "lookup" + table + "(b, h, " + emit<kid_t<E, 1>>() + ")";
-        } else {  // named
+        } else if constexpr (is_named_node<E>::value) {
             return emit<kid_t<E, 0>>();
+        } else {
+            static_assert(sizeof(E) == 0, "attnfuse: the GLSL emitter has no rule for this pointwise node (the E of this instantiation)");
+            return {};
         }
     }
 
