@@ -3,17 +3,25 @@
 // double-precision reference, its time, its intermediate memory and its
 // kernels. Exits non-zero when an error exceeds its tolerance.
 //
+// Times tell what a user gets: `first` is the first run of the expression in
+// this process (on Vulkan it includes `build`, compiling shaders and building
+// pipelines, which later runs skip; on the CPU, the first touch of the
+// kernels' scratch); `ms` is the median of the warm runs after it; `x` is the
+// unfused median over the fused one (above 1: fusion is faster).
+//
 //   attnfuse-zoo [--json] [--list-devices] [--device <index or name>]
 #include <attnfuse/cpu.hpp>
 #include <attnfuse/dsl.hpp>
 #include <attnfuse/vulkan.hpp>
 #include <attnfuse/vulkan/executor.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "variants.hpp"
@@ -24,7 +32,8 @@ namespace {
 
 struct row {
     std::string variant, family, backend, mode, formula;
-    double milliseconds = 0, error = 0, tolerance = 0;
+    double first_ms = 0, build_ms = 0, milliseconds = 0, error = 0, tolerance = 0;
+    double speedup = 0;  // unfused over fused median, on the fused row
     std::size_t intermediate_bytes = 0, score_bytes = 0, kernels = 0;
     // within tolerance, and a fused row materialises no score matrix
     bool ok() const { return error <= tolerance && (mode != "fused" || score_bytes == 0); }
@@ -52,6 +61,18 @@ void list_devices() {
     }
 }
 
+// The first run, then the median of `warm` more; `run()` returns the run's
+// output, its report's wall seconds and (Vulkan) build seconds.
+template <class Run>
+auto timed(int warm, Run&& run) {
+    auto first = run();
+    std::vector<double> ms;
+    for (int n = 0; n < warm; ++n) ms.push_back(run().wall * 1e3);
+    std::sort(ms.begin(), ms.end());
+    const double median = ms.empty() ? first.wall * 1e3 : ms[ms.size() / 2];
+    return std::tuple{std::move(first), median};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -77,6 +98,7 @@ int main(int argc, char** argv) {
         vulkan_status = std::string("no Vulkan rows: ") + e.what();
     }
 
+    constexpr int warm_runs_cpu = 7, warm_runs_vulkan = 3;
     // batch 2, heads 4, 100 queries, 333 keys, d_k 48, d_v 40: several tiles, none full
     const af::variants::shape shape{2, 4, 100, 333, 48, 40};
     std::vector<row> rows;
@@ -85,20 +107,36 @@ int main(int argc, char** argv) {
         const auto ref = af::reference::evaluate(e, bindings...);
         // scores near 1e4 carry fp32 rounding of ~1e-3 per score into softmax
         const double tolerance = v.name.find("1e4") != std::string::npos ? 1e-2 : 1e-4;
+        struct outcome {
+            af::tensor out;
+            double wall, build;
+            std::size_t intermediate, scores, kernels;
+        };
         for (const auto mode : {af::cpu::execution::fused, af::cpu::execution::unfused}) {
-            const auto [out, info] = af::cpu::run(e, af::cpu::options{mode, 0}, bindings...);
-            rows.push_back({v.name, v.family, "cpu", mode == af::cpu::execution::fused ? "fused" : "unfused",
-                            af::to_string(e), info.wall_seconds * 1e3, af::variants::relative_error(ref.values, out.values), tolerance,
-                            info.intermediate_bytes, info.score_bytes, info.kernels.size()});
+            const auto [first, median] = timed(warm_runs_cpu, [&] {
+                auto [out, info] = af::cpu::run(e, af::cpu::options{mode, 0}, bindings...);
+                return outcome{std::move(out), info.wall_seconds, 0, info.intermediate_bytes, info.score_bytes, info.kernels.size()};
+            });
+            rows.push_back({v.name, v.family, "cpu", mode == af::cpu::execution::fused ? "fused" : "unfused", af::to_string(e),
+                            first.wall * 1e3, 0, median, af::variants::relative_error(ref.values, first.out.values), tolerance, 0,
+                            first.intermediate, first.scores, first.kernels});
         }
         if (!gpu) return;
         for (const auto mode : {af::vulkan::execution::fused, af::vulkan::execution::unfused}) {
-            const auto [out, info] = af::vulkan::run(*gpu, e, af::vulkan::options{mode}, bindings...);
-            rows.push_back({v.name, v.family, "vk", mode == af::vulkan::execution::fused ? "fused" : "unfused",
-                            af::to_string(e), info.wall_seconds * 1e3, af::variants::relative_error(ref.values, out.values), tolerance,
-                            info.intermediate_bytes, info.score_bytes, info.dispatches});
+            const auto [first, median] = timed(warm_runs_vulkan, [&] {
+                auto [out, info] = af::vulkan::run(*gpu, e, af::vulkan::options{mode}, bindings...);
+                return outcome{std::move(out), info.wall_seconds, info.build_seconds, info.intermediate_bytes, info.score_bytes, info.dispatches};
+            });
+            rows.push_back({v.name, v.family, "vk", mode == af::vulkan::execution::fused ? "fused" : "unfused", af::to_string(e),
+                            first.wall * 1e3, first.build * 1e3, median, af::variants::relative_error(ref.values, first.out.values),
+                            tolerance, 0, first.intermediate, first.scores, first.kernels});
         }
     });
+    // fused rows carry the ratio of the unfused median to theirs
+    for (auto& r : rows)
+        if (r.mode == "fused")
+            for (const auto& u : rows)
+                if (u.mode == "unfused" && u.variant == r.variant && u.backend == r.backend) r.speedup = u.milliseconds / r.milliseconds;
 
     bool all_ok = true;
     for (const auto& r : rows) all_ok = all_ok && r.ok();
@@ -107,21 +145,30 @@ int main(int argc, char** argv) {
         for (std::size_t n = 0; n < rows.size(); ++n) {
             const row& r = rows[n];
             std::printf("  {\"variant\": \"%s\", \"family\": \"%s\", \"backend\": \"%s\", \"mode\": \"%s\", \"expression\": \"%s\", "
-                        "\"ms\": %.4f, \"error\": %.3e, \"tolerance\": %.0e, \"intermediate_bytes\": %zu, \"score_bytes\": %zu, \"kernels\": %zu}%s\n",
+                        "\"first_ms\": %.4f, \"build_ms\": %.4f, \"ms\": %.4f, \"unfused_over_fused\": %.3f, "
+                        "\"error\": %.3e, \"tolerance\": %.0e, \"intermediate_bytes\": %zu, \"score_bytes\": %zu, \"kernels\": %zu}%s\n",
                         json_escape(r.variant).c_str(), r.family.c_str(), r.backend.c_str(), r.mode.c_str(),
-                        json_escape(r.formula).c_str(), r.milliseconds, r.error, r.tolerance, r.intermediate_bytes, r.score_bytes, r.kernels,
-                        n + 1 < rows.size() ? "," : "");
+                        json_escape(r.formula).c_str(), r.first_ms, r.build_ms, r.milliseconds, r.speedup, r.error, r.tolerance,
+                        r.intermediate_bytes, r.score_bytes, r.kernels, n + 1 < rows.size() ? "," : "");
         }
         std::printf("]\n");
     } else {
         std::fprintf(stderr, "%70s\r", "");
         std::printf("attnfuse zoo: batch %zu, heads %zu, n_q %zu, n_k %zu, d_k %zu, d_v %zu; error = max|out - ref| / max(1, max|ref|)\n\n",
                     shape.batch, shape.heads, shape.n_q, shape.n_k, shape.d, shape.d_v);
-        std::printf("%-48s %-4s %-8s %9s %10s %14s %12s %7s\n", "variant", "on", "mode", "ms", "error", "intermediate B", "score B", "kernels");
-        std::printf("(on: cpu, or vk for %s; score B: bytes of n_q x n_k scores or weights materialised; kernels: kernels run, or dispatches on Vulkan)\n", gpu ? gpu->info().name.c_str() : "no Vulkan device");
-        for (const auto& r : rows)
-            std::printf("%-48s %-4s %-8s %9.3f %10.2e %14zu %12zu %7zu%s\n", r.variant.c_str(), r.backend.c_str(), r.mode.c_str(),
-                        r.milliseconds, r.error, r.intermediate_bytes, r.score_bytes, r.kernels, r.ok() ? "" : "  <-- over tolerance");
+        std::printf("%-48s %-4s %-8s %9s %9s %9s %6s %10s %14s %12s %7s\n", "variant", "on", "mode", "first ms", "build ms", "ms", "x",
+                    "error", "intermediate B", "score B", "kernels");
+        std::printf("(on: cpu, or vk for %s; first ms: the first run in this process, build ms of it compiling shaders and building\n"
+                    " pipelines; ms: median of %d (cpu) or %d (vk) warm runs after it; x: unfused ms / fused ms; score B: bytes of\n"
+                    " n_q x n_k scores or weights materialised; kernels: kernels run, or dispatches on Vulkan)\n",
+                    gpu ? gpu->info().name.c_str() : "no Vulkan device", warm_runs_cpu, warm_runs_vulkan);
+        for (const auto& r : rows) {
+            char ratio[16] = "";
+            if (r.mode == "fused") std::snprintf(ratio, sizeof ratio, "%.2f", r.speedup);
+            std::printf("%-48s %-4s %-8s %9.3f %9.3f %9.3f %6s %10.2e %14zu %12zu %7zu%s\n", r.variant.c_str(), r.backend.c_str(),
+                        r.mode.c_str(), r.first_ms, r.build_ms, r.milliseconds, ratio, r.error, r.intermediate_bytes, r.score_bytes,
+                        r.kernels, r.ok() ? "" : "  <-- over tolerance");
+        }
         std::printf("\n");
         list_devices();
         std::printf("%s\n", vulkan_status.c_str());

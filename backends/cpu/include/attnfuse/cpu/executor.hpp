@@ -120,6 +120,23 @@ tensor_view<float> pointwise_loop(const E& e, X& x) {
     const runtime_shape shape = shape_of(e, x.env);
     const auto prepared = prepare<void>(e, x);
     x.info.kernels.push_back(plan::kernel_name<plan::pointwise_kernel<E>>::get(e));
+    if (shape.cols == 1 && shape.rows > 1) {
+        // a column (a per-query vector, local-p's centres): computed eight
+        // rows at a time and stored densely, so that a fused kernel's
+        // transposed score tile reads it with vector loads
+        const std::size_t padded = kernels::round_up(shape.rows, simd::lanes), groups = padded / simd::lanes;
+        tensor_view<float> out = x.allocate(padded, 1, 1);
+        out.rows = shape.rows;
+        const auto items = static_cast<std::ptrdiff_t>(x.heads_total() * groups);
+#pragma omp parallel for schedule(static) num_threads(x.threads())
+        for (std::ptrdiff_t item = 0; item < items; ++item) {
+            const std::size_t bh = static_cast<std::size_t>(item) / groups, row = static_cast<std::size_t>(item) % groups * simd::lanes;
+            const std::size_t b = bh / x.env.heads, h = bh % x.env.heads;
+            const auto tree = at_head(prepared, x.env, b, h);
+            simd::store(x.matrix_of(out, b, h) + row, lanes_of<lanes_along::queries>(tree, lane_position{row, 0, nullptr, static_cast<std::uint32_t>(bh)}));
+        }
+        return out;
+    }
     const tensor_view<float> out = x.allocate(shape.rows, shape.cols, kernels::round_up(shape.cols, simd::lanes));
     const auto items = static_cast<std::ptrdiff_t>(x.heads_total() * shape.rows);
 #pragma omp parallel for schedule(static) num_threads(x.threads())
@@ -369,6 +386,14 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 if (query_factor != 1.0f)
                     for (std::size_t n = 0; n < depth * rows_padded; ++n) packed[n] *= query_factor;
             }
+            // a pairwise score reads its query features eight queries at a
+            // time: packed once as [depth][rows_padded] (the last row repeated
+            // into the padding), so that each read is one vector load
+            if (transposed && traits::pairwise)
+                for (std::size_t a = 0; a < depth; ++a)
+                    for (std::size_t g = 0; g < rows_padded; ++g)
+                        packed[a * rows_padded + g] = q_base[static_cast<std::ptrdiff_t>(a) * in.queries.row_stride +
+                                                             static_cast<std::ptrdiff_t>(std::min(g, rows - 1)) * in.queries.col_stride];
 
             for (std::size_t k0 = 0; k0 < n_k; k0 += key_tile) {
                 const std::size_t cols = std::min(key_tile, n_k - k0);
@@ -383,23 +408,26 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                     // st(key, query), leading dimension rows_padded
                     if constexpr (traits::pairwise) {
                         const auto& combine = core.kind.combine;
-                        for (std::size_t k = 0; k < cols; ++k)
+                        // the feature weights and each key's features, read once per key rather than per query group
+                        float w_at[256], k_at[256];
+                        const bool small = depth <= 256;
+                        if (small)
+                            for (std::size_t a = 0; a < depth; ++a) w_at[a] = w_base[static_cast<std::ptrdiff_t>(a) * in.feature_weights.row_stride];
+                        for (std::size_t k = 0; k < cols; ++k) {
+                            if (small)
+                                for (std::size_t a = 0; a < depth; ++a)
+                                    k_at[a] = k_tile[static_cast<std::ptrdiff_t>(a) * in.keys.row_stride + static_cast<std::ptrdiff_t>(k) * in.keys.col_stride];
                             for (std::size_t g = 0; g < rows_padded; g += simd::lanes) {
                                 vf sum{};
                                 for (std::size_t a = 0; a < depth; ++a) {
-                                    vf qa;
-                                    for (int l = 0; l < simd::lanes; ++l) {
-                                        const std::size_t r = std::min(g + static_cast<std::size_t>(l), rows - 1);
-                                        qa[l] = q_base[static_cast<std::ptrdiff_t>(a) * in.queries.row_stride +
-                                                       static_cast<std::ptrdiff_t>(r) * in.queries.col_stride];
-                                    }
-                                    const float ka = k_tile[static_cast<std::ptrdiff_t>(a) * in.keys.row_stride +
-                                                            static_cast<std::ptrdiff_t>(k) * in.keys.col_stride];
-                                    sum += simd::splat(w_base[static_cast<std::ptrdiff_t>(a) * in.feature_weights.row_stride]) *
-                                           combine_lanes(combine, qa, simd::splat(ka));
+                                    const float ka = small ? k_at[a] : k_tile[static_cast<std::ptrdiff_t>(a) * in.keys.row_stride +
+                                                                              static_cast<std::ptrdiff_t>(k) * in.keys.col_stride];
+                                    const float wa = small ? w_at[a] : w_base[static_cast<std::ptrdiff_t>(a) * in.feature_weights.row_stride];
+                                    sum += simd::splat(wa) * combine_lanes(combine, simd::load(packed.data() + a * rows_padded + g), simd::splat(ka));
                                 }
                                 simd::store(s.data() + k * rows_padded + g, sum);
                             }
+                        }
                     } else {
                         kernels::multiply_panels(cols, rows_padded / kernels::panel_width, depth, k_tile, in.keys.col_stride,
                                                  in.keys.row_stride, packed.data(), kernels::panel_width,

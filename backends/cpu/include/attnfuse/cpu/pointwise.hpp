@@ -63,7 +63,7 @@ E at_head(E e, const Env& env, std::size_t b, std::size_t h) {
 }
 
 template <lanes_along Along>
-vf read_leaf(const memory_leaf& m, std::size_t row, std::size_t col) {
+[[gnu::always_inline]] inline vf read_leaf(const memory_leaf& m, std::size_t row, std::size_t col) {
     const tensor_view<float>& v = m.view;
     constexpr bool over_keys = Along == lanes_along::keys;
     // the fixed index, then the lanes' extent and stride
@@ -75,6 +75,11 @@ vf read_leaf(const memory_leaf& m, std::size_t row, std::size_t col) {
     if (lane_extent == 1) return simd::splat(*p);
     if (lane_stride == 1 && first + simd::lanes <= lane_extent) return simd::load(p + first);
     vf out;
+    if (first + simd::lanes <= lane_extent) {  // a whole vector of a strided operand (a column in a transposed tile)
+        const float* at = p + static_cast<std::ptrdiff_t>(first) * lane_stride;
+        for (int l = 0; l < simd::lanes; ++l) out[l] = at[static_cast<std::ptrdiff_t>(l) * lane_stride];
+        return out;
+    }
     for (int l = 0; l < simd::lanes; ++l) {
         const std::size_t n = std::min(first + static_cast<std::size_t>(l), lane_extent - 1);  // past the end: clamp
         out[l] = p[static_cast<std::ptrdiff_t>(n) * lane_stride];
@@ -114,12 +119,14 @@ vf lanes_of(const E& e, const lane_position& at) {
         const vf index = lanes_of<Along>(e.template kid<1>(), at);
         const std::size_t length = std::max(table.view.rows, table.view.cols);
         const std::ptrdiff_t stride = table.view.rows == 1 ? table.view.col_stride : table.view.row_stride;
+        // as the reference's nearbyint(fmin(fmax(index, 0), length - 1)), eight lanes at once:
+        // max(NaN, 0) is 0 here too, so a NaN index reads entry 0; below 2^23,
+        // adding and taking away 2^23 rounds half to even, as nearbyint does
+        const vf clamped = simd::min(simd::max(index, simd::splat(0.0f)), simd::splat(static_cast<float>(length - 1)));
+        const vf rounded = clamped < 8388608.0f ? (clamped + 8388608.0f) - 8388608.0f : clamped;
+        const simd::vi entry = __builtin_convertvector(rounded, simd::vi);
         vf out;
-        for (int l = 0; l < simd::lanes; ++l) {
-            // fmax/fmin: a NaN index reads entry 0, as in the reference
-            const double clamped = std::nearbyint(std::fmin(std::fmax(static_cast<double>(index[l]), 0.0), static_cast<double>(length - 1)));
-            out[l] = table.base[static_cast<std::ptrdiff_t>(clamped) * stride];
-        }
+        for (int l = 0; l < simd::lanes; ++l) out[l] = table.base[static_cast<std::ptrdiff_t>(entry[l]) * stride];
         return out;
     } else if constexpr (is_named_node<E>::value) {
         return lanes_of<Along>(e.template kid<0>(), at);

@@ -129,7 +129,11 @@ struct report {
     std::size_t intermediate_bytes = 0;  // device memory besides inputs, output and parameters
     std::size_t score_bytes = 0;         // of which n_q x n_k scores or weights (0 when fused)
     double device_seconds = 0;           // from timestamps
-    double wall_seconds = 0;
+    double wall_seconds = 0;             // the whole call, build_seconds included
+    // Of wall_seconds, the first-run cost: compiling shaders (or reading their
+    // SPIR-V from the disk cache) and building pipelines. 0 once this device
+    // has met every kernel of the expression.
+    double build_seconds = 0;
     bool spirv_from_disk_cache = false;  // every kernel's SPIR-V came from an earlier process
     std::vector<std::string> notes;      // choices made at run time (fallbacks)
 };
@@ -309,7 +313,9 @@ struct executor {
     void launch(const std::string& name, const std::string& description, const std::string& source, const std::vector<operand>& operands,
                 const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
                 std::array<std::size_t, 3> grid, const std::vector<std::uint32_t>& extra, const std::vector<std::uint32_t>& specialization) {
+        const auto built = std::chrono::steady_clock::now();
         const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(3 + operands.size()), 0, specialization);
+        info.build_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - built).count();
         all_from_disk = all_from_disk && dev.kernel_from_disk_cache(kernel);
 
         std::vector<std::uint32_t> params{static_cast<std::uint32_t>(env.batch), static_cast<std::uint32_t>(env.heads)};
