@@ -195,7 +195,9 @@ void main() {
 #if !defined(AF_HARD)
         // ---- context += weights x values, VC value columns at a time ----
         float scale = row_scale[r];
-        for (uint w = 0u; w < ACC; ++w) acc[w] *= scale;
+        // a scale of exactly 0 (a new maximum far above the old): what came
+        // before weighs 0 now, and goes whatever it held (a NaN value row too)
+        for (uint w = 0u; w < ACC; ++w) acc[w] = scale == 0.0 ? 0.0 : acc[w] * scale;
         for (uint chunk = 0u; chunk < ACC / (VC / LANES); ++chunk) {
             uint c0 = chunk * VC;
             if (c0 >= dv) break;  // uniform: every invocation agrees
@@ -254,6 +256,7 @@ void main() {
                 if (c < dv) OUT.d[at + 3u + c] = acc[chunk * (VC / LANES) + w];
             }
 #endif
+        af_check_loops();  // the writes' loops too
         return;
     }
 
@@ -283,4 +286,5 @@ void main() {
             if (c < dv) OUT.d[out_row + c] = acc[chunk * (VC / LANES) + w] * inverse;
         }
 #endif
+    af_check_loops();  // the output loops too
 }

@@ -100,6 +100,29 @@ TEST_CASE("a small but non-zero weight still multiplies a NaN value", "[numerics
     }
 }
 
+TEST_CASE("a NaN value row whose weight later falls to exactly 0 is dropped", "[numerics]") {
+    // key 0 leads at first (its NaN value row enters the context), then key 200
+    // scores 1000 higher: key 0's weight becomes exp(-1000) = 0, in double too
+    const std::size_t n_k = 256, dv = 3;
+    for (const std::size_t n_q : {std::size_t{1}, std::size_t{20}}) {  // the few-query and the tiled path
+        std::vector<float> qs(n_q, 1.0f), ks(n_k, -1e4f), values(n_k * dv);
+        ks[0] = 0.0f;
+        ks[200] = 1000.0f;
+        for (std::size_t n = 0; n < values.size(); ++n) values[n] = static_cast<float>(n % 7);
+        values[0] = std::nanf("");
+        auto q = af::bind(Q, af::col_major(qs.data(), 1, n_q));
+        auto k = af::bind(K, af::col_major(ks.data(), 1, n_k));
+        auto v = af::bind(V, af::row_major(values.data(), n_k, dv));
+        const auto e = softmax(Q^af::T*K)*V;
+        const auto ref = af::reference::evaluate(e, q, k, v);
+        for (std::size_t c = 0; c < dv; ++c) REQUIRE(ref.values[c] == values[200 * dv + c]);
+        for (const auto mode : both_modes) {
+            INFO(name(mode) << ", " << n_q << " queries");
+            CHECK(af::variants::relative_error(ref.values, af::cpu::run(e, af::cpu::options{mode, 0}, q, k, v).output.values) <= 1e-6);
+        }
+    }
+}
+
 TEST_CASE("the fused accumulator does not overflow while the normalised result is finite", "[numerics]") {
     const std::size_t n_q = 8, n_k = 100, d = 20, dv = 8;
     std::vector<float> qs(d * n_q, 0.0f), ks(d * n_k, 0.5f), values(n_k * dv, 3e38f);

@@ -249,6 +249,25 @@ TEST_CASE("Vulkan: a NaN value at a zero-weight key reaches no row; fused output
             for (float x : vk::run(*dev, hard(Q^af::T*K)*V, vk::options{mode}, q1, k1, v1).output.values) CHECK(x == 1.0f);
         }
     }
+    // a NaN value row whose weight later falls to exactly 0 (a key 1000 higher comes after)
+    {
+        const std::size_t n_k = 256;
+        std::vector<float> qs{1.0f}, ks(n_k, -1e4f), values(n_k * 2, 1.0f);
+        ks[0] = 0.0f;
+        ks[200] = 1000.0f;
+        values[200 * 2 + 1] = 5.0f;
+        values[0] = std::nanf("");
+        auto q1 = af::bind(Q, af::col_major(qs.data(), 1, 1));
+        auto k1 = af::bind(K, af::col_major(ks.data(), 1, n_k));
+        auto v1 = af::bind(V, af::row_major(values.data(), n_k, 2));
+        for (const auto mode : both_modes)
+            for (const std::size_t shares : {std::size_t{1}, std::size_t{3}}) {
+                INFO(name(mode) << ", " << shares << " shares");
+                const auto out = vk::run(*dev, softmax(Q^af::T*K)*V, vk::options{mode, shares}, q1, k1, v1).output;
+                CHECK(out.values[0] == 1.0f);
+                CHECK(out.values[1] == 5.0f);
+            }
+    }
     // Q = 0, V = 3e38: the normalised result is 3e38
     {
         const std::size_t n_q = 8, n_k = 100, depth = 20;

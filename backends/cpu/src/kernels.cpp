@@ -153,7 +153,9 @@ void online_softmax_step(float* s, std::size_t rows, std::size_t cols, std::size
         }
         st.sum = st.sum * alpha + simd::horizontal_sum(total);
         st.max = new_max;
-        if (alpha != 1.0f) {
+        if (alpha == 0.0f) {  // what came before now weighs exactly 0: gone, whatever it held (a NaN value row too)
+            for (std::size_t c = 0; c < o_cols; c += simd::lanes) simd::store(orow + c, vf{});
+        } else if (alpha != 1.0f) {
             const vf va = simd::splat(alpha);
             for (std::size_t c = 0; c < o_cols; c += simd::lanes) simd::store(orow + c, simd::load(orow + c) * va);
         }
@@ -181,7 +183,8 @@ void online_softmax_columns(float* st, std::size_t keys, std::size_t queries, st
         if (m != minus_inf && alpha != 1.0f) {
             float* row = o + q * ldo;
             const vf va = simd::splat(alpha);
-            for (std::size_t c = 0; c < o_cols; c += simd::lanes) simd::store(row + c, simd::load(row + c) * va);
+            // alpha 0: what came before now weighs exactly 0, gone whatever it held (a NaN value row too)
+            for (std::size_t c = 0; c < o_cols; c += simd::lanes) simd::store(row + c, alpha == 0.0f ? vf{} : simd::load(row + c) * va);
         }
         s.sum *= (m == minus_inf ? 1.0f : alpha);
         s.max = m;

@@ -124,7 +124,9 @@ vf lanes_of(const E& e, const lane_position& at) {
         // adding and taking away 2^23 rounds half to even, as nearbyint does
         const vf clamped = simd::min(simd::max(index, simd::splat(0.0f)), simd::splat(static_cast<float>(length - 1)));
         const vf rounded = clamped < 8388608.0f ? (clamped + 8388608.0f) - 8388608.0f : clamped;
-        const simd::vi entry = __builtin_convertvector(rounded, simd::vi);
+        simd::vi entry = __builtin_convertvector(rounded, simd::vi);
+        const auto last = static_cast<std::int32_t>(std::min<std::size_t>(length - 1, INT32_MAX));
+        entry = entry > last ? last : entry;  // float(length - 1) may round up past the table
         vf out;
         for (int l = 0; l < simd::lanes; ++l) out[l] = table.base[static_cast<std::ptrdiff_t>(entry[l]) * stride];
         return out;

@@ -52,7 +52,12 @@ public:
                 for (std::size_t r = 0; r < rows_; ++r)
                     for (std::size_t c = 0; c < cols_; ++c) dense[n++] = host.at(b, h, r, c);
         id_ = dev.create_buffer(std::max<std::size_t>(dense.size(), 1) * sizeof(float), what);
-        dev.upload(id_, dense.data(), dense.size() * sizeof(float));
+        try {
+            dev.upload(id_, dense.data(), dense.size() * sizeof(float));
+        } catch (...) {
+            reset();
+            throw;
+        }
     }
     // Adopts a dense buffer of `dev`.
     device_tensor(device& dev, device::buffer_id id, std::size_t batch, std::size_t heads, std::size_t rows, std::size_t cols)
@@ -96,7 +101,10 @@ public:
 
 private:
     void reset() {
-        if (owner_) owner_->release(id_);
+        if (owner_) try {
+                owner_->release(id_);
+            } catch (...) {  // a destructor must not throw; the device's own failure shows on its next call
+            }
         owner_ = nullptr;
     }
     device* owner_ = nullptr;
@@ -224,8 +232,13 @@ struct executor {
     std::size_t halvings = 0;
     std::optional<device::buffer_id> status;            // the run's status word, host-visible
 
+    // Also on the way out of an exception: release submits recorded work and
+    // may throw itself, which must not escape a destructor.
     ~executor() {
-        for (auto id : owned) dev.release(id);
+        for (auto id : owned) try {
+                dev.release(id);
+            } catch (...) {
+            }
     }
 
     // How many iterations of a loop whose every iteration costs `per_iteration`
