@@ -171,11 +171,14 @@ void main() {
                 weights[r * (BK + 1u) + k] = p;
                 l_new += p;
             }
-            // the context stays sum(p v) / l: rescaled by l_old alpha / l_new,
-            // and this tile's weights divided by l_new
+            // the context stays sum(p v) / l: what came before is rescaled by
+            // l_old alpha / l_new, and this tile's weights are divided by
+            // l_new before they meet the values (so that no partial sum
+            // overflows while the result is finite)
             float inverse = l_new > 0.0 ? 1.0 / l_new : 0.0;
             scale = l * alpha * inverse;
             l = l_new;
+            m = top;
             for (uint k = 0u; k < BK; ++k) {
                 float p = k < live ? weights[r * (BK + 1u) + k] * inverse : 0.0;
 #if defined(AF_DROPOUT)
@@ -186,7 +189,6 @@ void main() {
 #endif
                 weights[r * (BK + 1u) + k] = p;
             }
-            m = top;
 #endif
             row_scale[r] = scale;
         }
@@ -205,7 +207,7 @@ void main() {
             for (uint e = t; e < BK * VC; e += BQ * LANES) {
                 uint k = e / VC, c = e % VC;
                 float v = (k0 + k < keys && c0 + c < dv) ? OP2.d[v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs] : 0.0;
-                if (isnan(v) || isinf(v)) {  // left out of the product; added back below where its weight is not 0
+                if (!(abs(v) <= 3.40282347e38)) {  // NaN or inf: left out of the product, added back below where its weight is not 0
                     atomicOr(bad_keys[step & 1u], 1u << k);
                     v = 0.0;
                 }
@@ -219,14 +221,19 @@ void main() {
                 uint c = lane + LANES * w;
                 float sum = 0.0;
                 for (uint k = 0u; k < BK; ++k) sum += weights[r * (BK + 1u) + k] * stage[k * VC + c];
-                for (uint k = 0u; bad != 0u && k < BK; ++k) {
-                    float weight = weights[r * (BK + 1u) + k];
-                    if (((bad >> k) & 1u) != 0u && weight != 0.0 && c0 + c < dv) {
-                        float v = OP2.d[v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs];
-                        if (isnan(v) || isinf(v)) sum += weight * v;
+                acc[chunk * (VC / LANES) + w] += sum;
+            }
+            if (bad != 0u) {  // uniform: the non-finite values, where their weight is not 0
+                for (uint w = 0u; w < VC / LANES; ++w) {
+                    uint c = lane + LANES * w;
+                    for (uint k = 0u; k < BK; ++k) {
+                        float weight = weights[r * (BK + 1u) + k];
+                        if (((bad >> k) & 1u) != 0u && weight != 0.0 && c0 + c < dv) {
+                            float v = OP2.d[v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs];
+                            if (!(abs(v) <= 3.40282347e38)) acc[chunk * (VC / LANES) + w] += weight * v;
+                        }
                     }
                 }
-                acc[chunk * (VC / LANES) + w] += sum;
             }
         }
 #endif

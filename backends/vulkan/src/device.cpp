@@ -346,9 +346,7 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
                                    .get<vk::PhysicalDeviceDriverProperties>().driverID;
         const bool llvmpipe = driver_id == vk::DriverId::eMesaLlvmpipe || std::string_view(props.deviceName.data()).find("llvmpipe") != std::string_view::npos;
         const std::uint32_t driver_cap = llvmpipe ? 65535u : 0u;
-        d.limits.max_loop_iterations = options.max_loop_iterations == 0 ? driver_cap
-                                       : driver_cap == 0                ? options.max_loop_iterations
-                                                                        : std::min(driver_cap, options.max_loop_iterations);
+        d.limits.max_loop_iterations = options.max_loop_iterations == 0 ? driver_cap : options.max_loop_iterations;
         d.unified_memory = props.deviceType == vk::PhysicalDeviceType::eCpu ||
                            props.deviceType == vk::PhysicalDeviceType::eIntegratedGpu;
 

@@ -71,10 +71,12 @@ struct device_options {
     // Enable VK_LAYER_KHRONOS_validation (also on when VK_INSTANCE_LAYERS or
     // ATTNFUSE_VK_VALIDATION=1 ask for it); every message is counted.
     bool validation = false;
-    // At most this many loop iterations per shader invocation, all loops
-    // together (0: the driver's own limit, where one is known). Lower than
-    // the driver's, it forces the key passes and chunked dispatches that
-    // keep every shader within such a limit (tests use it at small sizes).
+    // Plan for at most this many loop iterations per shader invocation, all
+    // loops together (0: the driver's own limit, where one is known). Lower
+    // than the driver's, it forces the key passes and chunked dispatches
+    // that keep every shader within such a limit (tests use it at small
+    // sizes); higher, the driver cuts loops short, af_check_loops sees it
+    // and the run is redone in smaller pieces (tests use that too).
     std::uint32_t max_loop_iterations = 0;
 };
 

@@ -173,8 +173,8 @@ inline constexpr std::size_t queries_per_workgroup = 16;
 inline constexpr std::size_t keys_per_tile = 32;
 inline constexpr std::size_t lanes = 4;
 inline constexpr std::uint32_t value_columns = 64;
-// stage, query_tile, weights, row_scale and row_best of the shader
-inline constexpr std::size_t shared_bytes = 4 * (32 * 64 + 16 * 128 + 16 * 33 + 16 + 16);
+// stage, query_tile, weights, row_scale, row_best and bad_keys of the shader
+inline constexpr std::size_t shared_bytes = 4 * (32 * 64 + 16 * 128 + 16 * 33 + 16 + 16 + 2);
 // Loop steps one invocation of the shader runs per key tile, counted from its
 // loops (the tile loop, the depth steps and their staging, the row's lane-0
 // loops, the value chunks and their staging), and besides the tiles: what a
