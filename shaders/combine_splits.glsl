@@ -19,7 +19,6 @@
         if (v > best) { best = v; best_at = uint(OP0.d[base + s * stride + 1u]) * 4096u + uint(OP0.d[base + s * stride + 3u]); }
     }
     OUT.d[idx] = nan_row ? 0.0 / 0.0 : (best_at < keys ? ld1(b, h, best_at, j) : 0.0);
-    af_check_loops();
 #elif defined(AF_RATIO)
     float l = 0.0, acc = 0.0;
     for (uint s = 0u; s < splits; ++s) {
@@ -28,7 +27,6 @@
     }
     float denominator = l + NUM(1u);
     OUT.d[idx] = denominator == 0.0 ? 0.0 : acc / denominator;
-    af_check_loops();
 #else
     float m = -1.0 / 0.0;
     for (uint s = 0u; s < splits; ++s) m = max(m, OP0.d[base + s * stride]);

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "variants.hpp"
+#include "vulkan_test_device.hpp"
 
 namespace af = attnfuse;
 namespace vk = attnfuse::vulkan;
@@ -28,16 +29,7 @@ double relative_error(const std::vector<double>& ref, const std::vector<float>& 
     return af::variants::relative_error(ref, out);
 }
 
-vk::device* shared_device() {
-    static std::unique_ptr<vk::device> dev = []() -> std::unique_ptr<vk::device> {
-        try {
-            return std::make_unique<vk::device>(vk::default_device(), vk::device_options{true});
-        } catch (const vk::no_device_error&) {
-            return nullptr;
-        }
-    }();
-    return dev.get();
-}
+using attnfuse::vulkan::testing::shared_device;
 
 }  // namespace
 

@@ -586,8 +586,7 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
 // the workgroups already outnumber, nor where queries x heads fill a GPU
 // already: measured on an H200, splitting 512 or 1024 workgroups gained
 // nothing and the merge cost a little.
-inline std::size_t key_splits(const device& dev, std::size_t requested, std::size_t workgroups, std::size_t key_tiles, std::size_t n_k) {
-    (void)n_k;
+inline std::size_t key_splits(const device& dev, std::size_t requested, std::size_t workgroups, std::size_t key_tiles) {
     if (key_tiles < 2) return 1;
     if (requested) return std::min(requested, key_tiles);
     if (dev.info().kind == device_kind::cpu) return 1;
@@ -728,7 +727,7 @@ operand fused_attention(const E& e, X& x) {
     const std::size_t window = x.loop_window(flash::loop_steps_per_tile(operands[0].rows(), d_v), flash::loop_steps_fixed);
     const std::size_t passes = (key_tiles + window - 1) / window;
     const std::size_t splits =
-        std::min(key_splits(x.dev, x.opt.key_splits, qtiles * bh, key_tiles, n_k), x.loop_window(flash::merge_steps_per_share));
+        std::min(key_splits(x.dev, x.opt.key_splits, qtiles * bh, key_tiles), x.loop_window(flash::merge_steps_per_share));
     const bool shared_state = splits > 1 || passes > 1;
     const std::vector<std::uint32_t> specialization{std::max<std::uint32_t>(acc_per_invocation, flash::value_columns / flash::lanes),
                                                     shared_state ? 1u : 0u};
