@@ -58,9 +58,9 @@ struct problem {
 };
 
 // The variant families of VARIANTS.md, one representative each.
-enum class family { sdpa, causal, window, alibi, softcap, hard, additive };
-constexpr family all_families[] = {family::sdpa,    family::causal, family::window,  family::alibi,
-                                   family::softcap, family::hard,   family::additive};
+enum class family { sdpa, causal, window, alibi, softcap, hard, additive, sigmoid, relu2 };
+constexpr family all_families[] = {family::sdpa, family::causal,   family::window,  family::alibi, family::softcap,
+                                   family::hard, family::additive, family::sigmoid, family::relu2};
 const char* family_name(family f) {
     switch (f) {
         case family::sdpa: return "sdpa";
@@ -70,6 +70,8 @@ const char* family_name(family f) {
         case family::softcap: return "softcap";
         case family::hard: return "hard";
         case family::additive: return "additive";
+        case family::sigmoid: return "sigmoid_causal";
+        case family::relu2: return "relu_squared";
     }
     return "?";
 }
@@ -94,6 +96,10 @@ auto with_family(const problem& p, const QKV& qkv, Run&& run) {
                    af::bind(m, af::row_major(p.slopes.data(), 1, 1, 1, p.bh)));
     } else if constexpr (F == family::softcap) return run(softmax(30 * tanh(scale(Q^T*K) / 30))*V, q, k, v);
     else if constexpr (F == family::hard) return run(hard(scale(Q^T*K))*V, q, k, v);
+    // pointwise weights, no row normalisation (Ramapuram et al.'s b = -log n)
+    else if constexpr (F == family::sigmoid)
+        return run(sigmoid(mask(scale(Q^T*K), af::causal) - std::log(static_cast<double>(p.n_k)))*V, q, k, v);
+    else if constexpr (F == family::relu2) return run(square(relu(scale(Q^T*K)))*V, q, k, v);
     else {
         af::matrix<"w"> w;
         af::matrix<"W1"> W1;
@@ -122,10 +128,10 @@ void attnfuse_cpu(benchmark::State& state, af::cpu::execution mode) {
     const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
     std::size_t intermediate = 0;
     // one untimed run first: thread scratch, page faults
-    with_family<F>(p, host_qkv(p), [&](const auto& e, const auto&... b) { return af::cpu::run(e, {mode, 0}, b...).info.kernels.size(); });
+    with_family<F>(p, host_qkv(p), [&](const auto& e, const auto&... b) { return af::cpu::run(e, {mode}, b...).info.kernels.size(); });
     for (auto _ : state) {
         with_family<F>(p, host_qkv(p), [&](const auto& e, const auto&... b) {
-            const auto r = af::cpu::run(e, {mode, 0}, b...);
+            const auto r = af::cpu::run(e, {mode}, b...);
             benchmark::DoNotOptimize(r.output.values.data());
             intermediate = r.info.intermediate_bytes;
             return 0;

@@ -72,6 +72,32 @@ for depth in 0 1 2 4 8 16; do
   echo "$row"
 done
 
+# The issue-pinned unit: one file that runs a causal attention on the CPU and
+# on Vulkan, its wall time and the compiler's peak memory (GNU time).
+causal=$work/causal_cpu_vulkan.cpp
+cat > "$causal" <<'CPP'
+#include <attnfuse/cpu.hpp>
+#include <attnfuse/vulkan/executor.hpp>
+#include <vector>
+using namespace attnfuse;
+int main() {
+    matrix<"Q"> Q; matrix<"K"> K; matrix<"V"> V;
+    std::vector<float> data(64 * 64, 0.5f);
+    auto q = bind(Q, data.data(), 64, 64); auto k = bind(K, data.data(), 64, 64); auto v = bind(V, data.data(), 64, 64);
+    const auto e = softmax(mask(scale(Q^T*K), causal))*V;
+    vulkan::device dev;
+    return int(cpu::run(e, q, k, v).output.values.size() + vulkan::run(dev, e, q, k, v).output.values.size());
+}
+CPP
+[[ -x /usr/bin/time ]] || { echo "compile_time.sh: needs GNU time for the peak memory (apt-get install time)" >&2; exit 1; }
+start=$(date +%s.%N)
+/usr/bin/time -f "%M" -o "$work/peak_kb" g++ "${flags[@]}" -c "$causal" -o "$work/out.o"
+end=$(date +%s.%N)
+echo
+echo "| one file: causal attention on the CPU and on Vulkan | s | peak MB |"
+echo "|---|---:|---:|"
+echo "| \`softmax(mask(scale(Q^T*K), causal))*V\`, cpu::run and vulkan::run | $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }') | $(awk '{ printf "%.0f", $1 / 1024 }' "$work/peak_kb") |"
+
 echo
 echo "| project translation unit | s |"
 echo "|---|---:|"

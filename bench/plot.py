@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # one colour per family, in every plot; d = 128 dashed
 COLOURS = {"sdpa": "tab:blue", "sdpa_causal": "tab:orange", "sliding_window": "tab:green", "alibi": "tab:red",
-           "softcap": "tab:purple", "hard": "tab:brown", "additive": "tab:pink", "decode": "tab:gray"}
+           "softcap": "tab:purple", "hard": "tab:brown", "additive": "tab:pink", "decode": "tab:gray",
+           "sigmoid_causal": "tab:olive", "relu_squared": "tab:cyan"}
 
 NAME = re.compile(r"^(?P<family>[a-z_]+)/(?P<backend>cpu|vulkan)/(?P<mode>[a-z_]+)/bh:(?P<bh>\d+)/nq:(?P<nq>\d+)/nk:(?P<nk>\d+)/d:(?P<d>\d+)")
 

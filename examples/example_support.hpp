@@ -39,7 +39,7 @@ bool check(const std::string& name, const E& e, const B&... bindings) {
         ok = ok && error <= 1e-4;
     };
     for (const auto mode : {af::cpu::execution::fused, af::cpu::execution::unfused}) {
-        const auto r = af::cpu::run(e, af::cpu::options{mode, 0}, bindings...);
+        const auto r = af::cpu::run(e, af::cpu::options{mode}, bindings...);
         report(mode == af::cpu::execution::fused ? "cpu fused" : "cpu unfused", attnfuse::variants::relative_error(ref.values, r.output.values), r.info.kernels.size(),
                r.info.score_bytes);
     }

@@ -290,6 +290,18 @@ void for_each(const shape& s, F&& f) {
         input_store in(27);
         call("modern", "dropout (p = 0.25)", dropout(softmax(scale(Q^T*K)), 0.25, 77)*V, qkv(in));
     }
+    // Pointwise weights, no row normalisation: one fused kernel each, and
+    // masked tiles skipped (sigmoid(-inf) and relu(-inf)^2 are exactly 0).
+    {
+        input_store in(28);
+        // Ramapuram et al. (2024): b = -log(n_k) keeps the sum of weights near 1 at the start of training
+        call("modern", "sigmoid attention (causal, b = -log n_k)",
+             sigmoid(mask(scale(Q^T*K), causal) - std::log(static_cast<double>(nk)))*V, qkv(in));
+    }
+    {
+        input_store in(29);
+        call("modern", "ReLU^2 attention (sliding window w = 3)", square(relu(mask(scale(Q^T*K), window(3))))*V, qkv(in));
+    }
 }
 
 }  // namespace attnfuse::variants

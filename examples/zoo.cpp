@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
         };
         for (const auto mode : {af::cpu::execution::fused, af::cpu::execution::unfused}) {
             const auto [first, median] = timed(warm_runs_cpu, [&] {
-                auto [out, info] = af::cpu::run(e, af::cpu::options{mode, 0}, bindings...);
+                auto [out, info] = af::cpu::run(e, af::cpu::options{mode}, bindings...);
                 return outcome{std::move(out), info.wall_seconds, 0, info.intermediate_bytes, info.score_bytes, info.kernels.size()};
             });
             rows.push_back({v.name, v.family, "cpu", mode == af::cpu::execution::fused ? "fused" : "unfused", af::to_string(e),

@@ -19,6 +19,10 @@
         if (v > best) { best = v; best_at = uint(OP0.d[base + s * stride + 1u]) * 4096u + uint(OP0.d[base + s * stride + 3u]); }
     }
     OUT.d[idx] = nan_row ? 0.0 / 0.0 : (best_at < keys ? ld1(b, h, best_at, j) : 0.0);
+#elif defined(AF_POINTWISE)
+    float acc = 0.0;  // plain sums of weighted values
+    for (uint s = 0u; s < splits; ++s) acc += OP0.d[base + s * stride + 3u + j];
+    OUT.d[idx] = acc;
 #elif defined(AF_RATIO)
     float l = 0.0, acc = 0.0;
     for (uint s = 0u; s < splits; ++s) {

@@ -6,7 +6,7 @@
 // value rows: it cannot overflow while the result is finite), and a value
 // row whose weight is 0 is never added: a NaN there reaches no output.
 // Embedded at build time; the generator puts in front of it the prelude, the mode
-// (AF_SOFTMAX, AF_HARD or AF_RATIO, with AF_DROPOUT and AF_POST), and
+// (AF_SOFTMAX, AF_HARD, AF_RATIO or AF_POINTWISE, with AF_DROPOUT and AF_POST), and
 //   float score_term(uint b, uint h, uint a, float qv, float kv)  one term of the core's sum
 //   float epilogue(float s, uint b, uint h, uint bh, uint i, uint j)  the score around the core
 //   float post_factor(uint b, uint h, uint bh, uint i, uint j)     g of softmax(s) % g
@@ -43,6 +43,16 @@ shared uint row_best[BQ];               // per row (hard): the chosen key
 shared uint bad_keys[2];                // keys of the staged values holding NaN or inf, by step parity
 
 uint WINDOW() { return 4u + 12u * NUM_OPERANDS + NUM_NUMBERS; }
+
+// scale(core) folded onto the queries as they are staged (as FlashAttention
+// scales Q): the epilogue then reads the scaled score as it is.
+float QUERY_SCALE() {
+#if defined(AF_QUERY_SCALE)
+    return NUM(AF_QUERY_SCALE);
+#else
+    return 1.0;
+#endif
+}
 uint RANGES() { return WINDOW() + 3u; }
 
 void main() {
@@ -104,10 +114,11 @@ void main() {
     uint step = 0u;  // value chunks staged so far: picks the bad_keys slot
 
     bool queries_resident = depth <= QMAX;  // uniform
+    float query_scale = QUERY_SCALE();
     if (queries_resident) {
         for (uint e = t; e < QMAX * BQ; e += BQ * LANES) {
             uint a = e % QMAX, q = e / QMAX;
-            query_tile[a * BQ + q] = (a < depth && q0 + q < n_q) ? OP0.d[q_at + int(a) * q_rs + int(q0 + q) * q_cs] : 0.0;
+            query_tile[a * BQ + q] = (a < depth && q0 + q < n_q) ? OP0.d[q_at + int(a) * q_rs + int(q0 + q) * q_cs] * query_scale : 0.0;
         }
     }
 
@@ -121,7 +132,7 @@ void main() {
             // depth runs fastest: rows of row-major Q and K are read in order
             for (uint e = t; e < DC * BQ && !queries_resident; e += BQ * LANES) {
                 uint a = e % DC, q = e / DC;
-                stage[a * BQ + q] = (a0 + a < depth && q0 + q < n_q) ? OP0.d[q_at + int(a0 + a) * q_rs + int(q0 + q) * q_cs] : 0.0;
+                stage[a * BQ + q] = (a0 + a < depth && q0 + q < n_q) ? OP0.d[q_at + int(a0 + a) * q_rs + int(q0 + q) * q_cs] * query_scale : 0.0;
             }
             for (uint e = t; e < DC * BK; e += BQ * LANES) {
                 uint a = e % DC, k = e / DC;
@@ -151,6 +162,9 @@ void main() {
                 if (isnan(x)) nan_row = true;
                 else if (x > best) { best = x; best_at = k0 + k; }
             }
+#elif defined(AF_POINTWISE)
+            // pointwise weights: the epilogue's values are the weights
+            for (uint k = live; k < BK; ++k) weights[r * (BK + 1u) + k] = 0.0;
 #elif defined(AF_RATIO)
             // x / (row_sum(x) + c): plain sums, no maximum
             for (uint k = 0u; k < live; ++k) l += weights[r * (BK + 1u) + k];
@@ -271,6 +285,8 @@ void main() {
     if (lane == 0u) {
 #if defined(AF_HARD)
         row_best[r] = nan_row ? keys + 1u : best_at;
+#elif defined(AF_POINTWISE)
+        row_scale[r] = 1.0;
 #elif defined(AF_RATIO)
         float denominator = l + NUM(AF_RATIO);
         row_scale[r] = denominator == 0.0 ? 0.0 : 1.0 / denominator;

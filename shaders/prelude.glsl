@@ -25,23 +25,8 @@ int at_of(uint k, uint b, uint h, uint r, uint c) {
     return GI(k, 8u) + int(bb) * GI(k, 6u) + int(hh) * GI(k, 7u) + int(rr) * GI(k, 4u) + int(cc) * GI(k, 5u);
 }
 
-// The vector faces of attnfuse::op, lane by lane as on the CPU.
-float af_not(float a) { return a != 0.0 ? 0.0 : 1.0; }
-float af_tanh(float x) { return x > 15.0 ? 1.0 : (x < -15.0 ? -1.0 : tanh(x)); }
-float af_sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }
-float af_relu(float x) { return max(x, 0.0); }
-float af_square(float x) { return x * x; }
-float af_max(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : max(a, b); }
-float af_min(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : min(a, b); }
-float af_lt(float a, float b) { return a < b ? 1.0 : 0.0; }
-float af_le(float a, float b) { return a <= b ? 1.0 : 0.0; }
-float af_gt(float a, float b) { return a > b ? 1.0 : 0.0; }
-float af_ge(float a, float b) { return a >= b ? 1.0 : 0.0; }
-float af_eq(float a, float b) { return a == b ? 1.0 : 0.0; }
-float af_ne(float a, float b) { return a != b ? 1.0 : 0.0; }
-float af_and(float a, float b) { return (a != 0.0 && b != 0.0) ? 1.0 : 0.0; }
-float af_or(float a, float b) { return (a != 0.0 || b != 0.0) ? 1.0 : 0.0; }
-float af_select(float c, float a, float b) { return c != 0.0 ? a : b; }
+// The operations of attnfuse::op a kernel uses are defined after this file,
+// each by its own struct's glsl_definition (vulkan/glsl.hpp: emitter).
 
 // The same hash as attnfuse::op::dropout_bits: one dropout mask on every backend.
 uint af_mix32(uint x) {

@@ -3,6 +3,7 @@
 #include <attnfuse/dsl.hpp>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace af = attnfuse;
@@ -77,6 +78,25 @@ TEST_CASE("elementwise functions at known points", "[reference]") {
     require_values(af::reference::evaluate(af::square(x), bx), 1, 4, {4, 0, 1, 16});
     require_values(af::reference::evaluate(af::max(x, 0.5), bx), 1, 4, {0.5, 0.5, 1, 4});
     require_values(af::reference::evaluate(af::min(x, 0.5), bx), 1, 4, {-2, 0, 0.5, 0.5});
+    // softplus(x) = log(1 + e^x); erf by its series' known values
+    require_values(af::reference::evaluate(af::softplus(x), bx), 1, 4,
+                   {std::log(1 + 1 / (e * e)), std::log(2.0), std::log(1 + e), std::log(1 + e * e * e * e)});
+    require_values(af::reference::evaluate(af::erf(x), bx), 1, 4,
+                   {-0.995322265018952734, 0, 0.842700792949714869, 0.999999984582742100}, 1e-15);
+}
+
+TEST_CASE("softplus keeps its tails: no overflow for large x, no lost value for very negative x", "[reference]") {
+    matrix<"x"> x;
+    const float inf = std::numeric_limits<float>::infinity();
+    const std::vector<float> v{-1000, -40, 40, 1000, -inf, inf};
+    auto bx = af::bind(x, v.data(), 1, 6);
+    const auto r = af::reference::evaluate(af::softplus(x), bx);
+    CHECK(r.values[0] == 0.0);  // e^-1000 underflows; log1p(0) is exactly 0
+    CHECK_THAT(r.values[1], Catch::Matchers::WithinRel(std::exp(-40.0), 1e-12));
+    CHECK_THAT(r.values[2], WithinAbs(40.0, 1e-12));
+    CHECK(r.values[3] == 1000.0);
+    CHECK(r.values[4] == 0.0);
+    CHECK(r.values[5] == inf);
 }
 
 TEST_CASE("comparisons, logic and where", "[reference]") {
@@ -251,4 +271,28 @@ TEST_CASE("views: row-major, column-major and strided describe the same matrix w
     const std::vector<float> wide{1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0};
     const auto picked = af::reference::evaluate(X, af::bind(X, af::strided(wide.data(), 2, 3, 6, 2)));
     CHECK(values_of(picked) == std::vector<double>{1, 2, 3, 4, 5, 6});
+    // the same with every stride named
+    const auto named = af::reference::evaluate(X, af::bind(X, af::strided(wide.data(), af::layout{.rows = 2, .cols = 3, .row_stride = 6, .col_stride = 2})));
+    CHECK(values_of(named) == std::vector<double>{1, 2, 3, 4, 5, 6});
+}
+
+TEST_CASE("a named layout: heads split out of [batch, n, heads*d] without a copy; a missing stride is an error", "[reference]") {
+    // batch 2, n 3, heads 2, d 2: element (b, t, h, f) at ((b*3 + t)*2 + h)*2 + f
+    const std::size_t batch = 2, n = 3, heads = 2, d = 2;
+    std::vector<float> data(batch * n * heads * d);
+    for (std::size_t k = 0; k < data.size(); ++k) data[k] = static_cast<float>(k);
+    const auto v = af::strided(data.data(), af::layout{.rows = d, .cols = n, .row_stride = 1, .col_stride = static_cast<std::ptrdiff_t>(heads * d),
+                                                       .batch = batch, .heads = heads,
+                                                       .batch_stride = static_cast<std::ptrdiff_t>(n * heads * d),
+                                                       .head_stride = static_cast<std::ptrdiff_t>(d)});
+    for (std::size_t b = 0; b < batch; ++b)
+        for (std::size_t h = 0; h < heads; ++h)
+            for (std::size_t t = 0; t < n; ++t)
+                for (std::size_t f = 0; f < d; ++f) CHECK(v.at(b, h, f, t) == static_cast<float>(((b * n + t) * heads + h) * d + f));
+    // heads > 1 with no head stride would read head 0 for every head: refused, naming the stride
+    CHECK_THROWS_WITH(af::strided(data.data(), af::layout{.rows = d, .cols = n, .row_stride = 1, .col_stride = 4, .heads = heads}),
+                      Catch::Matchers::Contains("head_stride"));
+    CHECK_THROWS_AS(af::strided(data.data(), af::layout{.rows = d, .cols = n, .col_stride = 4}), af::shape_error);
+    // an axis of one element needs no stride
+    CHECK(af::strided(data.data(), af::layout{.rows = 1, .cols = n, .col_stride = 4}).row_stride == 0);
 }

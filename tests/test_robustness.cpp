@@ -52,7 +52,7 @@ TEST_CASE("a NaN value at a key whose weight is zero reaches no row, on every mo
         const auto ref = af::reference::evaluate(e, q, k, v);
         check([&](std::size_t r, std::size_t c) { return ref.at(0, 0, r, c); }, "reference");
         for (const auto mode : both_modes) {
-            const auto out = af::cpu::run(e, af::cpu::options{mode, 0}, q, k, v).output;
+            const auto out = af::cpu::run(e, af::cpu::options{mode}, q, k, v).output;
             check([&](std::size_t r, std::size_t c) { return static_cast<double>(out.at(0, 0, r, c)); }, name(mode));
             INFO(name(mode));
             CHECK(af::variants::relative_error(ref.values, out.values) <= 1e-4);
@@ -74,14 +74,14 @@ TEST_CASE("hard(): a NaN value at a key never chosen reaches no row; a chosen on
     for (double x : ref.values) CHECK(x == 1.0);
     for (const auto mode : both_modes) {
         INFO(name(mode));
-        for (float x : af::cpu::run(e, af::cpu::options{mode, 0}, q, k, v).output.values) CHECK(x == 1.0f);
+        for (float x : af::cpu::run(e, af::cpu::options{mode}, q, k, v).output.values) CHECK(x == 1.0f);
     }
     values[5 * dv] = std::nanf("");  // the chosen key
     const auto ref_nan = af::reference::evaluate(e, q, k, v);
     for (std::size_t n2 = 0; n2 < ref_nan.values.size(); ++n2) CHECK(std::isnan(ref_nan.values[n2]) == (n2 % dv == 0));
     for (const auto mode : both_modes) {
         INFO(name(mode));
-        const auto out = af::cpu::run(e, af::cpu::options{mode, 0}, q, k, v).output;
+        const auto out = af::cpu::run(e, af::cpu::options{mode}, q, k, v).output;
         for (std::size_t n2 = 0; n2 < out.values.size(); ++n2) CHECK(std::isnan(out.values[n2]) == (n2 % dv == 0));
     }
 }
@@ -96,7 +96,7 @@ TEST_CASE("a small but non-zero weight still multiplies a NaN value", "[numerics
     CHECK(std::isnan(af::reference::evaluate(e, q, k, v).values[0]));
     for (const auto mode : both_modes) {
         INFO(name(mode));
-        CHECK(std::isnan(af::cpu::run(e, af::cpu::options{mode, 0}, q, k, v).output.values[0]));
+        CHECK(std::isnan(af::cpu::run(e, af::cpu::options{mode}, q, k, v).output.values[0]));
     }
 }
 
@@ -118,7 +118,7 @@ TEST_CASE("a NaN value row whose weight later falls to exactly 0 is dropped", "[
         for (std::size_t c = 0; c < dv; ++c) REQUIRE(ref.values[c] == values[200 * dv + c]);
         for (const auto mode : both_modes) {
             INFO(name(mode) << ", " << n_q << " queries");
-            CHECK(af::variants::relative_error(ref.values, af::cpu::run(e, af::cpu::options{mode, 0}, q, k, v).output.values) <= 1e-6);
+            CHECK(af::variants::relative_error(ref.values, af::cpu::run(e, af::cpu::options{mode}, q, k, v).output.values) <= 1e-6);
         }
     }
 }
@@ -136,7 +136,7 @@ TEST_CASE("the fused accumulator does not overflow while the normalised result i
         const auto ref = af::reference::evaluate(e, q_n, k, v);
         for (const auto mode : both_modes) {
             INFO(name(mode) << ", " << queries << " queries");
-            const auto out = af::cpu::run(e, af::cpu::options{mode, 0}, q_n, k, v).output;
+            const auto out = af::cpu::run(e, af::cpu::options{mode}, q_n, k, v).output;
             for (std::size_t n = 0; n < out.values.size(); ++n) {
                 REQUIRE(std::isfinite(out.values[n]));
                 CHECK(std::abs(out.values[n] - ref.values[n]) <= 1e-4 * 3e38);
@@ -178,7 +178,7 @@ TEST_CASE("cpu::options::threads beyond the machine is clamped, and the report s
     for (const std::size_t threads : {std::size_t{1} << 31, (std::size_t{1} << 32) + 1, hardware + 1, std::size_t{1}}) {
         for (const auto mode : both_modes) {
             INFO(threads << " threads, " << name(mode));
-            const auto [out, info] = af::cpu::run(e, af::cpu::options{mode, threads}, q, k, v);
+            const auto [out, info] = af::cpu::run(e, af::cpu::options{.mode = mode, .threads = threads}, q, k, v);
             CHECK(info.threads >= 1);
             CHECK(info.threads <= hardware);
             CHECK(info.threads <= threads);

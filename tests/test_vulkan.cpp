@@ -8,6 +8,7 @@
 #include <attnfuse/cpu.hpp>
 #include <attnfuse/vulkan/executor.hpp>
 #include <catch2/catch.hpp>
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -16,6 +17,7 @@
 #include <memory>
 #include <unistd.h>
 
+#include "every_operation.hpp"
 #include "variants.hpp"
 #include "vulkan_test_device.hpp"
 
@@ -33,6 +35,22 @@ using attnfuse::vulkan::testing::shared_device;
 
 }  // namespace
 
+// One test body for every backend: each gets the same expression, options and
+// bindings through the shared run_options and report, and the same checks.
+template <class F>
+void for_each_backend(vk::device& dev, F&& f) {
+    f("cpu", [](const auto& e, const af::run_options& o, const auto&... b) { return af::cpu::run(e, o, b...); });
+    f("vulkan", [&dev](const auto& e, const af::run_options& o, const auto&... b) { return vk::run(dev, e, o, b...); });
+}
+
+// The planned kernels a report lists: besides them, Vulkan may add the merge
+// of key shares and a copy to the output.
+std::size_t planned_kernels_run(const af::report& info) {
+    return static_cast<std::size_t>(std::count_if(info.kernels.begin(), info.kernels.end(), [](const std::string& k) {
+        return k != "merge of the key shares" && k != "copy to the output";
+    }));
+}
+
 TEST_CASE("every variant runs fused and unfused on Vulkan and agrees with the reference and the CPU", "[vulkan]") {
     vk::device* dev = shared_device();
     if (!dev) {
@@ -42,22 +60,41 @@ TEST_CASE("every variant runs fused and unfused on Vulkan and agrees with the re
     const af::variants::shape shapes[] = {{2, 2, 7, 13, 5, 3}, {1, 2, 33, 65, 31, 7}, {2, 1, 1, 3, 1, 1}};
     for (const auto& s : shapes) {
         af::variants::for_each(s, [&](const af::variants::variant& v, const auto& e, const auto&... bindings) {
+            using E = std::remove_cvref_t<decltype(e)>;
             const double tolerance = v.name.find("1e4") != std::string::npos ? 1e-2 : 1e-4;
             const auto ref = af::reference::evaluate(e, bindings...);
             const auto cpu = af::cpu::run(e, bindings...).output;
-            for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
-                INFO(v.name << " | " << af::to_string(e) << (mode == vk::execution::fused ? " | fused" : " | unfused"));
-                const auto [out, info] = vk::run(*dev, e, vk::options{mode}, bindings...);
-                CHECK(relative_error(ref.values, out.values) <= tolerance);
-                if (mode == vk::execution::fused) CHECK(info.score_bytes == 0);
-                else if (s.n_q > 1 && s.n_k > 1) CHECK(info.score_bytes > 0);
-                std::vector<double> cpu_values(cpu.values.begin(), cpu.values.end());
-                CHECK(relative_error(cpu_values, out.values) <= tolerance);
-                CHECK(dev->validation_messages() == 0);
-                INFO(dev->last_validation_message());
-            }
+            for_each_backend(*dev, [&](const char* backend, const auto& run) {
+                for (const auto mode : {af::execution::fused, af::execution::unfused}) {
+                    INFO(v.name << " | " << af::to_string(e) << " | " << backend << (mode == af::execution::fused ? " fused" : " unfused"));
+                    const auto [out, info] = run(e, af::run_options{mode}, bindings...);
+                    CHECK(relative_error(ref.values, out.values) <= tolerance);
+                    if (mode == af::execution::fused) CHECK(info.score_bytes == 0);
+                    else if (s.n_q > 1 && s.n_k > 1) CHECK(info.score_bytes > 0);
+                    // the kernels that ran are the plan's, on every backend (a noted fallback aside)
+                    const std::size_t planned = mode == af::execution::fused ? af::plan::kernel_count<E, af::plan::mode::fused>
+                                                                             : af::plan::kernel_count<E, af::plan::mode::unfused>;
+                    if (info.notes.empty()) CHECK(planned_kernels_run(info) == planned);
+                    std::vector<double> cpu_values(cpu.values.begin(), cpu.values.end());
+                    CHECK(relative_error(cpu_values, out.values) <= tolerance);
+                    CHECK(dev->validation_messages() == 0);
+                    INFO(dev->last_validation_message());
+                }
+            });
         });
     }
+}
+
+TEST_CASE("Vulkan: every elementwise operation's GLSL face agrees with the reference at awkward inputs", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    af::testing::check_every_operation([&](const auto& e, const auto&... bindings) {
+        return vk::run(*dev, e, bindings...).output.values;
+    });
+    CHECK(dev->validation_messages() == 0);
 }
 
 TEST_CASE("Vulkan: fully masked rows are zero, a NaN query spoils only its row, a broadcast score is whole", "[vulkan]") {
@@ -272,8 +309,10 @@ using sdpa = decltype(softmax(scale(Q^af::T*K))*V);
 using softcapped = decltype(softmax(30 * tanh(scale(Q^af::T*K) / 30))*V);
 using alibi = decltype(softmax(mask(scale(Q^af::T*K) - m * (i - j), af::causal))*V);
 using hard_causal = decltype(hard(mask(Q^af::T*K, af::causal))*V);
-static_assert(vk::fused_shader_source<sdpa>().find("float epilogue(float s, uint b, uint h, uint bh, uint i, uint j) { return (s * NUM(0u)); }") !=
+// scale(core) is folded onto the queries (the planner's epilogue.hpp): the epilogue reads the score as it is
+static_assert(vk::fused_shader_source<sdpa>().find("float epilogue(float s, uint b, uint h, uint bh, uint i, uint j) { return s; }") !=
               std::string::npos);
+static_assert(vk::fused_shader_source<sdpa>().find("#define AF_QUERY_SCALE 1u") != std::string::npos);  // after post_factor's 1
 static_assert(vk::fused_shader_source<sdpa>().find("#define AF_SOFTMAX") != std::string::npos);
 static_assert(vk::fused_shader_source<softcapped>().find("af_tanh(") != std::string::npos);
 static_assert(vk::fused_shader_source<softcapped>().find("#define NUM_OPERANDS 3u") != std::string::npos);

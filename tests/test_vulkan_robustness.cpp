@@ -227,7 +227,7 @@ TEST_CASE("Vulkan: a NaN value at a zero-weight key reaches no row; fused output
         const auto e = softmax(mask(scale(Q^af::T*K), af::causal))*V;
         for (const auto mode : both_modes)
             for (const std::size_t shares : {std::size_t{0}, std::size_t{3}}) {
-                const auto out = vk::run(*dev, e, vk::options{mode, shares}, q, k, v).output;
+                const auto out = vk::run(*dev, e, vk::options{.mode = mode, .key_splits = shares}, q, k, v).output;
                 for (std::size_t r = 0; r < n; ++r)
                     for (std::size_t c = 0; c < dv; ++c) {
                         INFO(name(mode) << ", " << shares << " shares: NaN at key " << poisoned << ", row " << r);
@@ -261,7 +261,7 @@ TEST_CASE("Vulkan: a NaN value at a zero-weight key reaches no row; fused output
         for (const auto mode : both_modes)
             for (const std::size_t shares : {std::size_t{1}, std::size_t{3}}) {
                 INFO(name(mode) << ", " << shares << " shares");
-                const auto out = vk::run(*dev, softmax(Q^af::T*K)*V, vk::options{mode, shares}, q1, k1, v1).output;
+                const auto out = vk::run(*dev, softmax(Q^af::T*K)*V, vk::options{.mode = mode, .key_splits = shares}, q1, k1, v1).output;
                 CHECK(out.values[0] == 1.0f);
                 CHECK(out.values[1] == 5.0f);
             }
@@ -276,7 +276,7 @@ TEST_CASE("Vulkan: a NaN value at a zero-weight key reaches no row; fused output
         for (const auto mode : both_modes)
             for (const std::size_t shares : {std::size_t{0}, std::size_t{2}}) {
                 INFO(name(mode) << ", " << shares << " shares");
-                for (float x : vk::run(*dev, softmax(scale(Q^af::T*K))*V, vk::options{mode, shares}, q1, k1, v1).output.values) {
+                for (float x : vk::run(*dev, softmax(scale(Q^af::T*K))*V, vk::options{.mode = mode, .key_splits = shares}, q1, k1, v1).output.values) {
                     REQUIRE(std::isfinite(x));
                     CHECK(x == Approx(3e38).epsilon(1e-5));
                 }

@@ -56,8 +56,39 @@ tensor_view<Element> col_major(const Element* data, std::size_t rows, std::size_
     return {data, rows, cols, batch, heads, 1, r, h * r * c, r * c};
 }
 
-// Any layout: heads split out of a [batch, n, heads*d] tensor without a copy,
-// for example, are strided(data + 0, d, n, 1, heads*d, batch, heads, n*heads*d, d).
+// Any layout, every number named (C++20 designated initializers, in this
+// order; what is left out of an axis of extent 1 does not matter):
+//
+//   // the heads of a [batch, n, heads*d] tensor, as d x n matrices, without a copy
+//   strided(data, layout{.rows = d, .cols = n, .row_stride = 1, .col_stride = heads * d,
+//                        .batch = batch, .heads = heads, .batch_stride = n * heads * d, .head_stride = d})
+//
+// A stride an axis of more than one element needs but the layout leaves
+// out is a shape_error naming it, never a silent broadcast of element 0.
+struct layout {
+    static constexpr std::ptrdiff_t unset = std::numeric_limits<std::ptrdiff_t>::min();
+    std::size_t rows = 0, cols = 0;
+    std::ptrdiff_t row_stride = unset, col_stride = unset;  // in elements
+    std::size_t batch = 1, heads = 1;
+    std::ptrdiff_t batch_stride = unset, head_stride = unset;
+};
+
+template <class Element>
+tensor_view<Element> strided(const Element* data, const layout& l) {
+    auto stride = [](std::size_t extent, std::ptrdiff_t s, const char* name) -> std::ptrdiff_t {
+        if (s != layout::unset) return s;
+        if (extent > 1)
+            throw shape_error(std::string("strided(data, layout): the layout has ") + std::to_string(extent) + " " + name +
+                              "s but no " + name + "_stride; give ." + name + "_stride");
+        return 0;
+    };
+    return {data, l.rows, l.cols, l.batch, l.heads, stride(l.rows, l.row_stride, "row"), stride(l.cols, l.col_stride, "col"),
+            stride(l.batch, l.batch_stride, "batch"), stride(l.heads, l.head_stride, "head")};
+}
+
+// The same with positional numbers (rows, cols, row_stride, col_stride,
+// batch, heads, batch_stride, head_stride); prefer the layout above, which
+// names each.
 template <class Element>
 tensor_view<Element> strided(const Element* data, std::size_t rows, std::size_t cols, std::ptrdiff_t row_stride,
                              std::ptrdiff_t col_stride, std::size_t batch = 1, std::size_t heads = 1,

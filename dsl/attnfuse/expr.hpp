@@ -448,6 +448,8 @@ ATTNFUSE_UNARY_FUNCTION(relu, op::relu)
 ATTNFUSE_UNARY_FUNCTION(abs, op::abs_)
 ATTNFUSE_UNARY_FUNCTION(sqrt, op::sqrt_)
 ATTNFUSE_UNARY_FUNCTION(square, op::square)
+ATTNFUSE_UNARY_FUNCTION(softplus, op::softplus)
+ATTNFUSE_UNARY_FUNCTION(erf, op::erf_)
 #undef ATTNFUSE_UNARY_FUNCTION
 
 template <class A, class B>

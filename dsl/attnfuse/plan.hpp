@@ -3,11 +3,13 @@
 // Both backends lower the same plan; nothing here knows of either.
 //
 // Rules:
-//  * normalise(score)*V, with normalise one of softmax, hard or dropout on a
-//    softmax, and score a pointwise epilogue around exactly one query-key
-//    core (X^T*Y, X^T*W*Y, or a pairwise score), is ONE fused kernel: tiles of
-//    queries against tiles of keys with a running maximum and sum (or a
-//    running argmax); the n_q x n_k score matrix is never written to memory.
+//  * normalise(score)*V, with normalise one of softmax, hard, dropout on a
+//    softmax, softmax(s) % g, x / (row_sum(x) + c), or none (pointwise
+//    weights: any pointwise function of the score), and score a pointwise
+//    epilogue around exactly one query-key core (X^T*Y, X^T*W*Y, or a
+//    pairwise score), is ONE fused kernel: tiles of queries against tiles of
+//    keys with a running maximum and sum (or a running argmax, or plain
+//    sums); the n_q x n_k score matrix is never written to memory.
 //  * A maximal tree of pointwise nodes is one loop.
 //  * Every other node (products of weights with inputs, reductions, a
 //    normalisation not followed by *V) is its own kernel; a transpose is a
@@ -81,13 +83,25 @@ template <> struct first_core<list<>> { using type = void; };
 // ------------------------------------------------ normalisations ---
 // softmax and hard as such; dropout on a softmax; a softmax whose weights are
 // then multiplied by a pointwise factor g (Luong's local-p Gaussian, applied
-// after the windowed softmax without renormalising); and the ratio
-// x / (row_sum(x) + c) of the Keras feed-forward layer (no maximum taken).
-enum class normalisation { none, softmax, hard, ratio };
+// after the windowed softmax without renormalising); the ratio
+// x / (row_sum(x) + c) of the Keras feed-forward layer (no maximum taken);
+// and pointwise weights, any pointwise function of one core with no row
+// normalisation at all (sigmoid attention sigmoid(s + b), ReLU^2 attention
+// square(relu(s))): the context is the plain weighted sum.
+enum class normalisation { none, softmax, hard, ratio, pointwise };
 
-template <class N> struct normaliser {
+// Pointwise weights: what no more particular rule below matches.
+template <class N, bool = is_node_v<N> && is_pointwise_v<N>> struct pointwise_weights {
     static constexpr normalisation norm = normalisation::none;
 };
+template <class N> struct pointwise_weights<N, true> {
+    static constexpr normalisation norm =
+        count_cores<cluster_operands_t<N>>::value == 1 ? normalisation::pointwise : normalisation::none;
+    static constexpr bool dropout = false;
+    using score = N;
+    using post = void;
+};
+template <class N> struct normaliser : pointwise_weights<N> {};
 template <class S> struct normaliser<node<kind::softmax, S>> {
     static constexpr normalisation norm = normalisation::softmax;
     static constexpr bool dropout = false;
@@ -204,6 +218,10 @@ struct attention_parts {
     using core_kind = core_traits<core_type>;
     static constexpr bool hard = normaliser<weights_type>::norm == normalisation::hard;
     static constexpr bool ratio = normaliser<weights_type>::norm == normalisation::ratio;
+    // pointwise weights: the score is the weights themselves, summed as they are
+    static constexpr bool pointwise = normaliser<weights_type>::norm == normalisation::pointwise;
+    // no running maximum: the weights are the epilogue's values (ratio, pointwise)
+    static constexpr bool plain_sum = ratio || pointwise;
     static constexpr bool dropout = normaliser<weights_type>::dropout;
     using post_type = typename normaliser<weights_type>::post;
     static constexpr bool post_weighted = !std::is_void_v<post_type>;
@@ -211,9 +229,10 @@ struct attention_parts {
     static const weights_type& weights(const E& e) { return e.template kid<0>(); }
     static const auto& values(const E& e) { return e.template kid<1>(); }
     // the score under softmax(s), hard(s), dropout(softmax(s)), softmax(s) % g,
-    // or the x of x / (row_sum(x) + c)
+    // the x of x / (row_sum(x) + c), or pointwise weights as they are
     static const auto& score(const E& e) {
-        if constexpr (dropout || post_weighted) return weights(e).template kid<0>().template kid<0>();
+        if constexpr (pointwise) return weights(e);
+        else if constexpr (dropout || post_weighted) return weights(e).template kid<0>().template kid<0>();
         else return weights(e).template kid<0>();
     }
     // g of softmax(s) % g

@@ -13,35 +13,21 @@
 #include <typeinfo>
 #include <vector>
 
+#include <attnfuse/lower.hpp>
 #include <attnfuse/plan.hpp>
+#include <attnfuse/run.hpp>
 
 #include "kernels.hpp"
 #include "pointwise.hpp"
 
 namespace attnfuse::cpu {
 
-enum class execution { fused, unfused };
-
-struct options {
-    execution mode = execution::fused;
-    std::size_t threads = 0;  // 0: OpenMP's default (OMP_NUM_THREADS, else every hardware thread)
-};
-
-// What a run did.
-struct report {
-    std::vector<std::string> kernels;    // in execution order
-    std::size_t intermediate_bytes = 0;  // everything allocated besides inputs and the output
-    std::size_t score_bytes = 0;         // of which n_q x n_k scores or weights (0 when fused)
-    double wall_seconds = 0;
-    std::size_t threads = 1;
-};
-
+using attnfuse::execution;
+using attnfuse::report;
+using attnfuse::run_result;
 using attnfuse::tensor;
 
-struct run_result {
-    tensor output;
-    report info;
-};
+using options = attnfuse::run_options;  // mode and threads
 
 namespace detail {
 
@@ -280,14 +266,12 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     using traits = typename parts::core_kind;
     constexpr bool hard = parts::hard;
     constexpr bool ratio = parts::ratio;
+    constexpr bool plain_sum = parts::plain_sum;  // no maximum: ratio and pointwise weights
     constexpr bool with_dropout = parts::dropout;
 
     const auto& weights = parts::weights(e);
     const Core& core = parts::core(e);
-    // The tiles cover the core's queries and keys: a score that broadcasts
-    // past them (a 1 x n_k core plus an n x n_k bias) runs unfused.
-    // (the weights' shape: a factor g of softmax(s) % g broadcasts too)
-    if (!parts::fusable(e) || shape_of(parts::weights(e), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
+    // (lower::fallback_reason has decided that this attention runs fused here)
     const fused_operands<E, X> in(e, x);
     // scale(core) folds into the packed query tile, as FlashAttention scales
     // Q; tiles whose masks keep everything run the epilogue without them.
@@ -400,7 +384,7 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 // a tile whose every weight is zero (every score -inf; every x 0
                 // for a ratio) contributes nothing: skip it
                 const interval tile = tile_bounds(tree, q0, q0 + rows, k0, k0 + cols);
-                if (ratio ? tile.surely_zero() : tile.all_minus_infinity()) continue;
+                if (plain_sum ? tile.surely_zero() : tile.all_minus_infinity()) continue;
                 const float* k_tile = k_base + static_cast<std::ptrdiff_t>(k0) * in.keys.col_stride;
 
                 // ---- scores, with the epilogue inlined -------------------------------------
@@ -507,7 +491,9 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                     else
                         kernels::running_argmax(s.data(), rows, cols, key_tile, k0, best.data(), best_index.data(), nan_seen.data());
                 } else {
-                    if constexpr (ratio) {
+                    if constexpr (parts::pointwise) {
+                        // the weights are the epilogue's values, summed as they are
+                    } else if constexpr (ratio) {
                         if (transposed) kernels::accumulate_column_sums(s.data(), cols, rows, rows_padded, state.data());
                         else kernels::accumulate_row_sums(s.data(), rows, cols, key_tile, state.data());
                     } else {
@@ -523,7 +509,7 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                     // weight (query r, key c) sits at s[r*ws_r + c*ws_c]
                     const std::ptrdiff_t ws_r = transposed ? 1 : static_cast<std::ptrdiff_t>(key_tile);
                     const std::ptrdiff_t ws_c = transposed ? static_cast<std::ptrdiff_t>(rows_padded) : 1;
-                    if (careful && !ratio)  // context normalised by the running sum: acc = sum p v / l
+                    if (careful && !plain_sum)  // context normalised by the running sum: acc = sum p v / l
                         for (std::size_t r = 0; r < rows; ++r) {
                             const float l_new = state[r].sum;
                             if (!(l_new > 0.0f)) continue;  // nothing kept yet, or a NaN row: nothing to scale
@@ -618,8 +604,8 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 } else {
                     // a row with every key masked has sum 0: its context is 0
                     const float denominator = state[r].sum + static_cast<float>(ratio_offset);
-                    float inverse = denominator == 0.0f ? 0.0f : 1.0f / denominator;
-                    if (careful && !ratio) inverse = state[r].sum == 0.0f ? 0.0f : 1.0f;  // normalised as it went
+                    float inverse = parts::pointwise ? 1.0f : denominator == 0.0f ? 0.0f : 1.0f / denominator;
+                    if (careful && !plain_sum) inverse = state[r].sum == 0.0f ? 0.0f : 1.0f;  // normalised as it went
                     for (std::size_t c = 0; c < d_v; ++c) row[c] = acc[r * dv_padded + c] * inverse;
                 }
             }
@@ -698,24 +684,30 @@ tensor_view<float> node_kernel(const E& e, X& x) {
     }
 }
 
-template <class E, class X>
-tensor_view<float> evaluate(const E& e, X& x) {
-    if constexpr (is_input_v<E>) {
+// The CPU's hooks for the shared lowering (attnfuse/lower.hpp).
+struct hooks {
+    using operand = tensor_view<float>;
+    template <class E, class X>
+    static operand input(const E&, X& x) {
         static_assert(std::is_same_v<typename E::element_type, float>, "attnfuse: the CPU backend runs fp32 inputs");
         return x.env.template view<E::name>();
-    } else if constexpr (has_kind_v<E, kind::transpose>) {
-        tensor_view<float> v = evaluate(e.template kid<0>(), x);
+    }
+    static operand transposed(operand v) {
         std::swap(v.rows, v.cols);
         std::swap(v.row_stride, v.col_stride);
         return v;
-    } else {
-        tensor_view<float> v;
-        if constexpr (plan::fuses_as_attention_v<E>) v = x.opt.mode == execution::fused ? fused_attention(e, x) : node_kernel(e, x);
-        else if constexpr (is_pointwise_v<E>) v = pointwise_loop(e, x);
-        else v = node_kernel(e, x);
-        x.note_result(e, v);
-        return v;
     }
+    template <class E, class X> static operand fused_attention(const E& e, X& x) { return detail::fused_attention(e, x); }
+    template <class E, class X> static operand pointwise(const E& e, X& x) { return pointwise_loop(e, x); }
+    template <class E, class X> static operand node(const E& e, X& x) { return node_kernel(e, x); }
+    template <class E, class X> static void result(const E& e, const operand& v, X& x) { x.note_result(e, v); }
+    // the fused kernel's tiles live in each thread's scratch: any d_v
+    template <class X> static lower::capabilities capabilities(const X&) { return {}; }
+};
+
+template <class E, class X>
+tensor_view<float> evaluate(const E& e, X& x) {
+    return lower::evaluate<hooks>(e, x);
 }
 
 }  // namespace detail
@@ -767,6 +759,7 @@ run_result run(const E& e, const options& opt, const Bindings&... bindings) {
         // the last kernel's buffer held the output, not an intermediate
         if (!x.arena.empty() && x.arena.back().data() == v.data) info.intermediate_bytes -= x.arena.back().size() * sizeof(float);
     }
+    info.dispatches = info.kernels.size();  // one launch per kernel on the CPU
     info.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return result;
 }

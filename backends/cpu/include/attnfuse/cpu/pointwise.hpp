@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include <attnfuse/bind.hpp>
+#include <attnfuse/epilogue.hpp>
 #include <attnfuse/intervals.hpp>
 
 #include "simd.hpp"
@@ -16,11 +17,8 @@ namespace attnfuse::cpu::detail {
 
 using simd::vf;
 
-// The score tile of a fused kernel, read where its core stood.
-struct core_slot : expr_base {
-    static constexpr std::size_t rows = dyn;
-    static constexpr std::size_t cols = dyn;
-};
+// The score tile of a fused kernel, read where its core stood (epilogue.hpp).
+using core_slot = attnfuse::score_slot;
 
 // A materialised operand (an input or an intermediate) read with broadcast.
 struct memory_leaf : expr_base {
@@ -136,38 +134,6 @@ vf lanes_of(const E& e, const lane_position& at) {
         static_assert(sizeof(E) == 0, "attnfuse: the CPU has no vector rule for this pointwise node (the E of this instantiation)");
         return vf{};
     }
-}
-
-// Does the tree read the score tile through scale(core)? Then the factor can
-// be applied to the packed queries instead (FlashAttention scales Q).
-template <class E> struct holds_scaled_core : std::false_type {};
-template <> struct holds_scaled_core<node<kind::scale_by, core_slot>> : std::true_type {};
-template <class Kind, class... Kids>
-struct holds_scaled_core<node<Kind, Kids...>> : std::bool_constant<(holds_scaled_core<Kids>::value || ...)> {};
-
-template <class E>
-auto fold_core_scale(const E& e, double& factor) {
-    if constexpr (std::is_same_v<E, node<kind::scale_by, core_slot>>) {
-        factor = e.kind.factor;
-        return core_slot{};
-    } else if constexpr (is_node_v<E> && holds_scaled_core<E>::value) {
-        return std::apply([&](const auto&... kids) { return make_node(e.kind, fold_core_scale(kids, factor)...); }, e.kids);
-    } else {
-        return e;
-    }
-}
-
-// mask(s, keep) is where(keep, s, -inf): the tree with every such mask
-// removed, for tiles where every mask is known to keep everything.
-template <class E> struct is_mask : std::false_type {};
-template <class C, class S> struct is_mask<node<kind::elementwise<op::select>, C, S, constant>> : std::true_type {};
-
-template <class E>
-auto strip_masks(const E& e) {
-    if constexpr (is_mask<E>::value) return strip_masks(e.template kid<1>());
-    else if constexpr (is_node_v<E>)
-        return std::apply([&](const auto&... kids) { return make_node(e.kind, strip_masks(kids)...); }, e.kids);
-    else return e;
 }
 
 // Bounds of a prepared tree over a tile, for skipping fully masked tiles.

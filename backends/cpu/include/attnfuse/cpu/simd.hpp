@@ -39,23 +39,33 @@ inline float horizontal_sum(vf v) {
     return s;
 }
 
+// Fused multiply-add, asked for explicitly: the kernels' rounding does not
+// depend on the user's -ffp-contract.
+inline vf fma(vf a, vf b, vf c) {
+#if defined(__FMA__)
+    return __builtin_ia32_vfmaddps256(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
 // exp with a relative error of about 2 ulp on [-87, 88]; exactly 0 below
 // (so exp(-inf) is 0, the weight of a masked key), +inf above, NaN kept.
 inline vf exp(vf x) {
     const vf clamped = min(max(x, splat(-87.0f)), splat(88.0f));
     // n = round(x * log2(e)), as floor(t + 0.5) from a truncating conversion
-    const vf t = clamped * 1.44269504088896341f + 0.5f;
+    const vf t = fma(clamped, splat(1.44269504088896341f), splat(0.5f));
     vf fl = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
     fl = fl > t ? fl - 1.0f : fl;
     // r = x - n ln 2 in two parts (Cephes), then exp(r) by a degree-7 polynomial
-    const vf r = clamped - fl * 0.693359375f + fl * 2.12194440e-4f;
+    const vf r = fma(fl, splat(2.12194440e-4f), fma(fl, splat(-0.693359375f), clamped));
     vf p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    p = fma(p, r, splat(1.3981999507e-3f));
+    p = fma(p, r, splat(8.3334519073e-3f));
+    p = fma(p, r, splat(4.1665795894e-2f));
+    p = fma(p, r, splat(1.6666665459e-1f));
+    p = fma(p, r, splat(5.0000001201e-1f));
+    p = fma(p * r, r, r) + 1.0f;
     const vi exponent = (__builtin_convertvector(fl, vi) + 127) << 23;
     vf scale;
     std::memcpy(&scale, &exponent, sizeof scale);
@@ -71,17 +81,17 @@ inline vf exp(vf x) {
 inline vf exp_nonpositive(vf x) {
     const vf clamped = x < -87.0f ? splat(-87.0f) : x;
     // n = round(x log2 e): adding 1.5 * 2^23 rounds to an integer in the low mantissa bits
-    const vf shifted = clamped * 1.44269504088896341f + 12582912.0f;
+    const vf shifted = fma(clamped, splat(1.44269504088896341f), splat(12582912.0f));
     const vf n = shifted - 12582912.0f;
-    const vf r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;  // |r| <= ln2 / 2
+    const vf r = fma(n, splat(2.12194440e-4f), fma(n, splat(-0.693359375f), clamped));  // |r| <= ln2 / 2
     // Taylor to r^6: relative error below 2e-7 on |r| <= 0.35
     vf p = splat(1.0f / 720.0f);
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    p = fma(p, r, splat(1.0f / 120.0f));
+    p = fma(p, r, splat(1.0f / 24.0f));
+    p = fma(p, r, splat(1.0f / 6.0f));
+    p = fma(p, r, splat(0.5f));
+    p = fma(p, r, splat(1.0f));
+    p = fma(p, r, splat(1.0f));
     vu bits, n_bits;  // unsigned: wrap-around is defined (it happens for NaN, whose result is replaced below)
     std::memcpy(&bits, &p, sizeof p);
     std::memcpy(&n_bits, &shifted, sizeof shifted);
@@ -96,62 +106,42 @@ inline vf tanh(vf x) {
     // tanh(x) = 1 - 2/(exp(2x)+1), saturated where exp overflows
     const vf e = exp(min(x, splat(44.0f)) * 2.0f);
     const vf t = 1.0f - 2.0f / (e + 1.0f);
-    return x != x ? x : t;
+    return (x != x) | (x == 0.0f) ? x : t;  // NaN stays; tanh(-0) is -0
 }
 
-// An operation that none of the branches below knows: a compile error whose
-// instantiation names it, never a silent fall-through to another operation.
+// The lane algebra of attnfuse::op (ops.hpp): what an operation's `lanes`
+// face is written against, here at eight lanes.
+struct algebra {
+    using vec = vf;
+    static vf splat(float x) { return simd::splat(x); }
+    static vf pick(vi mask, vf a, vf b) { return mask ? a : b; }
+    static vf truth(vi mask) { return from_mask(mask); }
+    static vi is_nan(vf a) { return a != a; }
+    static vf max(vf a, vf b) { return simd::max(a, b); }
+    static vf min(vf a, vf b) { return simd::min(a, b); }
+    static vf fma(vf a, vf b, vf c) { return simd::fma(a, b, c); }
+    static vf exp(vf a) { return simd::exp(a); }
+    static vf tanh(vf a) { return simd::tanh(a); }
+    template <class Op, class... V> static vf each(V... a) {
+        vf out;
+        for (int l = 0; l < lanes; ++l) out[l] = Op::apply(a[l]...);
+        return out;
+    }
+};
+
+// An operation without a `lanes` face: a compile error whose instantiation
+// names it, never a silent fall-through to another operation.
 template <class Op> constexpr void no_vector_face() {
     static_assert(sizeof(Op) == 0, "attnfuse: this elementwise operation has no CPU vector face (it is the Op of this "
-                                   "instantiation). Fix: add its branch to attnfuse::cpu::simd::apply.");
+                                   "instantiation). Fix: give it a `lanes` face in dsl/attnfuse/ops.hpp.");
 }
 
 // The vector face of op::Op: same meaning as Op::apply, lane by lane.
-template <class Op> vf apply(vf a) {
-    if constexpr (std::is_same_v<Op, op::negate>) return -a;
-    else if constexpr (std::is_same_v<Op, op::logical_not>) return from_mask(a == 0.0f);
-    else if constexpr (std::is_same_v<Op, op::exp_>) return exp(a);
-    else if constexpr (std::is_same_v<Op, op::tanh_>) return tanh(a);
-    else if constexpr (std::is_same_v<Op, op::sigmoid>) return 1.0f / (1.0f + exp(-a));
-    else if constexpr (std::is_same_v<Op, op::relu>) return a > 0.0f ? a : splat(0.0f);
-    else if constexpr (std::is_same_v<Op, op::abs_>) return a < 0.0f ? -a : a;
-    else if constexpr (std::is_same_v<Op, op::square>) return a * a;
-    else if constexpr (std::is_same_v<Op, op::log_> || std::is_same_v<Op, op::sqrt_>) {  // lane by lane through the scalar face
-        vf out;
-        for (int l = 0; l < lanes; ++l) out[l] = Op::apply(a[l]);
-        return out;
-    } else {
-        no_vector_face<Op>();
-        return a;
-    }
-}
-
-template <class Op> vf apply(vf a, vf b) {
-    if constexpr (std::is_same_v<Op, op::add>) return a + b;
-    else if constexpr (std::is_same_v<Op, op::subtract>) return a - b;
-    else if constexpr (std::is_same_v<Op, op::multiply>) return a * b;
-    else if constexpr (std::is_same_v<Op, op::divide>) return a / b;
-    else if constexpr (std::is_same_v<Op, op::maximum>) return (a != a || b != b) ? a + b : max(a, b);
-    else if constexpr (std::is_same_v<Op, op::minimum>) return (a != a || b != b) ? a + b : min(a, b);
-    else if constexpr (std::is_same_v<Op, op::less>) return from_mask(a < b);
-    else if constexpr (std::is_same_v<Op, op::less_equal>) return from_mask(a <= b);
-    else if constexpr (std::is_same_v<Op, op::greater>) return from_mask(a > b);
-    else if constexpr (std::is_same_v<Op, op::greater_equal>) return from_mask(a >= b);
-    else if constexpr (std::is_same_v<Op, op::equal>) return from_mask(a == b);
-    else if constexpr (std::is_same_v<Op, op::not_equal>) return from_mask(a != b);
-    else if constexpr (std::is_same_v<Op, op::logical_and>) return from_mask((a != 0.0f) & (b != 0.0f));
-    else if constexpr (std::is_same_v<Op, op::logical_or>) return from_mask((a != 0.0f) | (b != 0.0f));
+template <class Op, class... V> vf apply(V... a) {
+    if constexpr (requires { Op::template lanes<algebra>(a...); }) return Op::template lanes<algebra>(a...);
     else {
         no_vector_face<Op>();
-        return a;
-    }
-}
-
-template <class Op> vf apply(vf c, vf a, vf b) {
-    if constexpr (std::is_same_v<Op, op::select>) return c != 0.0f ? a : b;
-    else {
-        no_vector_face<Op>();
-        return a;
+        return vf{};
     }
 }
 

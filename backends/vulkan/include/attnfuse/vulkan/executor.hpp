@@ -17,23 +17,20 @@
 
 #include <attnfuse/bind.hpp>
 #include <attnfuse/intervals.hpp>
+#include <attnfuse/lower.hpp>
 #include <attnfuse/plan.hpp>
+#include <attnfuse/run.hpp>
 
 #include "../vulkan.hpp"
 #include "glsl.hpp"
 
 namespace attnfuse::vulkan {
 
-enum class execution { fused, unfused };
+using attnfuse::execution;
+using attnfuse::report;
+using attnfuse::run_result;
 
-struct options {
-    execution mode = execution::fused;
-    // Workgroups the keys of a fused attention are split over (a second
-    // dispatch merges them, as in FlashDecoding); 0 chooses per device: on a
-    // GPU, enough to fill it when queries x heads alone would not (decode,
-    // short sequences); none on a CPU device.
-    std::size_t key_splits = 0;
-};
+using options = attnfuse::run_options;  // mode and key_splits
 
 // A dense [batch][heads][rows][cols] fp32 array in a device's memory: an
 // input that stays there across runs (bind_resident), or a run's output left
@@ -130,26 +127,6 @@ template <class X> struct is_resident_binding : std::false_type {};
 template <fixed_string N, std::size_t R, std::size_t C> struct is_resident_binding<resident_binding<N, R, C>> : std::true_type {};
 template <class X>
 concept a_vulkan_binding = a_binding<X> || is_resident_binding<std::remove_cvref_t<X>>::value;
-
-struct report {
-    std::vector<std::string> kernels;    // in dispatch order
-    std::size_t dispatches = 0;
-    std::size_t intermediate_bytes = 0;  // device memory besides inputs, output and parameters
-    std::size_t score_bytes = 0;         // of which n_q x n_k scores or weights (0 when fused)
-    double device_seconds = 0;           // from timestamps
-    double wall_seconds = 0;             // the whole call, build_seconds included
-    // Of wall_seconds, the first-run cost: compiling shaders (or reading their
-    // SPIR-V from the disk cache) and building pipelines. 0 once this device
-    // has met every kernel of the expression.
-    double build_seconds = 0;
-    bool spirv_from_disk_cache = false;  // every kernel's SPIR-V came from an earlier process
-    std::vector<std::string> notes;      // choices made at run time (fallbacks)
-};
-
-struct run_result {
-    tensor output;
-    report info;
-};
 
 // The result of run_on_device: the output left in device memory, the input
 // of a later run (bind_resident) or of other Vulkan work.
@@ -423,6 +400,10 @@ template <class Core, class E>
 using prepared_t = typename decltype(prepared_type<Core, std::remove_cvref_t<E>>())::type;
 
 inline std::string element_prologue() { return std::string(shader_sources::element_prologue); }
+// shaders/row_pass.glsl, which takes maxima with op::maximum's GLSL face
+inline std::string row_pass_source() {
+    return std::string(op::maximum::glsl_definition) + "\n" + element_prologue() + std::string(shader_sources::row_pass);
+}
 
 template <class X>
 device::buffer_id output_buffer(X& x, std::size_t rows, std::size_t cols, const std::string& what) {
@@ -437,8 +418,8 @@ operand pointwise_kernel(const E& e, X& x) {
     std::vector<std::uint32_t> numbers;
     collect_numbers(tree, numbers);
     glsl::emitter emit;
-    const std::string body = element_prologue() +
-                             "    OUT.d[idx] = " + emit(tree) + ";\n}\n";
+    const std::string value = emit(tree);
+    const std::string body = emit.definitions + element_prologue() + "    OUT.d[idx] = " + value + ";\n}\n";
     const auto out = output_buffer(x, shape.rows, shape.cols, "the result of " + to_string(e));
     x.launch("pointwise", plan::kernel_name<plan::pointwise_kernel<E>>::get(e), body, operands, numbers, out, shape.rows, shape.cols,
              x.env.batch * x.env.heads * shape.rows * shape.cols);
@@ -489,7 +470,7 @@ operand node_kernel(const E& e, X& x) {
                         "exact below 2^24; run it fused");
         const auto rows_of = [&](const char* what) { return x.buffer(std::max<std::size_t>(bh * shape.rows, 1) * sizeof(float), what, true); };
         const auto top = rows_of("the row maxima"), second = rows_of(hard ? "the chosen columns" : "the row sums");
-        const std::string pass = element_prologue() + std::string(shader_sources::row_pass);
+        const std::string pass = row_pass_source();
         chunked_launch(x, "row_max", name, "#define AF_MAX\n" + pass, {operands[0]}, {}, top, shape.rows, 1, bh * shape.rows,
                        shape.cols, 1);
         const operand top_operand = dense_operand(top, shape.rows, 1, x.env.batch, x.env.heads);
@@ -502,19 +483,20 @@ operand node_kernel(const E& e, X& x) {
         constexpr bool along_rows = has_kind_template<E, kind::reduce_along_rows>::value;
         constexpr bool sum = std::is_same_v<typename E::kind_type::op, op::add>;
         const std::string mode = std::string(sum ? "#define AF_SUM\n" : "#define AF_MAX\n") + (along_rows ? "" : "#define AF_ALONG_COLS\n");
-        chunked_launch(x, along_rows ? "reduce_rows" : "reduce_cols", name, mode + element_prologue() + std::string(shader_sources::row_pass),
+        chunked_launch(x, along_rows ? "reduce_rows" : "reduce_cols", name, mode + row_pass_source(),
                        operands, {}, out, shape.rows, shape.cols, elements, along_rows ? operands[0].cols() : operands[0].rows(), 1);
     } else {
         static_assert(has_kind_template<E, kind::pairwise>::value, "attnfuse internal: Vulkan has no kernel for this node");
         std::vector<std::uint32_t> numbers;
         collect_numbers(e.kind.combine, numbers);
         glsl::emitter emit;
-        const std::string body = element_prologue() +
+        const std::string term = emit(e.kind.combine);
+        const std::string body = emit.definitions + element_prologue() +
                                  "    float acc = NUMU(AF_CHUNK + 2u) != 0u ? OUT.d[idx] : 0.0;\n"
                                  "    uint a_end = NUMU(AF_CHUNK + 1u);\n"
                                  "    for (uint a = NUMU(AF_CHUNK); a < a_end; ++a) {\n"
                                  "        float qv = ld1(b, h, a, i), kv = ld2(b, h, a, j);\n        acc += ld0(b, h, a, 0u) * " +
-                                 emit(e.kind.combine) + ";\n    }\n    OUT.d[idx] = acc;\n    af_check_loops();\n}\n";
+                                 term + ";\n    }\n    OUT.d[idx] = acc;\n    af_check_loops();\n}\n";
         chunked_launch(x, "pairwise", name, body, operands, numbers, out, shape.rows, shape.cols, elements, operands[1].rows(), 1);
     }
     return dense_operand(out, shape.rows, shape.cols, x.env.batch, x.env.heads);
@@ -605,7 +587,11 @@ constexpr std::string fused_attention_source() {
     using parts = plan::attention_parts<E>;
     using Core = typename parts::core_type;
     using traits = typename parts::core_kind;
-    using Tree = prepared_t<Core, decltype(parts::score(std::declval<const E&>()))>;
+    using Prepared = prepared_t<Core, decltype(parts::score(std::declval<const E&>()))>;
+    // scale(core) moves onto the queries as they are staged (epilogue.hpp);
+    // a pairwise score is no product of the queries: nothing folds
+    constexpr bool folds_scale = !traits::pairwise && holds_scaled_core<Prepared>::value;
+    using Tree = std::conditional_t<folds_scale, folded_t<Prepared>, Prepared>;
     using Post = typename decltype([] {
         if constexpr (parts::post_weighted) return std::type_identity<prepared_t<void, decltype(parts::post(std::declval<const E&>()))>>{};
         else return std::type_identity<constant>{};
@@ -618,7 +604,9 @@ constexpr std::string fused_attention_source() {
     constexpr std::size_t operands = first_operand + glsl::operands_in<Tree>() + glsl::operands_in<Post>();
     std::size_t numbers = glsl::numbers_in<Tree>() + glsl::numbers_in<Post>();
     std::string modes;
-    if constexpr (parts::ratio) {
+    if constexpr (parts::pointwise) {
+        modes += "#define AF_POINTWISE\n";
+    } else if constexpr (parts::ratio) {
         modes += "#define AF_RATIO " + glsl::decimal(numbers) + "u\n";
         numbers += 1;
     } else if constexpr (parts::hard) {
@@ -632,8 +620,12 @@ constexpr std::string fused_attention_source() {
         modes += "#define AF_DROPOUT " + glsl::decimal(numbers) + "u\n";
         numbers += 3;
     }
+    if constexpr (folds_scale) {
+        modes += "#define AF_QUERY_SCALE " + glsl::decimal(numbers) + "u\n";
+        numbers += 1;
+    }
     glsl::emitter emit{0, first_operand};
-    std::string functions = modes;
+    std::string functions;
     functions += "float epilogue(float s, uint b, uint h, uint bh, uint i, uint j) { return " + emit.template emit<Tree>() + "; }\n";
     functions += "float post_factor(uint b, uint h, uint bh, uint i, uint j) { return " + emit.template emit<Post>() + "; }\n";
     if constexpr (parts::ratio) ++emit.next_number;  // the offset, read by AF_RATIO
@@ -642,6 +634,7 @@ constexpr std::string fused_attention_source() {
                      emit.template emit<Combine>() + "; }\n";
     else
         functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return qv * kv; }\n";
+    functions = modes + emit.definitions + functions;  // the operations' GLSL functions before their first use
     return glsl::prelude(operands, numbers, flash::queries_per_workgroup * flash::lanes) + functions +
            std::string(shader_sources::flash_attention);
 }
@@ -659,31 +652,22 @@ operand fused_attention(const E& e, X& x) {
     constexpr bool with_dropout = parts::dropout;
     const auto& weights = parts::weights(e);
     const Core& core = parts::core(e);
-    // a workgroup per query tile of the core: a score that broadcasts past
-    // the core's extents runs unfused (the weights' shape: a factor g of
-    // softmax(s) % g broadcasts too)
-    if (!parts::fusable(e) || shape_of(parts::weights(e), x.env) != shape_of(core, x.env)) return node_kernel(e, x);
-
-    // the fallbacks first, before any operand is computed (node_kernel
-    // computes them again)
+    // (lower::fallback_reason has decided that this attention runs fused
+    // here: its weights cover the core's tiles, d_v fits, the shared memory too)
     const std::size_t d_v = shape_of(parts::values(e), x.env).cols;
-    if (x.dev.limits().max_shared_memory < flash::shared_bytes) {
-        x.info.notes.push_back("the device's maxComputeSharedMemorySize " + std::to_string(x.dev.limits().max_shared_memory) + " < " +
-                               std::to_string(flash::shared_bytes) + " bytes: `" + to_string(e) + "` ran unfused");
-        return node_kernel(e, x);
-    }
-    if (d_v > max_fused_dv) {
-        x.info.notes.push_back("d_v " + std::to_string(d_v) + " > " + std::to_string(max_fused_dv) + ": `" + to_string(e) +
-                               "` ran unfused");
-        return node_kernel(e, x);
-    }
 
     // operands 0, 1, 2: queries, keys, values (and 3: feature weights of a
     // pairwise score); then the epilogue's own operands
     std::vector<operand> operands{evaluate(parts::queries(e), x), evaluate(parts::keys(e), x), evaluate(parts::values(e), x)};
     if constexpr (traits::pairwise) operands.push_back(evaluate(parts::feature_weights(e), x));
     const std::size_t n_q = operands[0].cols(), n_k = operands[1].cols();
-    const auto tree = prepare<Core>(parts::score(e), x, operands);
+    // scale(core) folds into the queries (the factor is the last number)
+    constexpr bool folds_scale = !traits::pairwise && holds_scaled_core<prepared_t<Core, decltype(parts::score(e))>>::value;
+    double query_factor = 1.0;
+    const auto tree = [&] {
+        if constexpr (folds_scale) return fold_core_scale(prepare<Core>(parts::score(e), x, operands), query_factor);
+        else return prepare<Core>(parts::score(e), x, operands);
+    }();
     // g of softmax(s) % g, read after the score's numbers
     const auto post_factor = [&] {
         if constexpr (parts::post_weighted) return prepare<void>(parts::post(e), x, operands);
@@ -703,8 +687,10 @@ operand fused_attention(const E& e, X& x) {
         std::memcpy(&bits, &keep, 4);
         numbers.push_back(bits);
     }
+    if constexpr (folds_scale) collect_numbers(constant(query_factor), numbers);
     // the text comes from the type alone; what was collected here must be what it reads
-    static_assert(std::is_same_v<std::remove_cvref_t<decltype(tree)>, prepared_t<Core, decltype(parts::score(e))>>);
+    using prepared_type = prepared_t<Core, decltype(parts::score(e))>;
+    static_assert(std::is_same_v<std::remove_cvref_t<decltype(tree)>, std::conditional_t<folds_scale, folded_t<prepared_type>, prepared_type>>);
     static const std::string source = fused_attention_source<E>();  // the type's text: built once per process
     const std::size_t first_operand = traits::pairwise ? 4 : 3;
     if (operands.size() != first_operand + glsl::operands_in<std::remove_cvref_t<decltype(tree)>>() +
@@ -713,7 +699,7 @@ operand fused_attention(const E& e, X& x) {
         throw error("attnfuse internal: the fused shader of `" + to_string(e) + "` reads other parameters than the executor collected");
     // the window of key tiles a dispatch covers, then whether it resumes, then the live tiles
     std::vector<std::uint32_t> extra{0u, 0u, 0u};
-    const std::vector<std::uint32_t> live = live_key_tiles<ratio>(parts::score(e), x, n_q, n_k);
+    const std::vector<std::uint32_t> live = live_key_tiles<parts::plain_sum>(parts::score(e), x, n_q, n_k);
     extra.insert(extra.end(), live.begin(), live.end());
     const std::uint32_t acc_per_invocation =
         static_cast<std::uint32_t>((d_v + flash::value_columns - 1) / flash::value_columns * (flash::value_columns / flash::lanes));
@@ -751,7 +737,7 @@ operand fused_attention(const E& e, X& x) {
         }
         x.launch("fused_attention", what, source, operands, numbers, shares, n_q, d_v, {qtiles, bh, splits}, extra, specialization);
     }
-    std::string mode = ratio ? "#define AF_RATIO\n" : parts::hard ? "#define AF_HARD\n" : "#define AF_SOFTMAX\n";
+    std::string mode = parts::pointwise ? "#define AF_POINTWISE\n" : ratio ? "#define AF_RATIO\n" : parts::hard ? "#define AF_HARD\n" : "#define AF_SOFTMAX\n";
     const float offset = [&] {
         if constexpr (ratio) return static_cast<float>(parts::ratio_offset(e));
         else return 0.0f;
@@ -764,24 +750,34 @@ operand fused_attention(const E& e, X& x) {
     return dense_operand(out, n_q, d_v, x.env.batch, x.env.heads);
 }
 
-template <class E, class X>
-operand evaluate(const E& e, X& x) {
-    if constexpr (is_input_v<E>) {
+// Vulkan's hooks for the shared lowering (attnfuse/lower.hpp).
+struct hooks {
+    using operand = detail::operand;
+    template <class E, class X>
+    static operand input(const E&, X& x) {
         static_assert(std::is_same_v<typename E::element_type, float>, "attnfuse: the Vulkan backend runs fp32 inputs");
         return x.upload(x.env.template view<E::name>(), std::string(E::name.view()));
-    } else if constexpr (has_kind_v<E, kind::transpose>) {
-        operand o = evaluate(e.template kid<0>(), x);
+    }
+    static operand transposed(operand o) {
         std::swap(o.geometry[0], o.geometry[1]);
         std::swap(o.geometry[4], o.geometry[5]);
         return o;
-    } else {
-        operand o;
-        if constexpr (plan::fuses_as_attention_v<E>) o = x.opt.mode == execution::fused ? fused_attention(e, x) : node_kernel(e, x);
-        else if constexpr (is_pointwise_v<E>) o = pointwise_kernel(e, x);
-        else o = node_kernel(e, x);
-        if (x.score_nodes.count(static_cast<const void*>(&e))) x.info.score_bytes += x.dev.buffer_bytes(o.buffer);
-        return o;
     }
+    template <class E, class X> static operand fused_attention(const E& e, X& x) { return detail::fused_attention(e, x); }
+    template <class E, class X> static operand pointwise(const E& e, X& x) { return pointwise_kernel(e, x); }
+    template <class E, class X> static operand node(const E& e, X& x) { return node_kernel(e, x); }
+    template <class E, class X> static void result(const E& e, const operand& o, X& x) {
+        if (x.score_nodes.count(static_cast<const void*>(&e))) x.info.score_bytes += x.dev.buffer_bytes(o.buffer);
+    }
+    // the context of a row lives in registers (up to max_fused_dv), its tiles in shared memory
+    template <class X> static lower::capabilities capabilities(const X& x) {
+        return {max_fused_dv, x.dev.limits().max_shared_memory, flash::shared_bytes};
+    }
+};
+
+template <class E, class X>
+operand evaluate(const E& e, X& x) {
+    return lower::evaluate<hooks>(e, x);
 }
 
 }  // namespace detail

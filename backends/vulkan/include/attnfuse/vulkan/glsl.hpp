@@ -15,6 +15,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include <attnfuse/epilogue.hpp>
 #include <attnfuse/expr.hpp>
 #include <attnfuse/vulkan/shader_sources.hpp>
 
@@ -23,11 +24,8 @@ namespace attnfuse::vulkan::glsl {
 inline constexpr std::size_t geometry_words = 12;
 inline constexpr std::size_t header_words = 2;
 
-// Where the fused kernel's score sits in its epilogue.
-struct score_slot : expr_base {
-    static constexpr std::size_t rows = dyn;
-    static constexpr std::size_t cols = dyn;
-};
+// Where the fused kernel's score sits in its epilogue (epilogue.hpp).
+using attnfuse::score_slot;
 // A materialised operand, read through its accessor ld<k>.
 struct operand_slot : expr_base {
     static constexpr std::size_t rows = dyn;
@@ -43,6 +41,13 @@ constexpr std::string decimal(std::size_t v) {
         v /= 10;
     } while (v);
     return s;
+}
+
+// Is Op listed in op::all? Every operation must be: the tests run each one
+// listed there on every backend (tests/every_operation.hpp).
+template <class Op, class... Ops>
+constexpr bool listed(op::op_list<Ops...>) {
+    return (std::is_same_v<Op, Ops> || ...);
 }
 
 // The start of every generated kernel: the bindings, the shared helpers of
@@ -78,6 +83,9 @@ constexpr std::string prelude(std::size_t operands, std::size_t numbers, std::si
 struct emitter {
     std::size_t next_number = 0;
     std::size_t next_operand = 0;
+    // The GLSL functions of the operations emitted so far (each operation's
+    // glsl_definition, once), to be placed before the text that calls them.
+    std::string definitions = {};
 
     template <class E>
     constexpr std::string operator()(const E&) {
@@ -123,14 +131,21 @@ private:
 
     template <class Op, class... Kids>
     constexpr std::string elementwise(std::tuple<Kids...>*) {
+        static_assert(requires { Op::glsl; Op::glsl_infix; },
+                      "attnfuse: this elementwise operation has no GLSL face (it is the Op of this instantiation). Fix: give it "
+                      "`glsl`, `glsl_infix` and `glsl_definition` in dsl/attnfuse/ops.hpp.");
+        static_assert(listed<Op>(op::all{}), "attnfuse: this elementwise operation is not listed in attnfuse::op::all "
+                                             "(dsl/attnfuse/ops.hpp), which the tests run on every backend. Fix: add it there.");
+        if (!Op::glsl_definition.empty() && definitions.find(Op::glsl_definition) == std::string::npos) {
+            definitions += Op::glsl_definition;
+            definitions += '\n';
+        }
         constexpr std::size_t arity = sizeof...(Kids);
         std::string args[arity];
         std::size_t n = 0;
         ((args[n++] = emit<Kids>()), ...);  // left to right
-        if constexpr (arity == 2 && (std::is_same_v<Op, op::add> || std::is_same_v<Op, op::subtract> ||
-                                     std::is_same_v<Op, op::multiply> || std::is_same_v<Op, op::divide>))
-            return "(" + args[0] + " " + std::string(Op::glsl) + " " + args[1] + ")";
-        else if constexpr (arity == 1 && std::is_same_v<Op, op::negate>) return "(-" + args[0] + ")";
+        if constexpr (Op::glsl_infix && arity == 2) return "(" + args[0] + " " + std::string(Op::glsl) + " " + args[1] + ")";
+        else if constexpr (Op::glsl_infix && arity == 1) return "(" + std::string(Op::glsl) + args[0] + ")";
         else {
             std::string call = std::string(Op::glsl) + "(";
             for (std::size_t a = 0; a < arity; ++a) call += (a ? ", " : "") + args[a];

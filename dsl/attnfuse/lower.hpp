@@ -1,0 +1,87 @@
+// The lowering every backend shares. A backend is a few hooks:
+//
+//   struct hooks {
+//       using operand = ...;                            // a computed matrix, as the backend holds it
+//       static operand input(const E&, X&);             // a bound input (a view, or an upload)
+//       static operand transposed(operand);             // the same memory, rows and columns swapped
+//       static operand fused_attention(const E&, X&);   // one planned fused kernel
+//       static operand pointwise(const E&, X&);         // one planned pointwise loop
+//       static operand node(const E&, X&);              // one kernel for one node
+//       static void result(const E&, const operand&, X&);  // the report's accounting
+//       static lower::capabilities capabilities(const X&);
+//   };
+//
+// and lower::evaluate<hooks>(e, x) walks the plan: it decides, once for
+// every backend, which node runs as which kernel, and where a matched
+// attention must fall back to separate kernels (against what the backend
+// declares it can run), noting why. X, the backend's run state, holds
+// `env` (the bindings), `opt` (run_options) and `info` (report).
+#pragma once
+#include <cstddef>
+#include <limits>
+#include <string>
+
+#include "bind.hpp"
+#include "plan.hpp"
+#include "run.hpp"
+#include "to_string.hpp"
+
+namespace attnfuse::lower {
+
+// What a backend's fused attention kernel can hold.
+struct capabilities {
+    std::size_t max_fused_dv = std::numeric_limits<std::size_t>::max();  // widest value rows
+    std::size_t shared_memory_bytes = std::numeric_limits<std::size_t>::max();  // what the device offers
+    std::size_t fused_shared_bytes = 0;  // what the fused kernel needs of it
+};
+
+// Why the matched attention `e` cannot run as one fused kernel here, or an
+// empty string when it can. The pattern matches types; these are the
+// conditions on values and on the backend.
+template <class E, class Env>
+std::string fallback_reason(const E& e, const Env& env, const capabilities& can) {
+    using parts = plan::attention_parts<E>;
+    // the two x of a ratio must be the same x (not j < 5 over j < 3)
+    if (!parts::fusable(e)) return "the two x of x / (row_sum(x) + c) differ in their numbers";
+    // the tiles cover the core's queries and keys: a score or a factor g of
+    // softmax(s) % g that broadcasts past them is computed in full
+    const runtime_shape weights = shape_of(parts::weights(e), env), core = shape_of(parts::core(e), env);
+    if (weights != core)
+        return "its weights (" + shape_to_string(weights) + ") broadcast past its query-key product (" + shape_to_string(core) + ")";
+    const std::size_t d_v = shape_of(parts::values(e), env).cols;
+    if (d_v > can.max_fused_dv)
+        return "d_v " + std::to_string(d_v) + " > " + std::to_string(can.max_fused_dv) + ", the widest value rows the fused kernel holds";
+    if (can.shared_memory_bytes < can.fused_shared_bytes)
+        return "the device offers " + std::to_string(can.shared_memory_bytes) + " bytes of shared memory, the fused kernel needs " +
+               std::to_string(can.fused_shared_bytes);
+    return {};
+}
+
+template <class Hooks, class E, class X>
+typename Hooks::operand evaluate(const E& e, X& x) {
+    if constexpr (is_input_v<E>) {
+        return Hooks::input(e, x);
+    } else if constexpr (has_kind_v<E, kind::transpose>) {
+        return Hooks::transposed(evaluate<Hooks>(e.template kid<0>(), x));
+    } else {
+        typename Hooks::operand o;
+        if constexpr (plan::fuses_as_attention_v<E>) {
+            if (x.opt.mode == execution::unfused) {
+                o = Hooks::node(e, x);
+            } else if (const std::string why = fallback_reason(e, x.env, Hooks::capabilities(x)); !why.empty()) {
+                x.info.notes.push_back("`" + to_string(e) + "` ran unfused: " + why);
+                o = Hooks::node(e, x);
+            } else {
+                o = Hooks::fused_attention(e, x);
+            }
+        } else if constexpr (is_pointwise_v<E>) {
+            o = Hooks::pointwise(e, x);
+        } else {
+            o = Hooks::node(e, x);
+        }
+        Hooks::result(e, o, x);
+        return o;
+    }
+}
+
+}  // namespace attnfuse::lower

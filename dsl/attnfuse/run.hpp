@@ -1,0 +1,59 @@
+// What every backend's run takes and gives, defined once: the execution mode
+// (the planner's), one set of options and one report. cpu::options and
+// vulkan::options are this type; a field a backend has no use for is
+// ignored there (threads on Vulkan, key_splits on the CPU), and a report
+// field it has nothing to say about stays 0 (the CPU has no device time).
+#pragma once
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "bind.hpp"
+#include "plan.hpp"
+
+namespace attnfuse {
+
+// fused: the plan's kernels; unfused: every non-pointwise node its own kernel.
+using execution = plan::mode;
+
+struct run_options {
+    execution mode = execution::fused;
+    // Positional initialisation stops here: run_options{mode} is fine, and
+    // every other field is named ({.mode = m, .threads = 2}), so that a
+    // number meant for one backend's field cannot land in another's.
+    struct name_the_fields_after_mode {
+        explicit name_the_fields_after_mode() = default;
+    } positional_stop{};
+    // CPU: threads; 0 is OpenMP's default (OMP_NUM_THREADS, else every
+    // hardware thread), and more than the hardware runs is clamped to it.
+    std::size_t threads = 0;
+    // Vulkan: workgroups the keys of a fused attention are split over (a
+    // second dispatch merges them, as in FlashDecoding); 0 chooses per
+    // device: on a GPU, enough to fill it when queries x heads alone would
+    // not (decode, short sequences); none on a CPU device.
+    std::size_t key_splits = 0;
+};
+
+// What a run did.
+struct report {
+    std::vector<std::string> kernels;    // the planned kernels, in execution order
+    std::size_t dispatches = 0;          // kernel launches (a planned kernel may take several)
+    std::size_t intermediate_bytes = 0;  // memory allocated besides inputs and the output
+    std::size_t score_bytes = 0;         // of which n_q x n_k scores or weights (0 when fused)
+    double wall_seconds = 0;             // the whole call, build_seconds included
+    double device_seconds = 0;           // a device's own timestamps (0 on the CPU)
+    // Of wall_seconds, the first-run cost: compiling shaders (or reading
+    // their SPIR-V from the disk cache) and building pipelines. 0 once a
+    // device has met every kernel of the expression, and on the CPU.
+    double build_seconds = 0;
+    bool spirv_from_disk_cache = false;  // every kernel's SPIR-V came from an earlier process
+    std::size_t threads = 0;             // CPU threads that ran the kernels
+    std::vector<std::string> notes;      // choices made at run time (fallbacks, retries)
+};
+
+struct run_result {
+    tensor output;
+    report info;
+};
+
+}  // namespace attnfuse
