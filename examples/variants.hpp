@@ -242,6 +242,19 @@ void for_each(const shape& s, F&& f) {
              with(qkv(in), bind(Lk, row_major(in.values(klen), 1, 1, B)), bind(Lq, row_major(in.values(qlen), 1, 1, B))));
     }
     {
+        // the lengths as a model keeps them, int32 per batch entry: bind reads them into floats it owns
+        input_store in(19);
+        matrix<"Lk"> Lk;
+        matrix<"Lq"> Lq;
+        std::vector<std::int32_t> klen(B), qlen(B);
+        for (std::size_t b = 0; b < B; ++b) {
+            klen[b] = static_cast<std::int32_t>(nk - (b + 1) % nk);
+            qlen[b] = static_cast<std::int32_t>(nq - b % nq);
+        }
+        call("modern", "padding (int32 lengths)", softmax(mask(scale(Q^T*K), key_lengths(Lk) && query_lengths(Lq)))*V,
+             with(qkv(in), bind(Lk, row_major(klen.data(), 1, 1, B)), bind(Lq, row_major(qlen.data(), 1, 1, B))));
+    }
+    {
         input_store in(20);
         call("modern", "sliding window (w = 3)", softmax(mask(scale(Q^T*K), window(3)))*V, qkv(in));
     }

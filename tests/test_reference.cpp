@@ -3,6 +3,7 @@
 #include <attnfuse/dsl.hpp>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -83,6 +84,27 @@ TEST_CASE("elementwise functions at known points", "[reference]") {
                    {std::log(1 + 1 / (e * e)), std::log(2.0), std::log(1 + e), std::log(1 + e * e * e * e)});
     require_values(af::reference::evaluate(af::erf(x), bx), 1, 4,
                    {-0.995322265018952734, 0, 0.842700792949714869, 0.999999984582742100}, 1e-15);
+}
+
+TEST_CASE("lengths bound from integer arrays mask as float ones do; an inexact integer is an error", "[reference]") {
+    matrix<"S"> S;
+    matrix<"L"> L;
+    const std::vector<float> scores(2 * 4 * 5, 1.0f);  // batch 2 of 4 x 5
+    const std::vector<float> as_floats{3, 5};
+    const std::vector<std::int32_t> as_int32{3, 5};
+    const std::vector<std::int64_t> as_int64{3, 5};
+    const auto e = softmax(mask(S, key_lengths(L)));
+    const auto bs = af::bind(S, af::row_major(scores.data(), 4, 5, 2));
+    const auto ref = af::reference::evaluate(e, bs, af::bind(L, af::row_major(as_floats.data(), 1, 1, 2)));
+    CHECK(af::reference::evaluate(e, bs, af::bind(L, af::row_major(as_int32.data(), 1, 1, 2))).values == ref.values);
+    // the binding owns its floats: the integers may go away after bind
+    auto bound = [&] {
+        std::vector<std::int64_t> temporary = as_int64;
+        return af::bind(L, temporary.data(), 1, 1, 2);
+    }();
+    CHECK(af::reference::evaluate(e, bs, bound).values == ref.values);
+    const std::vector<std::int32_t> too_long{3, (1 << 24) + 1};
+    CHECK_THROWS_WITH(af::bind(L, af::row_major(too_long.data(), 1, 1, 2)), Catch::Matchers::Contains("not exact as a float"));
 }
 
 TEST_CASE("softplus keeps its tails: no overflow for large x, no lost value for very negative x", "[reference]") {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <limits>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -142,6 +143,9 @@ template <fixed_string Name, class Element>
 struct binding {
     static constexpr auto name = Name;
     tensor_view<Element> view;
+    // The values behind `view` when the binding made them (from integers);
+    // empty when the view is the caller's memory.
+    std::shared_ptr<const std::vector<Element>> owned = {};
 };
 
 template <class X> struct is_binding : std::false_type {};
@@ -167,6 +171,42 @@ binding<Name, El> bind(const matrix<Name, R, C, El>&, tensor_view<El> view) {
 template <fixed_string Name, std::size_t R, std::size_t C, class El>
 binding<Name, El> bind(const matrix<Name, R, C, El>& m, const El* data, std::size_t rows, std::size_t cols,
                        std::size_t batch = 1, std::size_t heads = 1) {
+    return bind(m, row_major(data, rows, cols, batch, heads));
+}
+
+// An integer array for a float input (key and query lengths, positions, as
+// a model keeps them): read once into floats, which the binding owns, so the
+// integers may go away after bind. Every value must be exact as a float
+// (|v| <= 2^24); a larger one is an error naming the input, the value and
+// where it is, never a rounded length.
+template <fixed_string Name, std::size_t R, std::size_t C, class Int>
+    requires std::is_integral_v<Int> && (!std::is_same_v<Int, bool>)
+binding<Name, float> bind(const matrix<Name, R, C, float>& m, tensor_view<Int> ints) {
+    const std::string name(Name.view());
+    if (ints.data == nullptr) throw shape_error("input " + name + ": bound to a null pointer");
+    (void)checked_span(ints, name);
+    auto values = std::make_shared<std::vector<float>>();
+    values->reserve(ints.batch * ints.heads * ints.rows * ints.cols);
+    for (std::size_t b = 0; b < ints.batch; ++b)
+        for (std::size_t h = 0; h < ints.heads; ++h)
+            for (std::size_t r = 0; r < ints.rows; ++r)
+                for (std::size_t c = 0; c < ints.cols; ++c) {
+                    const Int v = ints.at(b, h, r, c);
+                    constexpr long double exact = 16777216.0L;  // 2^24
+                    if (static_cast<long double>(v) > exact || static_cast<long double>(v) < -exact)
+                        throw shape_error("input " + name + ": the integer " + std::to_string(v) + " at (batch " + std::to_string(b) +
+                                          ", head " + std::to_string(h) + ", " + std::to_string(r) + ", " + std::to_string(c) +
+                                          ") is not exact as a float (|v| > 2^24)");
+                    values->push_back(static_cast<float>(v));
+                }
+    binding<Name, float> bound = bind(m, row_major(static_cast<const float*>(values->data()), ints.rows, ints.cols, ints.batch, ints.heads));
+    bound.owned = std::move(values);
+    return bound;
+}
+template <fixed_string Name, std::size_t R, std::size_t C, class Int>
+    requires std::is_integral_v<Int> && (!std::is_same_v<Int, bool>)
+binding<Name, float> bind(const matrix<Name, R, C, float>& m, const Int* data, std::size_t rows, std::size_t cols,
+                          std::size_t batch = 1, std::size_t heads = 1) {
     return bind(m, row_major(data, rows, cols, batch, heads));
 }
 
