@@ -399,6 +399,18 @@ constexpr auto prepared_type() {
 template <class Core, class E>
 using prepared_t = typename decltype(prepared_type<Core, std::remove_cvref_t<E>>())::type;
 
+// The fused kernel's epilogue as the shader reads it: the prepared score, with
+// scale(core) folded onto the queries where it can be (epilogue.hpp; a
+// pairwise score is no product of the queries: nothing folds). One decision
+// for the shader text and for the run that collects its numbers.
+template <class E>
+struct fused_epilogue {
+    using parts = plan::attention_parts<E>;
+    using prepared = prepared_t<typename parts::core_type, decltype(parts::score(std::declval<const E&>()))>;
+    static constexpr bool folds_scale = !parts::core_kind::pairwise && holds_scaled_core<prepared>::value;
+    using type = std::conditional_t<folds_scale, folded_t<prepared>, prepared>;
+};
+
 inline std::string element_prologue() { return std::string(shader_sources::element_prologue); }
 // shaders/row_pass.glsl, which takes maxima with op::maximum's GLSL face
 inline std::string row_pass_source() {
@@ -587,11 +599,8 @@ constexpr std::string fused_attention_source() {
     using parts = plan::attention_parts<E>;
     using Core = typename parts::core_type;
     using traits = typename parts::core_kind;
-    using Prepared = prepared_t<Core, decltype(parts::score(std::declval<const E&>()))>;
-    // scale(core) moves onto the queries as they are staged (epilogue.hpp);
-    // a pairwise score is no product of the queries: nothing folds
-    constexpr bool folds_scale = !traits::pairwise && holds_scaled_core<Prepared>::value;
-    using Tree = std::conditional_t<folds_scale, folded_t<Prepared>, Prepared>;
+    constexpr bool folds_scale = fused_epilogue<E>::folds_scale;  // scale(core) moves onto the staged queries
+    using Tree = typename fused_epilogue<E>::type;
     using Post = typename decltype([] {
         if constexpr (parts::post_weighted) return std::type_identity<prepared_t<void, decltype(parts::post(std::declval<const E&>()))>>{};
         else return std::type_identity<constant>{};
@@ -662,7 +671,7 @@ operand fused_attention(const E& e, X& x) {
     if constexpr (traits::pairwise) operands.push_back(evaluate(parts::feature_weights(e), x));
     const std::size_t n_q = operands[0].cols(), n_k = operands[1].cols();
     // scale(core) folds into the queries (the factor is the last number)
-    constexpr bool folds_scale = !traits::pairwise && holds_scaled_core<prepared_t<Core, decltype(parts::score(e))>>::value;
+    constexpr bool folds_scale = fused_epilogue<E>::folds_scale;
     double query_factor = 1.0;
     const auto tree = [&] {
         if constexpr (folds_scale) return fold_core_scale(prepare<Core>(parts::score(e), x, operands), query_factor);
@@ -689,8 +698,7 @@ operand fused_attention(const E& e, X& x) {
     }
     if constexpr (folds_scale) collect_numbers(constant(query_factor), numbers);
     // the text comes from the type alone; what was collected here must be what it reads
-    using prepared_type = prepared_t<Core, decltype(parts::score(e))>;
-    static_assert(std::is_same_v<std::remove_cvref_t<decltype(tree)>, std::conditional_t<folds_scale, folded_t<prepared_type>, prepared_type>>);
+    static_assert(std::is_same_v<std::remove_cvref_t<decltype(tree)>, typename fused_epilogue<E>::type>);
     static const std::string source = fused_attention_source<E>();  // the type's text: built once per process
     const std::size_t first_operand = traits::pairwise ? 4 : 3;
     if (operands.size() != first_operand + glsl::operands_in<std::remove_cvref_t<decltype(tree)>>() +
