@@ -202,26 +202,32 @@ void for_each(const shape& s, F&& f) {
     }
     {
         input_store in(17);
-        // Per-head projections W_q^i X, W_k^i Y, W_v^i Y with one weight
-        // matrix per head (heads = H), inputs shared by the heads; padding
-        // and future masks and dropout on the weights. Concatenation and W_o
-        // follow the attention (see the multi-head example).
+        // The whole multi-head layer: per-head projections W_q^i X, W_k^i X,
+        // W_v^i X with one weight matrix per head (heads = H), inputs shared
+        // by the heads; padding and future masks and dropout on the weights;
+        // then the heads side by side and the output projection W_o with its
+        // bias, once per batch entry.
         matrix<"X"> X;
         matrix<"Wq"> Wq;
         matrix<"Wk"> Wk;
         matrix<"Wv"> Wv;
         matrix<"L"> L;
+        matrix<"Wo"> Wo;
+        matrix<"bo"> bo;
         const std::size_t dm = d + 3;
         std::vector<float> lengths(B);
         for (std::size_t b = 0; b < B; ++b) lengths[b] = static_cast<float>(nk - b % nk);
-        const auto e = dropout(softmax(mask(scale(transpose(Wq*X)*(Wk*X)), causal && key_lengths(L))), 0.1, 1234) *
-                       transpose(Wv*X);
-        call("relation", "multi-head (projections, masks, dropout)", e,
+        const auto heads_out = dropout(softmax(mask(scale(transpose(Wq*X)*(Wk*X)), causal && key_lengths(L))), 0.1, 1234) *
+                               transpose(Wv*X);
+        const auto e = concat_heads(heads_out) * Wo + bo;
+        call("relation", "multi-head layer (projections, masks, dropout, concat, W_o)", e,
              std::tuple{bind(X, col_major(in.random(B * dm * nk), dm, nk, B)),
                         bind(Wq, row_major(in.random(H * d * dm, 0.5f), d, dm, 1, H)),
                         bind(Wk, row_major(in.random(H * d * dm, 0.5f), d, dm, 1, H)),
                         bind(Wv, row_major(in.random(H * dv * dm, 0.5f), dv, dm, 1, H)),
-                        bind(L, row_major(in.values(lengths), 1, 1, B))});
+                        bind(L, row_major(in.values(lengths), 1, 1, B)),
+                        bind(Wo, row_major(in.random(H * dv * dm, 0.5f), H * dv, dm)),
+                        bind(bo, row_major(in.random(dm, 0.5f), 1, dm))});
     }
 
     // ---- modern variants -----------------------------------------------------------------

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "every_operation.hpp"
+#include "multihead_layer.hpp"
 #include "variants.hpp"
 
 namespace af = attnfuse;
@@ -73,6 +74,12 @@ TEST_CASE("every elementwise operation's vector face agrees with the reference a
         af::testing::check_every_operation([&](const auto& e, const auto&... bindings) {
             return af::cpu::run(e, af::cpu::options{mode}, bindings...).output.values;
         });
+}
+
+TEST_CASE("nn.MultiheadAttention as one expression (concat_heads, W_o, biases, masks) agrees with a plain-loop module", "[cpu]") {
+    const auto on_cpu = [](const auto& e, const af::run_options& o, const auto&... b) { return af::cpu::run(e, o, b...); };
+    af::testing::check_multihead_layer(on_cpu);
+    af::testing::check_multihead_layer_edges(on_cpu);
 }
 
 TEST_CASE("scaled dot-product and causal attention at every awkward size", "[cpu]") {

@@ -674,6 +674,19 @@ TEST_CASE("relation multi-head: projections, per-head scaled dot, padding + futu
                 return sum;
             },
             keras);
+
+    // The same layer as one expression: concat_heads, then the whole Wo
+    // (width x d_model, one head), as Keras applies it.
+    const auto layer = concat_heads(weights*transpose(Wv*Y)) * Wo;
+    const auto whole = reference::evaluate(
+        layer, bind(X, col_major(xs.data(), dm, nq, batch)), bind(Y, col_major(ys.data(), dm, nk, batch)),
+        bind(Wq, block(wq)), bind(Wk, block(wk)), bind(Wv, block(wv)), bind(Wo, row_major(wo.data(), width, dm)),
+        bind(L, lengths.view()));
+    REQUIRE(whole.batch == batch);
+    REQUIRE(whole.heads == 1);
+    REQUIRE(whole.rows == nq);
+    REQUIRE(whole.cols == dm);
+    compare(batch, 1, nq, dm, [&](std::size_t b, std::size_t, std::size_t r, std::size_t c) { return whole.at(b, 0, r, c); }, keras);
 }
 
 // =========================================================================

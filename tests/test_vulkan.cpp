@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "every_operation.hpp"
+#include "multihead_layer.hpp"
 #include "variants.hpp"
 #include "vulkan_test_device.hpp"
 
@@ -83,6 +84,18 @@ TEST_CASE("every variant runs fused and unfused on Vulkan and agrees with the re
             });
         });
     }
+}
+
+TEST_CASE("Vulkan: nn.MultiheadAttention as one expression agrees with a plain-loop module", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    const auto on_vulkan = [dev](const auto& e, const af::run_options& o, const auto&... b) { return vk::run(*dev, e, o, b...); };
+    af::testing::check_multihead_layer(on_vulkan);
+    af::testing::check_multihead_layer_edges(on_vulkan);
+    CHECK(dev->validation_messages() == 0);
 }
 
 TEST_CASE("Vulkan: every elementwise operation's GLSL face agrees with the reference at awkward inputs", "[vulkan]") {

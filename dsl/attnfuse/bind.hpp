@@ -240,11 +240,15 @@ template <class... Bindings>
 struct environment {
     std::tuple<Bindings...> bindings;
     std::size_t batch = 1;  // outer extents every expression broadcasts over
+    // The heads of what is being evaluated: the bound heads, except outside
+    // every concat_heads of an expression, where it is 1 (settle_heads).
     std::size_t heads = 1;
+    std::size_t bound_heads = 1;  // the most heads an input is bound with: what concat_heads sets side by side
 
     explicit environment(Bindings... bs) : bindings(std::move(bs)...) {
         std::apply([&](const auto&... b) { ((batch = std::max(batch, b.view.batch)), ...); }, bindings);
         std::apply([&](const auto&... b) { ((heads = std::max(heads, b.view.heads)), ...); }, bindings);
+        bound_heads = heads;
         std::apply([&](const auto&... b) { (check_outer(b), ...); }, bindings);
     }
 
@@ -294,6 +298,33 @@ namespace detail {
 // Run-time shape of any node under an environment; throws shape_error.
 template <class E, class Env>
 runtime_shape shape_of(const E& e, const Env& env);
+
+// Calls f(input) for every input e reads outside its concat_heads nodes.
+template <class E, class F>
+void for_each_input_outside_concat_heads(const E& e, const F& f) {
+    if constexpr (is_input_v<E>) f(e);
+    else if constexpr (is_node_v<E> && !has_kind_v<E, kind::concat_heads>)
+        std::apply([&](const auto&... kids) { (for_each_input_outside_concat_heads(kids, f), ...); }, e.kids);
+}
+
+// Every evaluator calls this once, before evaluating e: an expression holding
+// concat_heads has one head per batch entry outside it (env.heads = 1), and
+// an input read there must be bound with one head, else it is a shape_error
+// naming it (which of its heads would serve the single one?).
+template <class E, class Env>
+void settle_heads(const E& e, Env& env) {
+    if constexpr (holds_concat_heads_v<E>) {
+        for_each_input_outside_concat_heads(e, [&](const auto& input) {
+            using Input = std::remove_cvref_t<decltype(input)>;
+            const auto& v = env.template view<Input::name>();
+            if (v.heads != 1)
+                throw shape_error("input " + std::string(Input::name.view()) + ": bound with " + std::to_string(v.heads) +
+                                  " heads but read outside concat_heads in `" + to_string(e) +
+                                  "`, where there is one head per batch entry. Fix: bind it with heads = 1, or use it inside concat_heads");
+        });
+        env.heads = 1;
+    }
+}
 
 // The inner extent of the first matrix product in e, depth first: the d_k of
 // scale(e).
@@ -354,6 +385,9 @@ runtime_shape shape_of(const E& e, const Env& env) {
     } else if constexpr (has_kind_v<E, kind::transpose>) {
         const runtime_shape s = shape_of(e.template kid<0>(), env);
         return {s.cols, s.rows};
+    } else if constexpr (has_kind_v<E, kind::concat_heads>) {
+        const runtime_shape s = shape_of(e.template kid<0>(), env);
+        return {s.rows, s.cols * env.bound_heads};
     } else if constexpr (has_kind_template<E, kind::reduce_along_rows>::value) {
         return {shape_of(e.template kid<0>(), env).rows, 1};
     } else if constexpr (has_kind_template<E, kind::reduce_along_cols>::value) {

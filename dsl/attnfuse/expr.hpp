@@ -233,6 +233,16 @@ struct dropout : same_shape {
     std::uint32_t seed = 0;
 };
 
+// concat_heads(e): the heads of e side by side, n x d per head becoming
+// n x (heads*d) per batch entry (head h in columns [h*d, (h+1)*d)). The
+// result has one head: what is built on it (W_o, a bias, a residual) runs
+// once per batch entry. Its column count is known once the heads are bound.
+struct concat_heads {
+    template <class A> static constexpr std::size_t rows() { return A::rows; }
+    template <class A> static constexpr std::size_t cols() { return dyn; }
+    template <class A> static constexpr void check() {}
+};
+
 // A sub-expression that prints under a name (causal, window(w)).
 template <fixed_string Label>
 struct named : same_shape {
@@ -288,6 +298,13 @@ template <class E> struct holds_product : std::false_type {};
 template <class Kind, class... Kids>
 struct holds_product<node<Kind, Kids...>>
     : std::bool_constant<std::is_same_v<Kind, kind::product> || (holds_product<Kids>::value || ...)> {};
+
+// Does the tree hold a concat_heads (does its result have one head)?
+template <class E> struct holds_concat_heads : std::false_type {};
+template <class Kind, class... Kids>
+struct holds_concat_heads<node<Kind, Kids...>>
+    : std::bool_constant<std::is_same_v<Kind, kind::concat_heads> || (holds_concat_heads<Kids>::value || ...)> {};
+template <class E> inline constexpr bool holds_concat_heads_v = holds_concat_heads<std::remove_cvref_t<E>>::value;
 
 // Scalar-like: no extent of its own (numbers, i, j and elementwise
 // combinations of them). `*` with a scalar-like operand is elementwise.
@@ -565,6 +582,23 @@ template <class E>
 constexpr auto dropout(E&& e, double p, std::uint32_t seed) {
     if (!(p >= 0.0 && p <= 1.0)) throw std::invalid_argument("attnfuse: dropout probability must be in [0, 1]");
     return make_node(kind::dropout{{}, p, seed}, std::forward<E>(e));
+}
+
+// ---- heads side by side -------------------------------------------------------
+namespace check {
+template <class E>
+constexpr void heads_concatenated_once() {
+    static_assert(!holds_concat_heads_v<E>,
+                  "attnfuse: concat_heads(e) with a concat_heads inside e: the inner one already left a single head, "
+                  "so there is nothing left to concatenate. Fix: concatenate once, after the per-head attention.");
+}
+}  // namespace check
+
+template <class E>
+    requires expression<E>
+constexpr auto concat_heads(E&& e) {
+    check::heads_concatenated_once<std::remove_cvref_t<E>>();
+    return make_node(kind::concat_heads{}, std::forward<E>(e));
 }
 
 // ---- table lookup ------------------------------------------------------------

@@ -7,6 +7,8 @@
 //       static operand fused_attention(const E&, X&);   // one planned fused kernel
 //       static operand pointwise(const E&, X&);         // one planned pointwise loop
 //       static operand node(const E&, X&);              // one kernel for one node
+//       static operand concat_heads(const E&, const operand& per_head, X&);
+//                                  // the heads of `per_head` side by side, in one head
 //       static void result(const E&, const operand&, X&);  // the report's accounting
 //       static lower::capabilities capabilities(const X&);
 //   };
@@ -15,7 +17,8 @@
 // every backend, which node runs as which kernel, and where a matched
 // attention must fall back to separate kernels (against what the backend
 // declares it can run), noting why. X, the backend's run state, holds
-// `env` (the bindings), `opt` (run_options) and `info` (report).
+// `env` (the bindings, its own copy: the walk sets env.heads inside each
+// concat_heads), `opt` (run_options) and `info` (report).
 #pragma once
 #include <cstddef>
 #include <limits>
@@ -57,12 +60,36 @@ std::string fallback_reason(const E& e, const Env& env, const capabilities& can)
     return {};
 }
 
+// Inside concat_heads the kernels run over every bound head; outside it,
+// once per batch entry (bind.hpp: settle_heads).
+template <class Env>
+class per_head_scope {
+public:
+    explicit per_head_scope(Env& env) : env_(env), outside_(env.heads) { env.heads = env.bound_heads; }
+    ~per_head_scope() { env_.heads = outside_; }
+    per_head_scope(const per_head_scope&) = delete;
+    per_head_scope& operator=(const per_head_scope&) = delete;
+
+private:
+    Env& env_;
+    std::size_t outside_;
+};
+
 template <class Hooks, class E, class X>
 typename Hooks::operand evaluate(const E& e, X& x) {
     if constexpr (is_input_v<E>) {
         return Hooks::input(e, x);
     } else if constexpr (has_kind_v<E, kind::transpose>) {
         return Hooks::transposed(evaluate<Hooks>(e.template kid<0>(), x));
+    } else if constexpr (has_kind_v<E, kind::concat_heads>) {
+        typename Hooks::operand per_head;
+        {
+            const per_head_scope scope(x.env);
+            per_head = evaluate<Hooks>(e.template kid<0>(), x);
+        }
+        typename Hooks::operand o = Hooks::concat_heads(e, per_head, x);
+        Hooks::result(e, o, x);
+        return o;
     } else {
         typename Hooks::operand o;
         if constexpr (plan::fuses_as_attention_v<E>) {

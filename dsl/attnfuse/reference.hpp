@@ -206,6 +206,18 @@ dense materialize(const E& e, const context<Env>& ctx) {
         for (std::size_t r = 0; r < a.rows; ++r)
             for (std::size_t c = 0; c < a.cols; ++c) out(c, r) = a(r, c);
         return out;
+    } else if constexpr (has_kind_v<E, kind::concat_heads>) {
+        // each head of the operand, evaluated where the heads are the bound ones
+        Env per_head_env = ctx.env;
+        per_head_env.heads = per_head_env.bound_heads;
+        const runtime_shape s = shape_of(e.template kid<0>(), per_head_env);
+        dense out(s.rows, s.cols * per_head_env.heads);
+        for (std::size_t h = 0; h < per_head_env.heads; ++h) {
+            const dense head = materialize(e.template kid<0>(), context<Env>{per_head_env, ctx.b, h});
+            for (std::size_t r = 0; r < s.rows; ++r)
+                for (std::size_t c = 0; c < s.cols; ++c) out(r, h * s.cols + c) = head(r, c);
+        }
+        return out;
     } else if constexpr (has_kind_v<E, kind::softmax>) {
         dense s = materialize(e.template kid<0>(), ctx);
         softmax_rows(s);
@@ -275,7 +287,8 @@ result evaluate(const E& e, const Bindings&... bindings) {
     check::pair_features_inside_pairwise<E>();
     if constexpr (holds_marker_v<E> || detail::holds_pair_feature<E>::value) return {};  // stop at the first error
     else {
-    const environment<Bindings...> env(bindings...);
+    environment<Bindings...> env(bindings...);
+    settle_heads(e, env);
     const runtime_shape shape = shape_of(e, env);
     result out{env.batch, env.heads, shape.rows, shape.cols, {}};
     out.values.reserve(env.batch * env.heads * shape.rows * shape.cols);

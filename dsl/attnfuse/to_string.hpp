@@ -105,6 +105,9 @@ printed print_node(const node<kind::transpose, A>& n) {
 }
 
 template <class A>
+printed print_node(const node<kind::concat_heads, A>& n) { return call("concat_heads", {print(n.template kid<0>()).text}); }
+
+template <class A>
 printed print_node(const node<kind::scale_by_inner_extent, A>& n) { return call("scale", {print(n.template kid<0>()).text}); }
 template <class A>
 printed print_node(const node<kind::scale_by, A>& n) {

@@ -35,7 +35,7 @@ namespace detail {
 // arena owns (all batch entries and heads, row-major with a padded stride).
 template <class Env>
 struct executor {
-    const Env& env;
+    Env env;  // its own copy: the lowering sets env.heads inside concat_heads
     options opt;
     report& info;
     std::deque<std::vector<float>> arena;
@@ -615,6 +615,31 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     return out;
 }
 
+// ---- concat_heads ---------------------------------------------------------------------
+// Head h of every batch entry goes to columns [h*d, (h+1)*d) of one matrix
+// per batch entry (x.env.heads is 1 here, the per-head scope has ended).
+template <class E, class X>
+tensor_view<float> concat_heads_kernel(const E& e, const tensor_view<float>& per_head, X& x) {
+    x.info.kernels.push_back(plan::kernel_name<plan::node_kernel<E>>::get(e));
+    const std::size_t heads = x.env.bound_heads, rows = per_head.rows, cols = per_head.cols;
+    const tensor_view<float> out = x.destination(e, rows, heads * cols);
+    const auto items = static_cast<std::ptrdiff_t>(x.env.batch * heads);
+#pragma omp parallel for schedule(static) num_threads(x.threads())
+    for (std::ptrdiff_t item = 0; item < items; ++item) {
+        const std::size_t b = static_cast<std::size_t>(item) / heads, h = static_cast<std::size_t>(item) % heads;
+        // an operand with fewer heads (one shared by every head) serves consecutive heads
+        const std::size_t source_b = per_head.batch == 1 ? 0 : b, source_h = h / (heads / per_head.heads);
+        const float* src = per_head.data + static_cast<std::ptrdiff_t>(source_b) * per_head.batch_stride +
+                           static_cast<std::ptrdiff_t>(source_h) * per_head.head_stride;
+        float* dst = x.matrix_of(out, b, 0) + h * cols;
+        for (std::size_t r = 0; r < rows; ++r)
+            for (std::size_t c = 0; c < cols; ++c)
+                dst[static_cast<std::ptrdiff_t>(r) * out.row_stride + static_cast<std::ptrdiff_t>(c)] =
+                    src[static_cast<std::ptrdiff_t>(r) * per_head.row_stride + static_cast<std::ptrdiff_t>(c) * per_head.col_stride];
+    }
+    return out;
+}
+
 // ---- the remaining kernels, one per node -----------------------------------------
 template <class E, class X>
 tensor_view<float> node_kernel(const E& e, X& x) {
@@ -700,6 +725,9 @@ struct hooks {
     template <class E, class X> static operand fused_attention(const E& e, X& x) { return detail::fused_attention(e, x); }
     template <class E, class X> static operand pointwise(const E& e, X& x) { return pointwise_loop(e, x); }
     template <class E, class X> static operand node(const E& e, X& x) { return node_kernel(e, x); }
+    template <class E, class X> static operand concat_heads(const E& e, const operand& per_head, X& x) {
+        return concat_heads_kernel(e, per_head, x);
+    }
     template <class E, class X> static void result(const E& e, const operand& v, X& x) { x.note_result(e, v); }
     // the fused kernel's tiles live in each thread's scratch: any d_v
     template <class X> static lower::capabilities capabilities(const X&) { return {}; }
@@ -721,7 +749,8 @@ template <class E, class... Bindings>
 run_result run(const E& e, const options& opt, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
     using Env = environment<Bindings...>;
-    const Env env(bindings...);
+    Env env(bindings...);
+    settle_heads(e, env);
     const runtime_shape shape = shape_of(e, env);  // every shape error, before any work
     run_result result;
     report& info = result.info;

@@ -196,7 +196,7 @@ using upload_key = std::tuple<const void*, std::size_t, std::size_t, std::size_t
 template <class Env>
 struct executor {
     device& dev;
-    const Env& env;
+    Env env;  // its own copy: the lowering sets env.heads inside concat_heads
     options opt;
     report& info;
     std::vector<device::buffer_id> owned;               // released at the end of the run
@@ -758,6 +758,24 @@ operand fused_attention(const E& e, X& x) {
     return dense_operand(out, n_q, d_v, x.env.batch, x.env.heads);
 }
 
+// Head h of every batch entry to columns [h*d, (h+1)*d) of one matrix per
+// batch entry (x.env.heads is 1 here, the per-head scope has ended).
+template <class E, class X>
+operand concat_heads_kernel(const E& e, const operand& per_head, X& x) {
+    const std::size_t heads = x.env.bound_heads, rows = per_head.rows(), cols = per_head.cols();
+    const auto out = output_buffer(x, rows, heads * cols, "the result of " + to_string(e));
+    // an operand with fewer heads (one shared by every head) serves consecutive heads
+    const std::string body = element_prologue() +
+                             "    uint d = NUMU(0u), head = j / d, c = j % d;\n"
+                             "    uint sb = G(0u, 2u) == 1u ? 0u : b, sh = head / (NUMU(1u) / G(0u, 3u));\n"
+                             "    OUT.d[idx] = OP0.d[GI(0u, 8u) + int(sb) * GI(0u, 6u) + int(sh) * GI(0u, 7u) + int(i) * GI(0u, 4u) + int(c) * GI(0u, 5u)];\n"
+                             "}\n";
+    x.launch("concat_heads", plan::kernel_name<plan::node_kernel<E>>::get(e), body, {per_head},
+             {static_cast<std::uint32_t>(cols), static_cast<std::uint32_t>(heads)}, out, rows, heads * cols,
+             x.env.batch * rows * heads * cols);
+    return dense_operand(out, rows, heads * cols, x.env.batch, 1);
+}
+
 // Vulkan's hooks for the shared lowering (attnfuse/lower.hpp).
 struct hooks {
     using operand = detail::operand;
@@ -774,6 +792,9 @@ struct hooks {
     template <class E, class X> static operand fused_attention(const E& e, X& x) { return detail::fused_attention(e, x); }
     template <class E, class X> static operand pointwise(const E& e, X& x) { return pointwise_kernel(e, x); }
     template <class E, class X> static operand node(const E& e, X& x) { return node_kernel(e, x); }
+    template <class E, class X> static operand concat_heads(const E& e, const operand& per_head, X& x) {
+        return concat_heads_kernel(e, per_head, x);
+    }
     template <class E, class X> static void result(const E& e, const operand& o, X& x) {
         if (x.score_nodes.count(static_cast<const void*>(&e))) x.info.score_bytes += x.dev.buffer_bytes(o.buffer);
     }
@@ -806,7 +827,8 @@ auto host_face(const B& b) {
 template <bool OnDevice, class E, class... Bindings>
 auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::string, operand>& resident, const Bindings&... bindings) {
     using Env = environment<Bindings...>;
-    const Env env(bindings...);
+    Env env(bindings...);
+    settle_heads(e, env);
     const runtime_shape shape = shape_of(e, env);
     std::conditional_t<OnDevice, device_run_result, run_result> result;
     const auto start = std::chrono::steady_clock::now();
