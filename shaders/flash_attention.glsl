@@ -9,6 +9,7 @@
 // (AF_SOFTMAX, AF_HARD, AF_RATIO or AF_POINTWISE, with AF_DROPOUT and AF_POST), and
 //   float score_term(uint b, uint h, uint a, float qv, float kv)  one term of the core's sum
 //   float epilogue(float s, uint b, uint h, uint bh, uint i, uint j)  the score around the core
+//   float epilogue_unmasked(...)  the same without its masks (with AF_UNMASKED)
 //   float post_factor(uint b, uint h, uint bh, uint i, uint j)     g of softmax(s) % g
 // Operands 0, 1, 2 are queries (depth x n_q), keys (depth x n_k) and values
 // (n_k x d_v). After the output's extents, P.u holds this dispatch's window
@@ -16,7 +17,8 @@
 // dispatch left (the host runs a long key row as several dispatches, so
 // that no invocation loops past the driver's limit), then the live key
 // tiles of every query tile (host-computed interval bounds of the score),
-// so that wholly masked tiles are never loaded.
+// so that wholly masked tiles are never loaded, and the run of them whose
+// masks keep everything, where epilogue_unmasked (AF_UNMASKED) runs.
 
 // Context columns per invocation: d_v rounded up to VC, over LANES lanes.
 layout(constant_id = 0) const uint ACC = 16u;
@@ -72,8 +74,10 @@ void main() {
     int v_at = at_of(2u, b, h, 0u, 0u), v_rs = G(2u, 0u) == 1u ? 0 : GI(2u, 4u), v_cs = G(2u, 1u) == 1u ? 0 : GI(2u, 5u);
 
     uint qtiles = P.u[RANGES() + 1u];
-    uint range_at = RANGES() + 2u + 2u * ((P.u[RANGES()] != 0u ? bh * qtiles : 0u) + gl_WorkGroupID.x);
+    uint range_at = RANGES() + 2u + 4u * ((P.u[RANGES()] != 0u ? bh * qtiles : 0u) + gl_WorkGroupID.x);
     uint live_first = P.u[range_at], live_end = P.u[range_at + 1u];
+    // key tiles whose every mask keeps every score: the epilogue runs without them
+    uint full_first = P.u[range_at + 2u], full_end = P.u[range_at + 3u];
     // with the keys split over workgroups (z), this workgroup's share of the
     // live tiles; shaders/combine_splits.glsl merges the shares
     uint splits = SHARES ? gl_NumWorkGroups.z : 1u, split = SHARES ? gl_WorkGroupID.z : 0u;
@@ -146,6 +150,14 @@ void main() {
                     s[u] += score_term(b, h, a0 + a, qv, stage[DC * BQ + a * BK + lane + LANES * u]);
             }
         }
+#if defined(AF_UNMASKED)
+        if (tile >= full_first && tile < full_end) {  // uniform
+            for (uint u = 0u; u < KEYS_PER_LANE; ++u) {
+                uint k = lane + LANES * u, j = k0 + k;
+                weights[r * (BK + 1u) + k] = (row_live && j < keys) ? epilogue_unmasked(s[u], b, h, bh, i, j) : 0.0;
+            }
+        } else
+#endif
         for (uint u = 0u; u < KEYS_PER_LANE; ++u) {
             uint k = lane + LANES * u, j = k0 + k;
             weights[r * (BK + 1u) + k] = (row_live && j < keys) ? epilogue(s[u], b, h, bh, i, j) : 0.0;

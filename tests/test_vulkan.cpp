@@ -334,7 +334,57 @@ static_assert(vk::fused_shader_source<alibi>().find("ld3(b, h, i, j)") != std::s
 static_assert(vk::fused_shader_source<alibi>().find("#define NUM_OPERANDS 4u") != std::string::npos);
 static_assert(vk::fused_shader_source<hard_causal>().find("#define AF_HARD") != std::string::npos);
 static_assert(vk::fused_shader_source<hard_causal>().find("af_select(") != std::string::npos);
+// Tiles whose masks keep everything run the epilogue without them
+// (epilogue_unmasked), its operands and numbers numbered as the whole one's.
+af::matrix<"L"> L;
+using windowed_capped = decltype(softmax(mask(30 * tanh(scale(Q^af::T*K) / 30), af::window(3)))*V);
+using padded_alibi = decltype(softmax(mask(scale(Q^af::T*K) - m * (i - j), j < L))*V);
+template <class E>
+constexpr std::string unmasked_epilogue() {
+    const std::string text = vk::fused_shader_source<E>();
+    const std::size_t at = text.find("float epilogue_unmasked(float s");
+    if (at == std::string::npos) return "(none)";
+    return text.substr(at, text.find('\n', at) - at);
+}
+static_assert(unmasked_epilogue<sdpa>() == "(none)");  // no mask, nothing to strip
+static_assert(unmasked_epilogue<alibi>().find("{ return (s - (ld3(b, h, i, j) * (float(i) - float(j)))); }") != std::string::npos);
+// the window's width is NUM(0): the cap reads NUM(1) and NUM(2) stripped or not
+static_assert(unmasked_epilogue<windowed_capped>().find("NUM(1u) * af_tanh((s / NUM(2u)))") != std::string::npos);
+static_assert(unmasked_epilogue<windowed_capped>().find("NUM(0u)") == std::string::npos);
+// the lengths L are ld3, read by the condition only: the slopes stay ld4
+static_assert(unmasked_epilogue<padded_alibi>().find("ld4(b, h, i, j)") != std::string::npos);
+static_assert(unmasked_epilogue<padded_alibi>().find("ld3") == std::string::npos);
+static_assert(vk::fused_shader_source<padded_alibi>().find("#define AF_UNMASKED") != std::string::npos);
 }  // namespace shader_text
+
+TEST_CASE("Vulkan: tiles whose masks keep everything run the epilogue without them, and agree", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    using namespace shader_text;
+    af::variants::input_store in(91);
+    // tiles of 16 queries x 32 keys: full, partial and dead ones, and a last
+    // partial tile each way; two batch entries with other lengths
+    const std::size_t batch = 2, heads = 2, n_q = 50, n_k = 97, d = 7;
+    const auto q = af::bind(Q, af::col_major(in.random(batch * heads * d * n_q), d, n_q, batch, heads));
+    const auto k = af::bind(K, af::col_major(in.random(batch * heads * d * n_k), d, n_k, batch, heads));
+    const auto v = af::bind(V, af::row_major(in.random(batch * heads * n_k * d), n_k, d, batch, heads));
+    const std::vector<float> slopes{0.25f, 0.0625f}, lengths{97.0f, 40.0f};
+    const auto slope = af::bind(m, af::row_major(slopes.data(), 1, 1, 1, heads));
+    const auto length = af::bind(L, af::row_major(lengths.data(), 1, 1, batch));
+    auto agree = [&](const auto& e, const auto&... bindings) {
+        INFO(af::to_string(e));
+        const auto ref = af::reference::evaluate(e, bindings...);
+        const auto [out, info] = vk::run(*dev, e, bindings...);
+        CHECK(relative_error(ref.values, out.values) <= 1e-4);
+        CHECK(info.score_bytes == 0);
+    };
+    agree(softmax(mask(30 * tanh(scale(Q^af::T*K) / 30), af::window(40)))*V, q, k, v);
+    agree(softmax(mask(scale(Q^af::T*K) - m * (i - j), j < L && af::causal))*V, q, k, v, slope, length);
+    CHECK(dev->validation_messages() == 0);
+}
 
 TEST_CASE("the fused shader text a static_assert reads is the text that runs", "[vulkan]") {
     vk::device* dev = shared_device();

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "expr.hpp"
+#include "interval.hpp"
 
 namespace attnfuse {
 
@@ -44,6 +45,26 @@ template <class E> using folded_t = decltype(fold_core_scale(std::declval<const 
 // mask(s, keep) is where(keep, s, -inf).
 template <class E> struct is_mask : std::false_type {};
 template <class C, class S> struct is_mask<node<kind::elementwise<op::select>, C, S, constant>> : std::true_type {};
+
+template <class E> struct holds_mask : is_mask<E> {};
+template <class Kind, class... Kids>
+struct holds_mask<node<Kind, Kids...>>
+    : std::bool_constant<is_mask<node<Kind, Kids...>>::value || (holds_mask<Kids>::value || ...)> {};
+
+// True when every mask(s, keep) of the tree keeps the whole tile (and its
+// -inf branch is a true -inf), so that strip_masks(tree) computes the same
+// scores there. `keep_bounds(keep)` bounds a mask's condition over the tile.
+template <class E, class Bounds>
+bool masks_keep_all(const E& e, const Bounds& keep_bounds) {
+    if constexpr (is_mask<E>::value) {
+        return e.template kid<2>().value == -std::numeric_limits<double>::infinity() &&
+               keep_bounds(e.template kid<0>()).surely_nonzero() && masks_keep_all(e.template kid<1>(), keep_bounds);
+    } else if constexpr (is_node_v<E>) {
+        return std::apply([&](const auto&... kids) { return (masks_keep_all(kids, keep_bounds) && ...); }, e.kids);
+    } else {
+        return true;
+    }
+}
 
 template <class E>
 auto strip_masks(const E& e) {

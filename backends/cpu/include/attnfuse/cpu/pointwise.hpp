@@ -155,19 +155,11 @@ interval tile_bounds(const E& e, std::size_t row0, std::size_t row1, std::size_t
                   {static_cast<double>(col0), static_cast<double>(col1 - 1)}, leaf, factor);
 }
 
-// True when every mask(s, keep) of the tree keeps the whole tile (and its -inf
-// branch is a true -inf), so that strip_masks(tree) computes the same scores.
+// True when every mask(s, keep) of the tree keeps the whole tile
+// (epilogue.hpp), bounded by this tile's rows and columns.
 template <class E>
 bool masks_keep_all(const E& e, std::size_t row0, std::size_t row1, std::size_t col0, std::size_t col1) {
-    if constexpr (is_mask<E>::value) {
-        return e.template kid<2>().value == -std::numeric_limits<double>::infinity() &&
-               tile_bounds(e.template kid<0>(), row0, row1, col0, col1).surely_nonzero() &&
-               masks_keep_all(e.template kid<1>(), row0, row1, col0, col1);
-    } else if constexpr (is_node_v<E>) {
-        return std::apply([&](const auto&... kids) { return (masks_keep_all(kids, row0, row1, col0, col1) && ...); }, e.kids);
-    } else {
-        return true;
-    }
+    return attnfuse::masks_keep_all(e, [&](const auto& keep) { return tile_bounds(keep, row0, row1, col0, col1); });
 }
 
 }  // namespace attnfuse::cpu::detail

@@ -518,7 +518,8 @@ operand node_kernel(const E& e, X& x) {
 // each (query tile, key tile), with the vectors among the inputs (key
 // lengths, ALiBi slopes) read from host memory; tiles whose every score is
 // -inf (every x 0 for a ratio) are left out at both ends of the row.
-// Returns {vary by batch x head, query tiles, then first and end per tile}.
+// Returns {vary by batch x head, query tiles, then per query tile the first
+// and end live key tile and the first and end of its full ones}.
 template <bool Ratio, class S, class X>
 std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q, std::size_t n_k) {
     constexpr std::size_t bq = flash::queries_per_workgroup, bk = flash::keys_per_tile;
@@ -545,22 +546,39 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
         if constexpr (has_kind_v<N, kind::scale_by_inner_extent>) return 1.0 / std::sqrt(static_cast<double>(inner_extent(node, x.env)));
         else return node.kind.factor;
     };
-    auto dead = [&](std::size_t qt, std::size_t kt) {
+    interval rows, cols;
+    auto select_tile = [&](std::size_t qt, std::size_t kt) {
         tile_q0 = qt * bq, tile_q1 = std::min(n_q, qt * bq + bq);
         tile_k0 = kt * bk, tile_k1 = std::min(n_k, kt * bk + bk);
-        const interval rows{static_cast<double>(qt * bq), static_cast<double>(std::min(n_q, qt * bq + bq) - 1)};
-        const interval cols{static_cast<double>(kt * bk), static_cast<double>(std::min(n_k, kt * bk + bk) - 1)};
+        rows = {static_cast<double>(tile_q0), static_cast<double>(tile_q1 - 1)};
+        cols = {static_cast<double>(tile_k0), static_cast<double>(tile_k1 - 1)};
+    };
+    auto dead = [&](std::size_t qt, std::size_t kt) {
+        select_tile(qt, kt);
         const interval tile = bounds(score, rows, cols, leaf, factor);
         return Ratio ? tile.surely_zero() : tile.all_minus_infinity();
     };
+    // every mask keeps the whole tile: the shader runs the epilogue without them
+    auto full = [&](std::size_t qt, std::size_t kt) {
+        select_tile(qt, kt);
+        return masks_keep_all(score, [&](const auto& keep) { return bounds(keep, rows, cols, leaf, factor); });
+    };
     std::vector<std::uint32_t> table{0u, static_cast<std::uint32_t>(qtiles)};
+    // per query tile: the live key tiles [first, end), and within them the
+    // first run of full ones [full_first, full_end) (causal: the tiles left
+    // of the diagonal; a window: its middle)
     auto fill = [&] {
         for (std::size_t qt = 0; qt < qtiles; ++qt) {
             std::size_t first = 0, end = ktiles;
             while (first < end && dead(qt, first)) ++first;
             while (end > first && dead(qt, end - 1)) --end;
-            table.push_back(static_cast<std::uint32_t>(first));
-            table.push_back(static_cast<std::uint32_t>(end));
+            std::size_t full_first = first, full_end = first;
+            if constexpr (holds_mask<S>::value) {
+                while (full_first < end && !full(qt, full_first)) ++full_first;
+                full_end = full_first;
+                while (full_end < end && full(qt, full_end)) ++full_end;
+            }
+            for (const std::size_t word : {first, end, full_first, full_end}) table.push_back(static_cast<std::uint32_t>(word));
         }
     };
     fill();
@@ -635,6 +653,15 @@ constexpr std::string fused_attention_source() {
     }
     glsl::emitter emit{0, first_operand};
     std::string functions;
+    if constexpr (holds_mask<Tree>::value) {
+        // for key tiles whose masks keep every score (live_key_tiles' full
+        // ranges): the epilogue without them, its slots numbered as the whole one's
+        modes += "#define AF_UNMASKED\n";
+        glsl::emitter unmasked{0, first_operand, {}, true};
+        functions += "float epilogue_unmasked(float s, uint b, uint h, uint bh, uint i, uint j) { return " +
+                     unmasked.template emit<Tree>() + "; }\n";
+        emit.definitions = unmasked.definitions;
+    }
     functions += "float epilogue(float s, uint b, uint h, uint bh, uint i, uint j) { return " + emit.template emit<Tree>() + "; }\n";
     functions += "float post_factor(uint b, uint h, uint bh, uint i, uint j) { return " + emit.template emit<Post>() + "; }\n";
     if constexpr (parts::ratio) ++emit.next_number;  // the offset, read by AF_RATIO

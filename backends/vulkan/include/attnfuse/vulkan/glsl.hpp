@@ -74,6 +74,26 @@ constexpr std::string prelude(std::size_t operands, std::size_t numbers, std::si
     return s;
 }
 
+// How many numbers and operand slots a prepared tree holds: the parameter
+// words and bindings its text reads.
+template <class E>
+constexpr std::size_t numbers_in() {
+    if constexpr (std::is_same_v<E, constant>) return 1;
+    else if constexpr (is_node_v<E>) {
+        constexpr std::size_t own = has_kind_v<E, kind::scale_by> ? 1 : has_kind_v<E, kind::dropout> ? 3 : 0;
+        return own + []<class... K>(std::tuple<K...>*) { return (std::size_t{0} + ... + numbers_in<K>()); }(
+                         static_cast<typename E::kids_type*>(nullptr));
+    } else return 0;
+}
+template <class E>
+constexpr std::size_t operands_in() {
+    if constexpr (std::is_same_v<E, operand_slot>) return 1;
+    else if constexpr (is_node_v<E>)
+        return []<class... K>(std::tuple<K...>*) { return (std::size_t{0} + ... + operands_in<K>()); }(
+            static_cast<typename E::kids_type*>(nullptr));
+    else return 0;
+}
+
 // The GLSL expression of a prepared pointwise tree at (b, h, i, j), from its
 // type alone (so that a static_assert can read it): the tree's numbers are
 // read as NUM(first), NUM(first + 1), ... and its operand slots as ld<k>
@@ -86,6 +106,10 @@ struct emitter {
     // The GLSL functions of the operations emitted so far (each operation's
     // glsl_definition, once), to be placed before the text that calls them.
     std::string definitions = {};
+    // Emit strip_masks(tree) (epilogue.hpp), for tiles whose masks keep
+    // everything, while numbering the slots as in the whole tree: what a
+    // mask's condition reads is still counted, only not read.
+    bool strip_masks = false;
 
     template <class E>
     constexpr std::string operator()(const E&) {
@@ -101,7 +125,14 @@ struct emitter {
         else if constexpr (std::is_same_v<E, pair_query_feature>) return "qv";
         else if constexpr (std::is_same_v<E, pair_key_feature>) return "kv";
         else if constexpr (std::is_same_v<E, operand_slot>) return "ld" + decimal(next_operand++) + "(b, h, i, j)";
-        else if constexpr (has_kind_template<E, kind::elementwise>::value) {
+        else if constexpr (is_mask<E>::value) {
+            if (!strip_masks) return elementwise<op::select>(static_cast<typename E::kids_type*>(nullptr));
+            next_number += numbers_in<kid_t<E, 0>>();
+            next_operand += operands_in<kid_t<E, 0>>();
+            std::string kept = emit<kid_t<E, 1>>();
+            next_number += numbers_in<kid_t<E, 2>>();
+            return kept;
+        } else if constexpr (has_kind_template<E, kind::elementwise>::value) {
             using Op = typename E::kind_type::op;
             return elementwise<Op>(static_cast<typename E::kids_type*>(nullptr));
         } else if constexpr (has_kind_v<E, kind::scale_by>) {
@@ -155,25 +186,5 @@ private:
 
     constexpr std::string number() { return "NUM(" + decimal(next_number++) + "u)"; }
 };
-
-// How many numbers and operand slots a prepared tree holds: the parameter
-// words and bindings its text reads.
-template <class E>
-constexpr std::size_t numbers_in() {
-    if constexpr (std::is_same_v<E, constant>) return 1;
-    else if constexpr (is_node_v<E>) {
-        constexpr std::size_t own = has_kind_v<E, kind::scale_by> ? 1 : has_kind_v<E, kind::dropout> ? 3 : 0;
-        return own + []<class... K>(std::tuple<K...>*) { return (std::size_t{0} + ... + numbers_in<K>()); }(
-                         static_cast<typename E::kids_type*>(nullptr));
-    } else return 0;
-}
-template <class E>
-constexpr std::size_t operands_in() {
-    if constexpr (std::is_same_v<E, operand_slot>) return 1;
-    else if constexpr (is_node_v<E>)
-        return []<class... K>(std::tuple<K...>*) { return (std::size_t{0} + ... + operands_in<K>()); }(
-            static_cast<typename E::kids_type*>(nullptr));
-    else return 0;
-}
 
 }  // namespace attnfuse::vulkan::glsl
