@@ -44,7 +44,7 @@ shared float row_scale[BQ];             // per row: rescale of the context
 shared uint row_best[BQ];               // per row (hard): the chosen key
 shared uint bad_keys[2];                // keys of the staged values holding NaN or inf, by step parity
 
-uint WINDOW() { return 4u + 12u * NUM_OPERANDS + NUM_NUMBERS; }
+uint WINDOW() { return 4u + GEOMETRY_WORDS * NUM_OPERANDS + NUM_NUMBERS; }
 
 // scale(core) folded onto the queries as they are staged (as FlashAttention
 // scales Q): the epilogue then reads the scaled score as it is.

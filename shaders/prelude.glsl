@@ -1,19 +1,20 @@
 // attnfuse: helpers every generated kernel shares. Embedded at build time
 // (backends/vulkan/CMakeLists.txt) after the generated binding declarations.
 //
-// Parameter buffer P.u: [0] batch, [1] heads, then 12 words of geometry per
-// operand (rows, cols, batch, heads, row stride, col stride, batch stride,
-// head stride, base offset), then the expression's numbers (float bits),
-// then the output's rows and cols.
+// Parameters P.u (push constants where they fit the device's limit, else a
+// buffer at binding 0): [0] batch, [1] heads, then GEOMETRY_WORDS words of
+// geometry per operand (rows, cols, batch, heads, row stride, col stride,
+// batch stride, head stride, base offset), then the expression's numbers
+// (float bits), then the output's rows and cols.
 
 uint BATCH() { return P.u[0]; }
 uint HEADS() { return P.u[1]; }
-uint G(uint k, uint f) { return P.u[2u + 12u * k + f]; }
-int GI(uint k, uint f) { return int(P.u[2u + 12u * k + f]); }
-float NUM(uint n) { return uintBitsToFloat(P.u[2u + 12u * NUM_OPERANDS + n]); }
-uint NUMU(uint n) { return P.u[2u + 12u * NUM_OPERANDS + n]; }
-uint OUT_R() { return P.u[2u + 12u * NUM_OPERANDS + NUM_NUMBERS]; }
-uint OUT_C() { return P.u[3u + 12u * NUM_OPERANDS + NUM_NUMBERS]; }
+uint G(uint k, uint f) { return P.u[2u + GEOMETRY_WORDS * k + f]; }
+int GI(uint k, uint f) { return int(P.u[2u + GEOMETRY_WORDS * k + f]); }
+float NUM(uint n) { return uintBitsToFloat(P.u[2u + GEOMETRY_WORDS * NUM_OPERANDS + n]); }
+uint NUMU(uint n) { return P.u[2u + GEOMETRY_WORDS * NUM_OPERANDS + n]; }
+uint OUT_R() { return P.u[2u + GEOMETRY_WORDS * NUM_OPERANDS + NUM_NUMBERS]; }
+uint OUT_C() { return P.u[3u + GEOMETRY_WORDS * NUM_OPERANDS + NUM_NUMBERS]; }
 
 // The element of operand k serving output (b, h, r, c): extents of 1
 // broadcast, fewer heads are shared by consecutive query heads.

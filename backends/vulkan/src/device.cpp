@@ -338,6 +338,7 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
         for (int a = 0; a < 3; ++a) d.limits.max_workgroup_count[a] = props.limits.maxComputeWorkGroupCount[a];
         d.limits.max_workgroup_invocations = props.limits.maxComputeWorkGroupInvocations;
         d.limits.max_shared_memory = props.limits.maxComputeSharedMemorySize;
+        d.limits.max_push_constants = props.limits.maxPushConstantsSize;
         const auto sub = d.physical.getProperties2<vk::PhysicalDeviceProperties2, vk::PhysicalDeviceSubgroupProperties>();
         d.limits.subgroup_size = sub.get<vk::PhysicalDeviceSubgroupProperties>().subgroupSize;
         // llvmpipe ends every shader loop once an invocation has run 65535

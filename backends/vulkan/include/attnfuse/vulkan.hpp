@@ -85,6 +85,7 @@ struct device_limits {
     std::uint32_t max_workgroup_count[3] = {0, 0, 0};
     std::uint32_t max_workgroup_invocations = 0;
     std::uint32_t max_shared_memory = 0;
+    std::uint32_t max_push_constants = 0;  // bytes (maxPushConstantsSize, at least 128)
     std::uint32_t subgroup_size = 0;
     // Loop iterations a shader invocation may run, all its loops together,
     // before the driver silently ends its loops: 65535 on Mesa's llvmpipe

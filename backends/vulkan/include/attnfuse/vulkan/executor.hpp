@@ -282,9 +282,17 @@ struct executor {
         return o;
     }
 
+    // The words a kernel's P.u holds: the outer extents, each operand's
+    // geometry, the numbers, the output's extents, then `extra`.
+    std::size_t parameter_words(std::size_t operands, std::size_t numbers, std::size_t extra = 0) const {
+        return glsl::header_words + operands * glsl::geometry_words + numbers + 2 + extra;
+    }
+
     // Compiles (once) and dispatches `body` over `invocations` threads (one
     // dimension, `local_size` per workgroup), with `operands` bound from
-    // binding 2 and `numbers` after their geometry.
+    // binding 2 and `numbers` after their geometry. The parameters go in
+    // push constants, recorded with the dispatch, where they fit the
+    // device's limit; else in a buffer.
     void launch(const std::string& name, const std::string& description, const std::string& body, const std::vector<operand>& operands,
                 const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
                 std::size_t invocations) {
@@ -293,30 +301,39 @@ struct executor {
         // maxComputeWorkGroupCount[0]
         const std::size_t max_x = std::min<std::size_t>(dev.limits().max_workgroup_count[0], 65535);
         const std::size_t gx = std::min(groups, max_x), gy = (groups + max_x - 1) / max_x;
-        launch(name, description, glsl::prelude(operands.size(), numbers.size(), local_size) + body, operands, numbers, output,
-               out_rows, out_cols, {gx, gy, 1}, {}, {});
+        const std::size_t words = parameter_words(operands.size(), numbers.size());
+        const bool push = words * 4 <= dev.limits().max_push_constants;
+        launch(name, description, glsl::prelude(operands.size(), numbers.size(), local_size, push ? words : 0) + body, operands, numbers,
+               output, out_rows, out_cols, {gx, gy, 1}, {}, {}, push);
     }
 
     // A whole `source` (prelude included) over an explicit grid of
     // workgroups, with `extra` words after the output's extents and
-    // `specialization` constants (constant_id 0..).
+    // `specialization` constants (constant_id 0..); `push` when the
+    // source's prelude declared its parameters as push constants.
     void launch(const std::string& name, const std::string& description, const std::string& source, const std::vector<operand>& operands,
                 const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
-                std::array<std::size_t, 3> grid, const std::vector<std::uint32_t>& extra, const std::vector<std::uint32_t>& specialization) {
-        const auto built = std::chrono::steady_clock::now();
-        const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(3 + operands.size()), 0, specialization);
-        info.build_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - built).count();
-        all_from_disk = all_from_disk && dev.kernel_from_disk_cache(kernel);
-
+                std::array<std::size_t, 3> grid, const std::vector<std::uint32_t>& extra, const std::vector<std::uint32_t>& specialization,
+                bool push = false) {
         std::vector<std::uint32_t> params{static_cast<std::uint32_t>(env.batch), static_cast<std::uint32_t>(env.heads)};
         for (const auto& o : operands) params.insert(params.end(), o.geometry, o.geometry + glsl::geometry_words);
         params.insert(params.end(), numbers.begin(), numbers.end());
         params.push_back(static_cast<std::uint32_t>(out_rows));
         params.push_back(static_cast<std::uint32_t>(out_cols));
         params.insert(params.end(), extra.begin(), extra.end());
-        const auto p = buffer(params.size() * 4, "kernel parameters", false);
-        dev.upload(p, params.data(), params.size() * 4);
-        std::vector<device::buffer_id> bindings{p, output};
+        if (params.size() != parameter_words(operands.size(), numbers.size(), extra.size()))
+            throw error("attnfuse internal: the parameters of kernel " + name + " are not the words its shader reads");
+        const std::size_t push_bytes = push ? params.size() * 4 : 0;
+
+        const auto built = std::chrono::steady_clock::now();
+        const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(3 + operands.size()), static_cast<std::uint32_t>(push_bytes),
+                                       specialization);
+        info.build_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - built).count();
+        all_from_disk = all_from_disk && dev.kernel_from_disk_cache(kernel);
+
+        const device::buffer_id p = push ? output : buffer(params.size() * 4, "kernel parameters", false);
+        if (!push) dev.upload(p, params.data(), params.size() * 4);
+        std::vector<device::buffer_id> bindings{p, output};  // binding 0 unused with push constants
         for (const auto& o : operands) bindings.push_back(o.buffer);
         bindings.push_back(status_buffer());
         for (int a = 0; a < 3; ++a)
@@ -324,7 +341,7 @@ struct executor {
                 throw error("attnfuse: " + description + " needs " + std::to_string(grid[a]) + " workgroups along dimension " +
                             std::to_string(a) + ", more than this device's maxComputeWorkGroupCount[" + std::to_string(a) + "] = " +
                             std::to_string(dev.limits().max_workgroup_count[a]));
-        dev.dispatch(kernel, bindings, nullptr, 0, static_cast<std::uint32_t>(std::max<std::size_t>(grid[0], 1)),
+        dev.dispatch(kernel, bindings, push ? params.data() : nullptr, push_bytes, static_cast<std::uint32_t>(std::max<std::size_t>(grid[0], 1)),
                      static_cast<std::uint32_t>(std::max<std::size_t>(grid[1], 1)), static_cast<std::uint32_t>(std::max<std::size_t>(grid[2], 1)));
         if (!description.empty()) info.kernels.push_back(description);  // one entry per planned kernel, however many dispatches
         ++info.dispatches;

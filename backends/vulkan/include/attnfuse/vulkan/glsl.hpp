@@ -21,7 +21,7 @@
 
 namespace attnfuse::vulkan::glsl {
 
-inline constexpr std::size_t geometry_words = 12;
+inline constexpr std::size_t geometry_words = 9;
 inline constexpr std::size_t header_words = 2;
 
 // Where the fused kernel's score sits in its epilogue (epilogue.hpp).
@@ -52,12 +52,16 @@ constexpr bool listed(op::op_list<Ops...>) {
 
 // The start of every generated kernel: the bindings, the shared helpers of
 // shaders/prelude.glsl, and one accessor per operand.
-constexpr std::string prelude(std::size_t operands, std::size_t numbers, std::size_t local_size) {
+// The parameters are `push_words` of push constants, or with 0 a buffer at
+// binding 0 (then unused in the push-constant form).
+constexpr std::string prelude(std::size_t operands, std::size_t numbers, std::size_t local_size, std::size_t push_words = 0) {
     std::string s = "#version 450\n";
     s += "#define NUM_OPERANDS " + decimal(operands) + "u\n";
     s += "#define NUM_NUMBERS " + decimal(numbers) + "u\n";
+    s += "#define GEOMETRY_WORDS " + decimal(geometry_words) + "u\n";
     s += "layout(local_size_x = " + decimal(local_size) + ") in;\n";
-    s += "layout(std430, binding = 0) readonly buffer Params { uint u[]; } P;\n";
+    if (push_words > 0) s += "layout(push_constant, std430) uniform Params { uint u[" + decimal(push_words) + "]; } P;\n";
+    else s += "layout(std430, binding = 0) readonly buffer Params { uint u[]; } P;\n";
     s += "layout(std430, binding = 1) buffer Output { float d[]; } OUT;\n";
     for (std::size_t k = 0; k < operands; ++k)
         s += "layout(std430, binding = " + decimal(2 + k) + ") readonly buffer Operand" + decimal(k) + " { float d[]; } OP" + decimal(k) + ";\n";
