@@ -194,6 +194,14 @@ void check_multihead_layer_edges(const Run& run) {
         CHECK(variants::relative_error(ref.values, r.output.values) <= 1e-4);
         for (std::size_t t = 0; t < n; ++t)
             for (std::size_t c = 0; c < E; ++c) CHECK(r.output.at(1, 0, t, c) == bias[c]);
+        // the heads set side by side are those of the inputs read inside
+        // concat_heads: a binding the expression does not read adds none
+        matrix<"unused"> Unused;
+        const std::vector<float> six(6, 1.0f);
+        const run_result stray = run(layer, run_options{mode}, q, k, v, bind(Wo, row_major(wo, E, E)), b_o, lk,
+                                     bind(Unused, row_major(six.data(), 1, 1, 1, 6)));
+        CHECK(stray.output.cols == E);
+        CHECK(variants::relative_error(ref.values, stray.output.values) <= 1e-4);
         // W_o bound per head is read after concat_heads: which head would serve?
         try {
             (void)run(layer, run_options{mode}, q, k, v, bind(Wo, row_major(wo_per_head, E, E, 1, heads)), b_o, lk);

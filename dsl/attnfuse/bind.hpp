@@ -307,13 +307,38 @@ void for_each_input_outside_concat_heads(const E& e, const F& f) {
         std::apply([&](const auto&... kids) { (for_each_input_outside_concat_heads(kids, f), ...); }, e.kids);
 }
 
+// Calls f(input) for every input e reads inside its concat_heads nodes.
+template <class E, class F>
+void for_each_input_inside_concat_heads(const E& e, const F& f, bool inside = false) {
+    if constexpr (is_input_v<E>) {
+        if (inside) f(e);
+    } else if constexpr (is_node_v<E>) {
+        const bool below = inside || has_kind_v<E, kind::concat_heads>;
+        std::apply([&](const auto&... kids) { (for_each_input_inside_concat_heads(kids, f, below), ...); }, e.kids);
+    }
+}
+
 // Every evaluator calls this once, before evaluating e: an expression holding
 // concat_heads has one head per batch entry outside it (env.heads = 1), and
 // an input read there must be bound with one head, else it is a shape_error
-// naming it (which of its heads would serve the single one?).
+// naming it (which of its heads would serve the single one?). The heads set
+// side by side are those of the inputs read inside (a binding the expression
+// does not read changes nothing).
 template <class E, class Env>
 void settle_heads(const E& e, Env& env) {
     if constexpr (holds_concat_heads_v<E>) {
+        std::size_t inside = 1;
+        for_each_input_inside_concat_heads(e, [&](const auto& input) {
+            inside = std::max(inside, env.template view<std::remove_cvref_t<decltype(input)>::name>().heads);
+        });
+        for_each_input_inside_concat_heads(e, [&](const auto& input) {
+            using Input = std::remove_cvref_t<decltype(input)>;
+            const std::size_t heads = env.template view<Input::name>().heads;
+            if (inside % heads != 0)
+                throw shape_error("input " + std::string(Input::name.view()) + ": " + std::to_string(heads) + " heads do not divide the " +
+                                  std::to_string(inside) + " heads of the other inputs inside concat_heads (grouped heads must divide evenly)");
+        });
+        env.bound_heads = inside;
         for_each_input_outside_concat_heads(e, [&](const auto& input) {
             using Input = std::remove_cvref_t<decltype(input)>;
             const auto& v = env.template view<Input::name>();

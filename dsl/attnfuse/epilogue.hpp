@@ -54,12 +54,14 @@ struct holds_mask<node<Kind, Kids...>>
 // True when every mask(s, keep) of the tree keeps the whole tile (and its
 // -inf branch is a true -inf), so that strip_masks(tree) computes the same
 // scores there. `keep_bounds(keep)` bounds a mask's condition over the tile.
+// Only the pointwise epilogue is looked at: a mask inside an operand computed
+// by its own kernel (the core, a projection) is not the epilogue's.
 template <class E, class Bounds>
 bool masks_keep_all(const E& e, const Bounds& keep_bounds) {
     if constexpr (is_mask<E>::value) {
         return e.template kid<2>().value == -std::numeric_limits<double>::infinity() &&
                keep_bounds(e.template kid<0>()).surely_nonzero() && masks_keep_all(e.template kid<1>(), keep_bounds);
-    } else if constexpr (is_node_v<E>) {
+    } else if constexpr (is_node_v<E> && is_pointwise_v<E>) {
         return std::apply([&](const auto&... kids) { return (masks_keep_all(kids, keep_bounds) && ...); }, e.kids);
     } else {
         return true;
