@@ -348,29 +348,6 @@ struct executor {
     }
 };
 
-// Every number of a prepared tree, in the emitter's walk order.
-template <class E>
-void collect_numbers(const E& e, std::vector<std::uint32_t>& out) {
-    auto as_bits = [](double v) {
-        const auto f = static_cast<float>(v);
-        std::uint32_t u;
-        std::memcpy(&u, &f, 4);
-        return u;
-    };
-    if constexpr (std::is_same_v<E, constant>) out.push_back(as_bits(e.value));
-    else if constexpr (has_kind_v<E, kind::scale_by>) {
-        collect_numbers(e.template kid<0>(), out);
-        out.push_back(as_bits(e.kind.factor));
-    } else if constexpr (has_kind_v<E, kind::dropout>) {
-        collect_numbers(e.template kid<0>(), out);
-        out.push_back(e.kind.seed);
-        out.push_back(op::dropout_threshold(e.kind.p));
-        out.push_back(as_bits(1.0 / (1.0 - e.kind.p)));
-    } else if constexpr (is_node_v<E>) {
-        std::apply([&](const auto&... kids) { (collect_numbers(kids, out), ...); }, e.kids);
-    }
-}
-
 template <class E, class X> operand evaluate(const E& e, X& x);
 
 // Replaces non-pointwise operands by operand slots (appending them to
@@ -445,8 +422,7 @@ operand pointwise_kernel(const E& e, X& x) {
     std::vector<operand> operands;
     const auto tree = prepare<void>(e, x, operands);
     std::vector<std::uint32_t> numbers;
-    collect_numbers(tree, numbers);
-    glsl::emitter emit;
+    glsl::emitter emit{0, 0, {}, false, &numbers};
     const std::string value = emit(tree);
     const std::string body = emit.definitions + element_prologue() + "    OUT.d[idx] = " + value + ";\n}\n";
     const auto out = output_buffer(x, shape.rows, shape.cols, "the result of " + to_string(e));
@@ -517,8 +493,7 @@ operand node_kernel(const E& e, X& x) {
     } else {
         static_assert(has_kind_template<E, kind::pairwise>::value, "attnfuse internal: Vulkan has no kernel for this node");
         std::vector<std::uint32_t> numbers;
-        collect_numbers(e.kind.combine, numbers);
-        glsl::emitter emit;
+        glsl::emitter emit{0, 0, {}, false, &numbers};
         const std::string term = emit(e.kind.combine);
         const std::string body = emit.definitions + element_prologue() +
                                  "    float acc = NUMU(AF_CHUNK + 2u) != 0u ? OUT.d[idx] : 0.0;\n"
@@ -624,17 +599,18 @@ inline std::size_t key_splits(const device& dev, std::size_t requested, std::siz
     return std::clamp<std::size_t>((target + workgroups - 1) / workgroups, 1, std::max<std::size_t>(1, std::min<std::size_t>(64, key_tiles / 4)));
 }
 
-// The fused kernel's whole GLSL source, from the expression's type alone, so
-// that a static_assert can read it (tests/test_vulkan.cpp does): the
-// prelude, the mode, the generated epilogue, post factor and score term,
-// then shaders/flash_attention.glsl. Numbers are parameters, read in the
-// order fused_attention collects them.
+// The fused kernel's whole GLSL source: the prelude, the mode, the generated
+// epilogue (and the epilogue without its masks), post factor and score term,
+// then shaders/flash_attention.glsl. One walk writes the text and, given the
+// run's prepared trees and numbers, the parameter words it reads, in order.
+// From the type alone (no values) it is a constant expression, so that a
+// static_assert can read it (tests/test_vulkan.cpp does).
 template <class E>
-constexpr std::string fused_attention_source() {
+struct fused_shader {
     using parts = plan::attention_parts<E>;
     using Core = typename parts::core_type;
     using traits = typename parts::core_kind;
-    constexpr bool folds_scale = fused_epilogue<E>::folds_scale;  // scale(core) moves onto the staged queries
+    static constexpr bool folds_scale = fused_epilogue<E>::folds_scale;  // scale(core) moves onto the staged queries
     using Tree = typename fused_epilogue<E>::type;
     using Post = typename decltype([] {
         if constexpr (parts::post_weighted) return std::type_identity<prepared_t<void, decltype(parts::post(std::declval<const E&>()))>>{};
@@ -644,52 +620,72 @@ constexpr std::string fused_attention_source() {
         if constexpr (traits::pairwise) return std::type_identity<std::remove_cvref_t<decltype(std::declval<const Core&>().kind.combine)>>{};
         else return std::type_identity<constant>{};
     }())::type;
-    constexpr std::size_t first_operand = traits::pairwise ? 4 : 3;
-    constexpr std::size_t operands = first_operand + glsl::operands_in<Tree>() + glsl::operands_in<Post>();
-    std::size_t numbers = glsl::numbers_in<Tree>() + glsl::numbers_in<Post>();
-    std::string modes;
-    if constexpr (parts::pointwise) {
-        modes += "#define AF_POINTWISE\n";
-    } else if constexpr (parts::ratio) {
-        modes += "#define AF_RATIO " + glsl::decimal(numbers) + "u\n";
-        numbers += 1;
-    } else if constexpr (parts::hard) {
-        modes += "#define AF_HARD\n";
-    } else {
-        modes += "#define AF_SOFTMAX\n";
+    static constexpr std::size_t first_operand = traits::pairwise ? 4 : 3;
+    static constexpr std::size_t operands = first_operand + glsl::operands_in<Tree>() + glsl::operands_in<Post>();
+
+    // What a run reads the numbers from.
+    struct values {
+        const Tree* tree = nullptr;
+        const Post* post = nullptr;
+        const Combine* combine = nullptr;
+        double ratio_offset = 0;
+        kind::dropout dropout = {};
+        double query_factor = 1;
+    };
+
+    // The source; with `given`, also its parameter numbers into `numbers`.
+    static constexpr std::string text(const values* given = nullptr, std::vector<std::uint32_t>* numbers = nullptr) {
+        glsl::emitter emit{0, first_operand, {}, false, numbers};
+        std::string modes, functions;
+        if constexpr (holds_mask<Tree>::value) {
+            // for key tiles whose masks keep every score (live_key_tiles' full
+            // ranges): the epilogue without them, its slots numbered as the whole one's
+            modes += "#define AF_UNMASKED\n";
+            glsl::emitter unmasked{0, first_operand, {}, true};
+            functions += "float epilogue_unmasked(float s, uint b, uint h, uint bh, uint i, uint j) { return " +
+                         unmasked.template emit<Tree>() + "; }\n";
+            emit.definitions = unmasked.definitions;
+        }
+        functions += "float epilogue(float s, uint b, uint h, uint bh, uint i, uint j) { return " +
+                     emit.template emit<Tree>(given ? given->tree : nullptr) + "; }\n";
+        functions += "float post_factor(uint b, uint h, uint bh, uint i, uint j) { return " +
+                     emit.template emit<Post>(given ? given->post : nullptr) + "; }\n";
+        if constexpr (parts::pointwise) {
+            modes += "#define AF_POINTWISE\n";
+        } else if constexpr (parts::ratio) {
+            modes += "#define AF_RATIO " + glsl::decimal(emit.next_number) + "u\n";
+            (void)emit.number(given ? given->ratio_offset : 0.0);
+        } else if constexpr (parts::hard) {
+            modes += "#define AF_HARD\n";
+        } else {
+            modes += "#define AF_SOFTMAX\n";
+        }
+        if constexpr (parts::post_weighted) modes += "#define AF_POST\n";
+        if constexpr (traits::pairwise)
+            functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return ld3(b, h, a, 0u) * " +
+                         emit.template emit<Combine>(given ? given->combine : nullptr) + "; }\n";
+        else
+            functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return qv * kv; }\n";
+        if constexpr (parts::dropout) {
+            modes += "#define AF_DROPOUT " + glsl::decimal(emit.next_number) + "u\n";  // seed, threshold, keep scale
+            (void)emit.word(given ? given->dropout.seed : 0u);
+            (void)emit.word(given ? op::dropout_threshold(given->dropout.p) : 0u);
+            (void)emit.number(given ? 1.0 / (1.0 - given->dropout.p) : 0.0);
+        }
+        if constexpr (folds_scale) {
+            modes += "#define AF_QUERY_SCALE " + glsl::decimal(emit.next_number) + "u\n";
+            (void)emit.number(given ? given->query_factor : 0.0);
+        }
+        if (emit.next_operand != operands) throw error("attnfuse internal: the fused epilogue's operand slots are miscounted");
+        functions = modes + emit.definitions + functions;  // the operations' GLSL functions before their first use
+        return glsl::prelude(operands, emit.next_number, flash::queries_per_workgroup * flash::lanes) + functions +
+               std::string(shader_sources::flash_attention);
     }
-    if constexpr (parts::post_weighted) modes += "#define AF_POST\n";
-    if constexpr (traits::pairwise) numbers += glsl::numbers_in<Combine>();
-    if constexpr (parts::dropout) {
-        modes += "#define AF_DROPOUT " + glsl::decimal(numbers) + "u\n";
-        numbers += 3;
-    }
-    if constexpr (folds_scale) {
-        modes += "#define AF_QUERY_SCALE " + glsl::decimal(numbers) + "u\n";
-        numbers += 1;
-    }
-    glsl::emitter emit{0, first_operand};
-    std::string functions;
-    if constexpr (holds_mask<Tree>::value) {
-        // for key tiles whose masks keep every score (live_key_tiles' full
-        // ranges): the epilogue without them, its slots numbered as the whole one's
-        modes += "#define AF_UNMASKED\n";
-        glsl::emitter unmasked{0, first_operand, {}, true};
-        functions += "float epilogue_unmasked(float s, uint b, uint h, uint bh, uint i, uint j) { return " +
-                     unmasked.template emit<Tree>() + "; }\n";
-        emit.definitions = unmasked.definitions;
-    }
-    functions += "float epilogue(float s, uint b, uint h, uint bh, uint i, uint j) { return " + emit.template emit<Tree>() + "; }\n";
-    functions += "float post_factor(uint b, uint h, uint bh, uint i, uint j) { return " + emit.template emit<Post>() + "; }\n";
-    if constexpr (parts::ratio) ++emit.next_number;  // the offset, read by AF_RATIO
-    if constexpr (traits::pairwise)
-        functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return ld3(b, h, a, 0u) * " +
-                     emit.template emit<Combine>() + "; }\n";
-    else
-        functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return qv * kv; }\n";
-    functions = modes + emit.definitions + functions;  // the operations' GLSL functions before their first use
-    return glsl::prelude(operands, numbers, flash::queries_per_workgroup * flash::lanes) + functions +
-           std::string(shader_sources::flash_attention);
+};
+
+template <class E>
+constexpr std::string fused_attention_source() {
+    return fused_shader<E>::text();
 }
 
 // FlashAttention-style (shaders/flash_attention.glsl): a workgroup per (query
@@ -726,29 +722,18 @@ operand fused_attention(const E& e, X& x) {
         if constexpr (parts::post_weighted) return prepare<void>(parts::post(e), x, operands);
         else return constant(1.0);
     }();
-    // the numbers, in the order fused_attention_source<E>() reads them
+    // the text and its numbers from one walk (the text is the type's alone)
+    static_assert(std::is_same_v<std::remove_cvref_t<decltype(tree)>, typename fused_shader<E>::Tree>);
+    typename fused_shader<E>::values given{&tree, &post_factor};
+    if constexpr (ratio) given.ratio_offset = parts::ratio_offset(e);
+    if constexpr (traits::pairwise) given.combine = &core.kind.combine;
+    if constexpr (with_dropout) given.dropout = weights.kind;
+    given.query_factor = query_factor;
     std::vector<std::uint32_t> numbers;
-    collect_numbers(tree, numbers);
-    collect_numbers(post_factor, numbers);
-    if constexpr (ratio) collect_numbers(constant(parts::ratio_offset(e)), numbers);
-    if constexpr (traits::pairwise) collect_numbers(core.kind.combine, numbers);
-    if constexpr (with_dropout) {
-        numbers.push_back(weights.kind.seed);
-        numbers.push_back(op::dropout_threshold(weights.kind.p));
-        const auto keep = static_cast<float>(1.0 / (1.0 - weights.kind.p));
-        std::uint32_t bits;
-        std::memcpy(&bits, &keep, 4);
-        numbers.push_back(bits);
-    }
-    if constexpr (folds_scale) collect_numbers(constant(query_factor), numbers);
-    // the text comes from the type alone; what was collected here must be what it reads
-    static_assert(std::is_same_v<std::remove_cvref_t<decltype(tree)>, typename fused_epilogue<E>::type>);
-    static const std::string source = fused_attention_source<E>();  // the type's text: built once per process
-    const std::size_t first_operand = traits::pairwise ? 4 : 3;
-    if (operands.size() != first_operand + glsl::operands_in<std::remove_cvref_t<decltype(tree)>>() +
-                               glsl::operands_in<std::remove_cvref_t<decltype(post_factor)>>() ||
-        source.find("#define NUM_NUMBERS " + std::to_string(numbers.size()) + "u\n") == std::string::npos)
-        throw error("attnfuse internal: the fused shader of `" + to_string(e) + "` reads other parameters than the executor collected");
+    const std::string source = fused_shader<E>::text(&given, &numbers);
+    // what prepare() appended is what the text reads
+    if (operands.size() != fused_shader<E>::operands)
+        throw error("attnfuse internal: the fused shader of `" + to_string(e) + "` reads other operands than the executor prepared");
     // the window of key tiles a dispatch covers, then whether it resumes, then the live tiles
     std::vector<std::uint32_t> extra{0u, 0u, 0u};
     const std::vector<std::uint32_t> live = live_key_tiles<parts::plain_sum>(parts::score(e), x, n_q, n_k);

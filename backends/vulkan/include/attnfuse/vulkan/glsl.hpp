@@ -1,19 +1,24 @@
 // GLSL for the kernels of a plan. The text depends only on the expression's
 // type: every number of the expression (constants, scale factors, dropout
-// parameters) is a parameter read from the kernel's parameter buffer, in the
+// parameters) is a parameter read from the kernel's parameters, in the
 // order the tree is walked, so one compiled shader serves every value.
 //
-// Buffer interface of every generated kernel (see shaders/prelude.glsl):
-//   binding 0: uint parameters: batch, heads, 12 words of geometry per
+// Interface of every generated kernel (see shaders/prelude.glsl):
+//   parameters P.u (push constants where they fit the device's limit, else
+//              a buffer at binding 0): batch, heads, 9 words of geometry per
 //              operand, the numbers of the tree (as float bits), the
 //              output's rows and cols.
 //   binding 1: the output, dense [batch][heads][rows][cols].
 //   binding 2 + k: operand k.
 //   binding 2 + operands: the run's status word (af_check_loops).
 #pragma once
+#include <bit>
+#include <cstdint>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include <attnfuse/epilogue.hpp>
 #include <attnfuse/expr.hpp>
@@ -102,8 +107,13 @@ constexpr std::size_t operands_in() {
 // type alone (so that a static_assert can read it): the tree's numbers are
 // read as NUM(first), NUM(first + 1), ... and its operand slots as ld<k>
 // with k = first_operand, first_operand + 1, ..., both in walk order (kids
-// left to right), the order in which the executor collects them. `bh` names
-// the flattened batch-head index, `qv`/`kv` the pairwise features.
+// left to right), the order in which prepare() appends the operands. `bh`
+// names the flattened batch-head index, `qv`/`kv` the pairwise features.
+//
+// Given the tree itself and `values`, the same walk also appends the value
+// of every number as the text reads it (float bits; dropout's seed and
+// threshold as they are): the parameters a kernel is dispatched with come
+// from the walk that wrote its text, so the two cannot disagree.
 struct emitter {
     std::size_t next_number = 0;
     std::size_t next_operand = 0;
@@ -114,15 +124,22 @@ struct emitter {
     // everything, while numbering the slots as in the whole tree: what a
     // mask's condition reads is still counted, only not read.
     bool strip_masks = false;
+    std::vector<std::uint32_t>* values = nullptr;
 
+    // A number as float bits, NUM(k) in the text; a word as it is, NUMU(k).
+    constexpr std::string number(double v) { return "NUM(" + decimal(record(std::bit_cast<std::uint32_t>(static_cast<float>(v)))) + "u)"; }
+    constexpr std::string word(std::uint32_t v) { return "NUMU(" + decimal(record(v)) + "u)"; }
+
+    // The text of `e`, and its numbers into `values` when set.
     template <class E>
-    constexpr std::string operator()(const E&) {
-        return emit<E>();
+    constexpr std::string operator()(const E& e) {
+        return emit<E>(&e);
     }
 
+    // The text of a tree of type E; its numbers too when `e` is given.
     template <class E>
-    constexpr std::string emit() {
-        if constexpr (std::is_same_v<E, constant>) return number();
+    constexpr std::string emit(const E* e = nullptr) {
+        if constexpr (std::is_same_v<E, constant>) return number(e ? e->value : 0.0);
         else if constexpr (std::is_same_v<E, query_index>) return "float(i)";
         else if constexpr (std::is_same_v<E, key_index>) return "float(j)";
         else if constexpr (std::is_same_v<E, score_slot>) return "s";
@@ -130,30 +147,29 @@ struct emitter {
         else if constexpr (std::is_same_v<E, pair_key_feature>) return "kv";
         else if constexpr (std::is_same_v<E, operand_slot>) return "ld" + decimal(next_operand++) + "(b, h, i, j)";
         else if constexpr (is_mask<E>::value) {
-            if (!strip_masks) return elementwise<op::select>(static_cast<typename E::kids_type*>(nullptr));
+            if (!strip_masks) return elementwise<op::select>(e);
             next_number += numbers_in<kid_t<E, 0>>();
             next_operand += operands_in<kid_t<E, 0>>();
-            std::string kept = emit<kid_t<E, 1>>();
+            std::string kept = emit<kid_t<E, 1>>(kid<1>(e));
             next_number += numbers_in<kid_t<E, 2>>();
             return kept;
         } else if constexpr (has_kind_template<E, kind::elementwise>::value) {
-            using Op = typename E::kind_type::op;
-            return elementwise<Op>(static_cast<typename E::kids_type*>(nullptr));
+            return elementwise<typename E::kind_type::op>(e);
         } else if constexpr (has_kind_v<E, kind::scale_by>) {
-            const std::string x = emit<kid_t<E, 0>>();
-            return "(" + x + " * " + number() + ")";
+            const std::string x = emit<kid_t<E, 0>>(kid<0>(e));
+            return "(" + x + " * " + number(e ? e->kind.factor : 0.0) + ")";
         } else if constexpr (has_kind_v<E, kind::dropout>) {
-            const std::string x = emit<kid_t<E, 0>>();
-            const std::string seed = "NUMU(" + decimal(next_number++) + "u)";
-            const std::string threshold = "NUMU(" + decimal(next_number++) + "u)";
-            const std::string keep = number();
+            const std::string x = emit<kid_t<E, 0>>(kid<0>(e));
+            const std::string seed = word(e ? e->kind.seed : 0u);
+            const std::string threshold = word(e ? op::dropout_threshold(e->kind.p) : 0u);
+            const std::string keep = number(e ? 1.0 / (1.0 - e->kind.p) : 0.0);
             return "af_dropout(" + x + ", " + seed + ", " + threshold + ", " + keep + ", bh, i, j)";
         } else if constexpr (has_kind_v<E, kind::lookup>) {
             static_assert(std::is_same_v<kid_t<E, 0>, operand_slot>, "attnfuse internal: a lookup table is an operand");
             const std::string table = decimal(next_operand++);
-            return "lookup" + table + "(b, h, " + emit<kid_t<E, 1>>() + ")";
+            return "lookup" + table + "(b, h, " + emit<kid_t<E, 1>>(kid<1>(e)) + ")";
         } else if constexpr (is_named_node<E>::value) {
-            return emit<kid_t<E, 0>>();
+            return emit<kid_t<E, 0>>(kid<0>(e));
         } else {
             static_assert(sizeof(E) == 0, "attnfuse: the GLSL emitter has no rule for this pointwise node (the E of this instantiation)");
             return {};
@@ -163,9 +179,13 @@ struct emitter {
 private:
     template <class E, std::size_t N>
     using kid_t = std::tuple_element_t<N, typename E::kids_type>;
+    template <std::size_t N, class E>
+    static constexpr const kid_t<E, N>* kid(const E* e) {
+        return e ? &std::get<N>(e->kids) : nullptr;
+    }
 
-    template <class Op, class... Kids>
-    constexpr std::string elementwise(std::tuple<Kids...>*) {
+    template <class Op, class E>
+    constexpr std::string elementwise(const E* e) {
         static_assert(requires { Op::glsl; Op::glsl_infix; },
                       "attnfuse: this elementwise operation has no GLSL face (it is the Op of this instantiation). Fix: give it "
                       "`glsl`, `glsl_infix` and `glsl_definition` in dsl/attnfuse/ops.hpp.");
@@ -175,10 +195,11 @@ private:
             definitions += Op::glsl_definition;
             definitions += '\n';
         }
-        constexpr std::size_t arity = sizeof...(Kids);
+        constexpr std::size_t arity = std::tuple_size_v<typename E::kids_type>;
         std::string args[arity];
-        std::size_t n = 0;
-        ((args[n++] = emit<Kids>()), ...);  // left to right
+        [&]<std::size_t... N>(std::index_sequence<N...>) {
+            ((args[N] = emit<kid_t<E, N>>(kid<N>(e))), ...);  // left to right
+        }(std::make_index_sequence<arity>{});
         if constexpr (Op::glsl_infix && arity == 2) return "(" + args[0] + " " + std::string(Op::glsl) + " " + args[1] + ")";
         else if constexpr (Op::glsl_infix && arity == 1) return "(" + std::string(Op::glsl) + args[0] + ")";
         else {
@@ -188,7 +209,10 @@ private:
         }
     }
 
-    constexpr std::string number() { return "NUM(" + decimal(next_number++) + "u)"; }
+    constexpr std::size_t record(std::uint32_t v) {
+        if (values) values->push_back(v);
+        return next_number++;
+    }
 };
 
 }  // namespace attnfuse::vulkan::glsl
