@@ -351,7 +351,9 @@ struct executor {
 template <class E, class X> operand evaluate(const E& e, X& x);
 
 // Replaces non-pointwise operands by operand slots (appending them to
-// `operands`), the core by the score slot, and scale(e) by its number.
+// `operands`, the slot holding where), the core by the score slot, and
+// scale(e) by its number. The kernel binds the operands in the order its
+// text reads the slots (glsl::emitter's `slots`), whatever order this was.
 template <class Core, class E, class X>
 auto prepare(const E& e, X& x, std::vector<operand>& operands) {
     if constexpr (!std::is_void_v<Core> && std::is_same_v<E, Core>) {
@@ -368,8 +370,7 @@ auto prepare(const E& e, X& x, std::vector<operand>& operands) {
         const double d = static_cast<double>(inner_extent(e, x.env));
         return make_node(kind::scale_by{{}, 1.0 / std::sqrt(d)}, prepare<Core>(e.template kid<0>(), x, operands));
     } else {
-        // kids left to right (a braced list is evaluated in order), the order
-        // in which glsl::emitter numbers the operand slots
+        // kids left to right (a braced list is evaluated in order)
         auto kids = std::apply([&](const auto&... k) { return std::tuple{prepare<Core>(k, x, operands)...}; }, e.kids);
         return std::apply([&](auto&&... k) { return make_node(e.kind, std::move(k)...); }, std::move(kids));
     }
@@ -416,14 +417,25 @@ device::buffer_id output_buffer(X& x, std::size_t rows, std::size_t cols, const 
     return x.buffer(std::max<std::size_t>(x.env.batch * x.env.heads * rows * cols, 1) * sizeof(float), what, true);
 }
 
+// The bindings of a kernel: its `fixed` first operands, then the prepared
+// ones in the order its text reads their slots.
+inline std::vector<operand> in_text_order(const std::vector<operand>& prepared, std::size_t fixed, const std::vector<std::size_t>& slots) {
+    std::vector<operand> bound(prepared.begin(), prepared.begin() + static_cast<std::ptrdiff_t>(fixed));
+    for (const std::size_t s : slots) bound.push_back(prepared.at(s));
+    if (bound.size() != prepared.size()) throw error("attnfuse internal: a kernel's text reads other operands than were prepared for it");
+    return bound;
+}
+
 template <class E, class X>
 operand pointwise_kernel(const E& e, X& x) {
     const runtime_shape shape = shape_of(e, x.env);
-    std::vector<operand> operands;
-    const auto tree = prepare<void>(e, x, operands);
+    std::vector<operand> prepared;
+    const auto tree = prepare<void>(e, x, prepared);
     std::vector<std::uint32_t> numbers;
-    glsl::emitter emit{0, 0, {}, false, &numbers};
+    std::vector<std::size_t> slots;
+    glsl::emitter emit{0, 0, {}, false, &numbers, &slots};
     const std::string value = emit(tree);
+    const std::vector<operand> operands = in_text_order(prepared, 0, slots);
     const std::string body = emit.definitions + element_prologue() + "    OUT.d[idx] = " + value + ";\n}\n";
     const auto out = output_buffer(x, shape.rows, shape.cols, "the result of " + to_string(e));
     x.launch("pointwise", plan::kernel_name<plan::pointwise_kernel<E>>::get(e), body, operands, numbers, out, shape.rows, shape.cols,
@@ -633,9 +645,11 @@ struct fused_shader {
         double query_factor = 1;
     };
 
-    // The source; with `given`, also its parameter numbers into `numbers`.
-    static constexpr std::string text(const values* given = nullptr, std::vector<std::uint32_t>* numbers = nullptr) {
-        glsl::emitter emit{0, first_operand, {}, false, numbers};
+    // The source; with `given`, also its parameter numbers into `numbers`
+    // and the prepared operands' indices, as the text reads them, into `slots`.
+    static constexpr std::string text(const values* given = nullptr, std::vector<std::uint32_t>* numbers = nullptr,
+                                      std::vector<std::size_t>* slots = nullptr) {
+        glsl::emitter emit{0, first_operand, {}, false, numbers, slots};
         std::string modes, functions;
         if constexpr (holds_mask<Tree>::value) {
             // for key tiles whose masks keep every score (live_key_tiles' full
@@ -730,10 +744,9 @@ operand fused_attention(const E& e, X& x) {
     if constexpr (with_dropout) given.dropout = weights.kind;
     given.query_factor = query_factor;
     std::vector<std::uint32_t> numbers;
-    const std::string source = fused_shader<E>::text(&given, &numbers);
-    // what prepare() appended is what the text reads
-    if (operands.size() != fused_shader<E>::operands)
-        throw error("attnfuse internal: the fused shader of `" + to_string(e) + "` reads other operands than the executor prepared");
+    std::vector<std::size_t> slots;
+    const std::string source = fused_shader<E>::text(&given, &numbers, &slots);
+    operands = in_text_order(operands, fused_shader<E>::first_operand, slots);
     // the window of key tiles a dispatch covers, then whether it resumes, then the live tiles
     std::vector<std::uint32_t> extra{0u, 0u, 0u};
     const std::vector<std::uint32_t> live = live_key_tiles<parts::plain_sum>(parts::score(e), x, n_q, n_k);

@@ -112,8 +112,10 @@ constexpr std::size_t operands_in() {
 //
 // Given the tree itself and `values`, the same walk also appends the value
 // of every number as the text reads it (float bits; dropout's seed and
-// threshold as they are): the parameters a kernel is dispatched with come
-// from the walk that wrote its text, so the two cannot disagree.
+// threshold as they are), and with `slots` the index each operand slot
+// carries, in the order the text numbers them ld<first_operand>, ...: the
+// parameters and the bindings a kernel is dispatched with come from the walk
+// that wrote its text, so they cannot disagree with it.
 struct emitter {
     std::size_t next_number = 0;
     std::size_t next_operand = 0;
@@ -125,6 +127,7 @@ struct emitter {
     // mask's condition reads is still counted, only not read.
     bool strip_masks = false;
     std::vector<std::uint32_t>* values = nullptr;
+    std::vector<std::size_t>* slots = nullptr;
 
     // A number as float bits, NUM(k) in the text; a word as it is, NUMU(k).
     constexpr std::string number(double v) { return "NUM(" + decimal(record(std::bit_cast<std::uint32_t>(static_cast<float>(v)))) + "u)"; }
@@ -145,7 +148,7 @@ struct emitter {
         else if constexpr (std::is_same_v<E, score_slot>) return "s";
         else if constexpr (std::is_same_v<E, pair_query_feature>) return "qv";
         else if constexpr (std::is_same_v<E, pair_key_feature>) return "kv";
-        else if constexpr (std::is_same_v<E, operand_slot>) return "ld" + decimal(next_operand++) + "(b, h, i, j)";
+        else if constexpr (std::is_same_v<E, operand_slot>) return "ld" + decimal(slot(e)) + "(b, h, i, j)";
         else if constexpr (is_mask<E>::value) {
             if (!strip_masks) return elementwise<op::select>(e);
             next_number += numbers_in<kid_t<E, 0>>();
@@ -166,7 +169,7 @@ struct emitter {
             return "af_dropout(" + x + ", " + seed + ", " + threshold + ", " + keep + ", bh, i, j)";
         } else if constexpr (has_kind_v<E, kind::lookup>) {
             static_assert(std::is_same_v<kid_t<E, 0>, operand_slot>, "attnfuse internal: a lookup table is an operand");
-            const std::string table = decimal(next_operand++);
+            const std::string table = decimal(slot(kid<0>(e)));
             return "lookup" + table + "(b, h, " + emit<kid_t<E, 1>>(kid<1>(e)) + ")";
         } else if constexpr (is_named_node<E>::value) {
             return emit<kid_t<E, 0>>(kid<0>(e));
@@ -212,6 +215,10 @@ private:
     constexpr std::size_t record(std::uint32_t v) {
         if (values) values->push_back(v);
         return next_number++;
+    }
+    constexpr std::size_t slot(const operand_slot* s) {
+        if (slots && s) slots->push_back(s->index);
+        return next_operand++;
     }
 };
 
