@@ -282,10 +282,10 @@ struct executor {
         return o;
     }
 
-    // The words a kernel's P.u holds: the outer extents, each operand's
-    // geometry, the numbers, the output's extents, then `extra`.
-    std::size_t parameter_words(std::size_t operands, std::size_t numbers, std::size_t extra = 0) const {
-        return glsl::header_words + operands * glsl::geometry_words + numbers + 2 + extra;
+    // The words a kernel's P.u holds (as the second launch builds them): the
+    // outer extents, each operand's geometry, the numbers, the output's extents.
+    static std::size_t parameter_words(std::size_t operands, std::size_t numbers) {
+        return glsl::header_words + operands * glsl::geometry_words + numbers + 2;
     }
 
     // Compiles (once) and dispatches `body` over `invocations` threads (one
@@ -321,8 +321,6 @@ struct executor {
         params.push_back(static_cast<std::uint32_t>(out_rows));
         params.push_back(static_cast<std::uint32_t>(out_cols));
         params.insert(params.end(), extra.begin(), extra.end());
-        if (params.size() != parameter_words(operands.size(), numbers.size(), extra.size()))
-            throw error("attnfuse internal: the parameters of kernel " + name + " are not the words its shader reads");
         const std::size_t push_bytes = push ? params.size() * 4 : 0;
 
         const auto built = std::chrono::steady_clock::now();
