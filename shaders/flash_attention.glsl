@@ -27,14 +27,19 @@ layout(constant_id = 0) const uint ACC = 16u;
 // constant, so that the one-share pipeline carries none of it.
 layout(constant_id = 1) const bool SHARES = false;
 
-#define BQ 16u     // queries per workgroup
-#define BK 32u     // keys per tile
-#define LANES 4u   // invocations per query row: BQ * LANES = local size
-#define DC 32u     // depth staged per step
-#define VC 64u     // value columns staged per step
-#define KEYS_PER_LANE (BK / LANES)
-#define STAGE_FLOATS (BK * VC)  // >= DC * (BQ + BK)
-#define QMAX 128u  // up to this depth the query tile is staged once
+// The tile shape (vulkan::fused_tile), set when the pipeline is built: one
+// SPIR-V serves every shape. The host checks what the code assumes: BK <= 32
+// (bad_keys holds one bit per key of a tile), LANES divides BK and VC, and
+// BK * VC >= DC * (BQ + BK) (stage holds a step's queries and keys).
+layout(constant_id = 2) const uint BQ = 16u;     // queries per workgroup
+layout(constant_id = 3) const uint BK = 32u;     // keys per tile
+layout(constant_id = 4) const uint LANES = 4u;   // invocations per query row
+layout(constant_id = 5) const uint DC = 32u;     // depth staged per step
+layout(constant_id = 6) const uint VC = 64u;     // value columns staged per step
+layout(constant_id = 7) const uint QMAX = 128u;  // up to this depth the query tile is staged once
+layout(local_size_x_id = 8) in;                  // BQ * LANES
+const uint KEYS_PER_LANE = BK / LANES;
+const uint STAGE_FLOATS = BK * VC;
 
 shared float query_tile[BQ * QMAX];     // the workgroup's queries, when depth <= QMAX
 

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <iterator>
 #include <memory>
+#include <set>
 #include <unistd.h>
 
 #include "every_operation.hpp"
@@ -33,6 +34,7 @@ double relative_error(const std::vector<double>& ref, const std::vector<float>& 
 }
 
 using attnfuse::vulkan::testing::shared_device;
+using Catch::Matchers::Contains;
 
 }  // namespace
 
@@ -459,6 +461,72 @@ TEST_CASE("Vulkan fused attention with its keys split over workgroups agrees wit
         }
     }
     CHECK(dev->validation_messages() == 0);
+}
+
+TEST_CASE("Vulkan: the fused kernel runs the tile shape its device was opened with (specialization constants)", "[vulkan]") {
+    vk::device* shared = shared_device();
+    if (!shared) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    // unlike the default on every axis: half the queries and keys, two lanes,
+    // shallow depth steps, and queries staged per step past depth 24
+    const vk::fused_tile small{.queries = 8, .keys = 16, .lanes = 2, .depth_step = 8, .value_columns = 32, .resident_depth = 24};
+    REQUIRE(small.violation().empty());
+    vk::device dev(shared->info(), vk::device_options{.validation = true, .tile = small});
+    REQUIRE(dev.tile() == small);
+    SECTION("variants of every normaliser, against the reference") {
+        const std::set<std::string> chosen = {"scaled dot product", "causal", "hard (one-hot argmax)",
+                                              "masked softmax (lengths, one batch fully masked)",
+                                              "sigmoid attention (causal, b = -log n_k)", "dropout (p = 0.25)"};
+        af::variants::for_each({2, 2, 9, 37, 33, 40}, [&](const af::variants::variant& v, const auto& e, const auto&... bindings) {
+            if (!chosen.count(v.name)) return;
+            using E = std::remove_cvref_t<decltype(e)>;
+            const auto ref = af::reference::evaluate(e, bindings...);
+            const auto [out, info] = vk::run(dev, e, af::run_options{af::execution::fused}, bindings...);
+            INFO(v.name << " | " << af::to_string(e));
+            CHECK(relative_error(ref.values, out.values) <= 1e-4);
+            CHECK(info.notes.empty());
+            CHECK(planned_kernels_run(info) == af::plan::kernel_count<E, af::plan::mode::fused>);
+        });
+        CHECK(dev.validation_messages() == 0);
+        INFO(dev.last_validation_message());
+    }
+    SECTION("key shares, and a key row long enough for several dispatches, planned from the tile's loop count") {
+        af::matrix<"Q"> Q;
+        af::matrix<"K"> K;
+        af::matrix<"V"> V;
+        const std::size_t d = 33, n_q = 11, n_k = 3001, d_v = 40;
+        af::variants::input_store in(5);
+        const auto q = af::bind(Q, af::col_major(in.random(d * n_q), d, n_q));
+        const auto k = af::bind(K, af::col_major(in.random(d * n_k), d, n_k));
+        const auto v = af::bind(V, af::row_major(in.random(n_k * d_v), n_k, d_v));
+        const auto e = softmax(scale(Q^af::T*K))*V;
+        const auto ref = af::reference::evaluate(e, q, k, v);
+        for (const std::size_t shares : {std::size_t{1}, std::size_t{3}}) {
+            const auto [out, info] = vk::run(dev, e, af::run_options{.mode = af::execution::fused, .key_splits = shares}, q, k, v);
+            INFO(shares << " shares: " << Catch::Detail::stringify(info.kernels));
+            CHECK(relative_error(ref.values, out.values) <= 1e-4);
+            // had the window outgrown llvmpipe's loop limit, the run would have been redone with a note
+            CHECK(info.notes.empty());
+            if (dev.limits().max_loop_iterations) CHECK(info.dispatches > 2);  // several windows, then the merge
+        }
+        CHECK(dev.validation_messages() == 0);
+    }
+}
+
+TEST_CASE("Vulkan: a tile shape the fused kernel cannot run is an error when the device opens", "[vulkan]") {
+    vk::device* shared = shared_device();
+    if (!shared) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    auto open = [&](const vk::fused_tile& tile) { vk::device dev(shared->info(), vk::device_options{.tile = tile}); };
+    CHECK_THROWS_WITH(open({.keys = 64}), Contains("device_options::tile cannot run: keys 64 > 32"));
+    CHECK_THROWS_WITH(open({.keys = 30}), Contains("lanes 4 must divide keys (30)"));
+    CHECK_THROWS_WITH(open({.queries = 8, .keys = 8, .depth_step = 32, .value_columns = 4}), Contains("must hold depth_step x (queries + keys)"));
+    CHECK_THROWS_WITH(open({.lanes = 0}), Contains("every extent must be at least 1"));
+    CHECK_THROWS_WITH(open({.queries = 512, .depth_step = 2}), Contains("invocations per workgroup (queries x lanes), more than"));
 }
 
 TEST_CASE("Vulkan: values wider than the fused kernel holds run unfused, each operand computed once", "[vulkan]") {

@@ -140,6 +140,7 @@ struct device::impl {
     mutable std::recursive_mutex mutex;
     device_info info;
     device_limits limits;
+    fused_tile tile;
     std::vector<std::string> notes;  // for the next run's report
     std::atomic<std::size_t> messages{0};
     std::mutex message_mutex;
@@ -348,6 +349,13 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
         const bool llvmpipe = driver_id == vk::DriverId::eMesaLlvmpipe || std::string_view(props.deviceName.data()).find("llvmpipe") != std::string_view::npos;
         const std::uint32_t driver_cap = llvmpipe ? 65535u : 0u;
         d.limits.max_loop_iterations = options.max_loop_iterations == 0 ? driver_cap : options.max_loop_iterations;
+        if (const std::string why = options.tile.violation(); !why.empty())
+            throw error("attnfuse: device_options::tile cannot run: " + why);
+        if (options.tile.invocations() > d.limits.max_workgroup_invocations || options.tile.invocations() > props.limits.maxComputeWorkGroupSize[0])
+            throw error("attnfuse: device_options::tile has " + std::to_string(options.tile.invocations()) +
+                        " invocations per workgroup (queries x lanes), more than " + std::string(props.deviceName.data()) + " runs (" +
+                        std::to_string(std::min(d.limits.max_workgroup_invocations, props.limits.maxComputeWorkGroupSize[0])) + ")");
+        d.tile = options.tile;
         d.unified_memory = props.deviceType == vk::PhysicalDeviceType::eCpu ||
                            props.deviceType == vk::PhysicalDeviceType::eIntegratedGpu;
 
@@ -402,6 +410,7 @@ std::size_t device::buffer_slots() const {
 
 const device_info& device::info() const { return impl_->info; }
 const device_limits& device::limits() const { return impl_->limits; }
+const fused_tile& device::tile() const { return impl_->tile; }
 std::size_t device::validation_messages() const { return impl_->messages.load(); }
 std::string device::last_validation_message() const {
     std::lock_guard lock(impl_->message_mutex);

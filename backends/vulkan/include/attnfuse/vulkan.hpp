@@ -67,6 +67,40 @@ device_info default_device();
 // GLSL compute shader text to SPIR-V words (Vulkan 1.1 target), with glslang.
 std::vector<std::uint32_t> compile_compute_shader(std::string_view glsl_source, std::string_view name = "shader");
 
+// The fused attention kernel's tile (shaders/flash_attention.glsl), given to
+// its pipeline as specialization constants: one SPIR-V serves every shape,
+// and a device may run another than the default.
+struct fused_tile {
+    std::uint32_t queries = 16;         // per workgroup (BQ)
+    std::uint32_t keys = 32;            // per key tile (BK): at most 32, a multiple of lanes
+    std::uint32_t lanes = 4;            // invocations per query row: queries x lanes per workgroup
+    std::uint32_t depth_step = 32;      // depth staged at a time (DC)
+    std::uint32_t value_columns = 64;   // value columns staged at a time (VC), a multiple of lanes
+    std::uint32_t resident_depth = 128; // up to this depth the query tile stays in shared memory (QMAX)
+    friend bool operator==(const fused_tile&, const fused_tile&) = default;
+
+    std::size_t invocations() const { return std::size_t{queries} * lanes; }
+    // every shared array of the shader, in bytes
+    std::size_t shared_bytes() const {
+        return 4 * (std::size_t{keys} * value_columns + std::size_t{queries} * resident_depth + std::size_t{queries} * (keys + 1) +
+                    2 * std::size_t{queries} + 2);
+    }
+    // What the shader's code assumes of the shape, or an empty string when
+    // it holds.
+    std::string violation() const {
+        if (queries == 0 || keys == 0 || lanes == 0 || depth_step == 0 || value_columns == 0)
+            return "every extent must be at least 1";
+        if (keys > 32) return "keys " + std::to_string(keys) + " > 32 (a tile's non-finite values are one bit per key)";
+        if (keys % lanes || value_columns % lanes)
+            return "lanes " + std::to_string(lanes) + " must divide keys (" + std::to_string(keys) + ") and value_columns (" +
+                   std::to_string(value_columns) + ")";
+        if (std::size_t{keys} * value_columns < std::size_t{depth_step} * (queries + keys))
+            return "keys x value_columns (" + std::to_string(keys * value_columns) + ") must hold depth_step x (queries + keys) (" +
+                   std::to_string(depth_step * (queries + keys)) + "): one staged step";
+        return {};
+    }
+};
+
 struct device_options {
     // Enable VK_LAYER_KHRONOS_validation (also on when VK_INSTANCE_LAYERS or
     // ATTNFUSE_VK_VALIDATION=1 ask for it); every message is counted.
@@ -78,6 +112,9 @@ struct device_options {
     // sizes); higher, the driver cuts loops short, af_check_loops sees it
     // and the run is redone in smaller pieces (tests use that too).
     std::uint32_t max_loop_iterations = 0;
+    // The fused attention kernel's tile; a shape its code cannot run, or
+    // one past the device's workgroup size, is an error when the device opens.
+    fused_tile tile = {};
 };
 
 struct device_limits {
@@ -114,6 +151,7 @@ public:
 
     const device_info& info() const;
     const device_limits& limits() const;
+    const fused_tile& tile() const;  // the fused attention kernel's, as opened
 
     using buffer_id = std::uint32_t;
     using kernel_id = std::uint32_t;

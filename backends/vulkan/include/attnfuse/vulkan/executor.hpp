@@ -144,30 +144,52 @@ inline constexpr std::size_t local_size = 64;
 // The fused kernel keeps its rows' contexts in registers: up to this d_v.
 inline constexpr std::size_t max_fused_dv = 256;
 
-// The tile shape of shaders/flash_attention.glsl (its BQ, BK, LANES, VC).
+// The fused kernel's tile (device::tile(), shaders/flash_attention.glsl)
+// as the host plans with it.
 namespace flash {
-inline constexpr std::size_t queries_per_workgroup = 16;
-inline constexpr std::size_t keys_per_tile = 32;
-inline constexpr std::size_t lanes = 4;
-inline constexpr std::uint32_t value_columns = 64;
-// stage, query_tile, weights, row_scale, row_best and bad_keys of the shader
-inline constexpr std::size_t shared_bytes = 4 * (32 * 64 + 16 * 128 + 16 * 33 + 16 + 16 + 2);
-// Loop steps one invocation of the shader runs per key tile, counted from its
-// loops (the tile loop, the depth steps and their staging, the row's lane-0
-// loops, the value chunks and their staging), and besides the tiles: what a
-// dispatch's window of key tiles is sized by under a driver's loop limit.
-// Calibrated on llvmpipe (Mesa 22.3) with af_check_loops, with a margin.
-inline constexpr std::size_t loop_steps_per_tile(std::size_t depth, std::size_t d_v) {
-    return 112 + 2 * depth + 64 * ((d_v + value_columns - 1) / value_columns);
+// Its specialization constants: ACC (context columns per invocation: d_v
+// rounded up to VC, over LANES), SHARES, then BQ, BK, LANES, DC, VC, QMAX
+// and the local size (constant_id 0 to 8).
+inline std::vector<std::uint32_t> specialization(const fused_tile& tile, std::size_t d_v, bool shares) {
+    const std::uint32_t per_lane = tile.value_columns / tile.lanes;
+    const auto chunks = static_cast<std::uint32_t>((std::max<std::size_t>(d_v, 1) + tile.value_columns - 1) / tile.value_columns);
+    return {chunks * per_lane, shares ? 1u : 0u,  tile.queries, tile.keys, tile.lanes, tile.depth_step, tile.value_columns,
+            tile.resident_depth, static_cast<std::uint32_t>(tile.invocations())};
 }
-inline constexpr std::size_t loop_steps_fixed = 256;
+// Loop steps one invocation of the shader runs per key tile, and besides
+// the tiles: what a dispatch's window of key tiles is sized by under a
+// driver's loop limit. The default tile's figures are calibrated on llvmpipe
+// (Mesa 22.3) with af_check_loops, with a margin (LLVM unrolls its short
+// constant loops, which then count nothing). Any other tile is planned from
+// a count of every loop of the shader as written, which over-counts: its
+// windows are smaller than they need be, never too large.
+inline std::size_t loop_steps_per_tile(const fused_tile& tile, std::size_t depth, std::size_t d_v) {
+    const std::size_t chunks = (d_v + tile.value_columns - 1) / tile.value_columns;
+    if (tile == fused_tile{}) return 112 + 2 * depth + 64 * chunks;
+    const std::size_t steps = (depth + tile.depth_step - 1) / tile.depth_step, per_lane = tile.keys / tile.lanes,
+                      per_row = tile.value_columns / tile.lanes, staging = tile.invocations();
+    return 1 + 2 * per_lane + 4 * std::size_t{tile.keys} + chunks * per_row +
+           steps * (1 + (std::size_t{tile.depth_step} * (tile.queries + tile.keys) + staging - 1) / staging +
+                    std::size_t{tile.depth_step} * (1 + per_lane)) +
+           chunks * (1 + (std::size_t{tile.keys} * tile.value_columns + staging - 1) / staging + 2 * per_row * (1 + tile.keys));
+}
+inline std::size_t loop_steps_fixed(const fused_tile& tile, std::size_t d_v) {
+    if (tile == fused_tile{}) return 256;
+    const std::size_t chunks = (d_v + tile.value_columns - 1) / tile.value_columns, per_row = tile.value_columns / tile.lanes;
+    return 64 + (std::size_t{tile.queries} * tile.resident_depth + tile.invocations() - 1) / tile.invocations() + 4 * chunks * per_row;
+}
 inline constexpr std::size_t merge_steps_per_share = 4;  // combine_splits.glsl's loops over the shares
-// The shader text is fixed at compile time: its tile shape must be this one.
-static_assert(shader_sources::flash_attention.find("#define BQ 16u") != std::string_view::npos &&
-                  shader_sources::flash_attention.find("#define BK 32u") != std::string_view::npos &&
-                  shader_sources::flash_attention.find("#define LANES 4u") != std::string_view::npos &&
-                  shader_sources::flash_attention.find("#define VC 64u") != std::string_view::npos,
-              "attnfuse internal: shaders/flash_attention.glsl and vulkan::detail::flash disagree on the tile shape");
+// The shader's constants are the ones specialization() gives, in its order.
+static_assert(shader_sources::flash_attention.find("layout(constant_id = 0) const uint ACC") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("layout(constant_id = 1) const bool SHARES") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("layout(constant_id = 2) const uint BQ") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("layout(constant_id = 3) const uint BK") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("layout(constant_id = 4) const uint LANES") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("layout(constant_id = 5) const uint DC") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("layout(constant_id = 6) const uint VC") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("layout(constant_id = 7) const uint QMAX") != std::string_view::npos &&
+                  shader_sources::flash_attention.find("layout(local_size_x_id = 8) in;") != std::string_view::npos,
+              "attnfuse internal: shaders/flash_attention.glsl and vulkan::detail::flash disagree on the specialization constants");
 }  // namespace flash
 
 // A matrix on the device: a buffer and how to read it.
@@ -524,7 +546,7 @@ operand node_kernel(const E& e, X& x) {
 // and end live key tile and the first and end of its full ones}.
 template <bool Ratio, class S, class X>
 std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q, std::size_t n_k) {
-    constexpr std::size_t bq = flash::queries_per_workgroup, bk = flash::keys_per_tile;
+    const std::size_t bq = x.dev.tile().queries, bk = x.dev.tile().keys;
     const std::size_t qtiles = (n_q + bq - 1) / bq, ktiles = (n_k + bk - 1) / bk;
     bool reads_vectors = false;  // then the bounds depend on the batch and head
     std::size_t b = 0, h = 0;
@@ -690,7 +712,7 @@ struct fused_shader {
         }
         if (emit.next_operand != operands) throw error("attnfuse internal: the fused epilogue's operand slots are miscounted");
         functions = modes + emit.definitions + functions;  // the operations' GLSL functions before their first use
-        return glsl::prelude(operands, emit.next_number, flash::queries_per_workgroup * flash::lanes) + functions +
+        return glsl::prelude(operands, emit.next_number, 0) + functions +  // the shader sets its local size
                std::string(shader_sources::flash_attention);
     }
 };
@@ -749,22 +771,20 @@ operand fused_attention(const E& e, X& x) {
     std::vector<std::uint32_t> extra{0u, 0u, 0u};
     const std::vector<std::uint32_t> live = live_key_tiles<parts::plain_sum>(parts::score(e), x, n_q, n_k);
     extra.insert(extra.end(), live.begin(), live.end());
-    const std::uint32_t acc_per_invocation =
-        static_cast<std::uint32_t>((d_v + flash::value_columns - 1) / flash::value_columns * (flash::value_columns / flash::lanes));
+    const fused_tile& tile = x.dev.tile();
     const auto out = output_buffer(x, n_q, d_v, "the result of " + to_string(e));
-    const std::size_t qtiles = (n_q + flash::queries_per_workgroup - 1) / flash::queries_per_workgroup;
+    const std::size_t qtiles = (n_q + tile.queries - 1) / tile.queries;
     const std::size_t bh = x.env.batch * x.env.heads;
-    const std::size_t key_tiles = (n_k + flash::keys_per_tile - 1) / flash::keys_per_tile;
+    const std::size_t key_tiles = (n_k + tile.keys - 1) / tile.keys;
     // Within the device's loop limit an invocation runs `window` key tiles; a
     // longer row runs as several dispatches over consecutive windows, each
     // resuming the state the one before left (the merge reads the last).
-    const std::size_t window = x.loop_window(flash::loop_steps_per_tile(operands[0].rows(), d_v), flash::loop_steps_fixed);
+    const std::size_t window = x.loop_window(flash::loop_steps_per_tile(tile, operands[0].rows(), d_v), flash::loop_steps_fixed(tile, d_v));
     const std::size_t passes = (key_tiles + window - 1) / window;
     const std::size_t splits =
         std::min(key_splits(x.dev, x.opt.key_splits, qtiles * bh, key_tiles), x.loop_window(flash::merge_steps_per_share));
     const bool shared_state = splits > 1 || passes > 1;
-    const std::vector<std::uint32_t> specialization{std::max<std::uint32_t>(acc_per_invocation, flash::value_columns / flash::lanes),
-                                                    shared_state ? 1u : 0u};
+    const std::vector<std::uint32_t> specialization = flash::specialization(tile, d_v, shared_state);
     const std::string name = plan::kernel_name<plan::fused_attention_kernel<E>>::get(e);
     if (!shared_state) {
         extra[1] = static_cast<std::uint32_t>(key_tiles);
@@ -840,7 +860,7 @@ struct hooks {
     }
     // the context of a row lives in registers (up to max_fused_dv), its tiles in shared memory
     template <class X> static lower::capabilities capabilities(const X& x) {
-        return {max_fused_dv, x.dev.limits().max_shared_memory, flash::shared_bytes};
+        return {max_fused_dv, x.dev.limits().max_shared_memory, x.dev.tile().shared_bytes()};
     }
 };
 

@@ -64,7 +64,7 @@ constexpr std::string prelude(std::size_t operands, std::size_t numbers, std::si
     s += "#define NUM_OPERANDS " + decimal(operands) + "u\n";
     s += "#define NUM_NUMBERS " + decimal(numbers) + "u\n";
     s += "#define GEOMETRY_WORDS " + decimal(geometry_words) + "u\n";
-    s += "layout(local_size_x = " + decimal(local_size) + ") in;\n";
+    if (local_size > 0) s += "layout(local_size_x = " + decimal(local_size) + ") in;\n";  // 0: the body sets it (local_size_x_id)
     if (push_words > 0) s += "layout(push_constant, std430) uniform Params { uint u[" + decimal(push_words) + "]; } P;\n";
     else s += "layout(std430, binding = 0) readonly buffer Params { uint u[]; } P;\n";
     s += "layout(std430, binding = 1) buffer Output { float d[]; } OUT;\n";
