@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <limits>
 #include <string>
 #include <vector>
@@ -56,6 +57,14 @@ public:
         buffers_.push_back(std::move(v));
         return buffers_.back().data();
     }
+    // The same values stored as El (f16, bf16), rounded to nearest even.
+    template <class El>
+    const El* stored(const float* values, std::size_t count) {
+        auto narrow = std::make_shared<std::vector<El>>(count);
+        for (std::size_t n = 0; n < count; ++n) (*narrow)[n] = from_float<El>(values[n]);
+        narrow_.push_back(narrow);
+        return narrow->data();
+    }
 
 private:
     float next() {  // xorshift32, uniform in [-1, 1)
@@ -66,6 +75,7 @@ private:
     }
     std::uint32_t state_;
     std::deque<std::vector<float>> buffers_;
+    std::deque<std::shared_ptr<const void>> narrow_;
 };
 
 template <class F>
@@ -290,6 +300,17 @@ void for_each(const shape& s, F&& f) {
              std::tuple{bind(Q, col_major(in.random(B * H * d * nq), d, nq, B, H)),
                         bind(K, col_major(in.random(B * kv_heads * d * nk), d, nk, B, kv_heads)),
                         bind(V, row_major(in.random(B * kv_heads * nk * dv), nk, dv, B, kv_heads))});
+    }
+    {
+        input_store in(31);
+        const std::size_t kv_heads = H > 1 ? H / 2 : 1;
+        matrix<"K", dyn, dyn, bfloat16> K16;
+        matrix<"V", dyn, dyn, bfloat16> V16;
+        const std::size_t k_count = B * kv_heads * d * nk, v_count = B * kv_heads * nk * dv;
+        call("modern", "grouped-query, K/V cache stored bf16", softmax(scale(Q^T*K16))*V16,
+             std::tuple{bind(Q, col_major(in.random(B * H * d * nq), d, nq, B, H)),
+                        bind(K16, col_major(in.stored<bfloat16>(in.random(k_count), k_count), d, nk, B, kv_heads)),
+                        bind(V16, row_major(in.stored<bfloat16>(in.random(v_count), v_count), nk, dv, B, kv_heads))});
     }
     {
         input_store in(25);

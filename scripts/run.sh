@@ -65,8 +65,8 @@ case "$mode" in
     if [[ ${ATTNFUSE_SANITIZE:-0} == 1 || ${CI:-} == true ]]; then
       # The CPU-side tests once more under AddressSanitizer and UBSan.
       cmake -S . -B build-sanitize -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g" -DATTNFUSE_SANITIZE=ON -DATTNFUSE_BUILD_BENCH=OFF -DATTNFUSE_BUILD_EXAMPLES=OFF
-      cmake --build build-sanitize -j "$jobs" --target test_reference test_expressions test_variants test_cpu test_robustness
-      ctest --test-dir build-sanitize --output-on-failure -j "$jobs" -R '^test_(reference|expressions|variants|cpu|robustness)$'
+      cmake --build build-sanitize -j "$jobs" --target test_reference test_elements test_expressions test_variants test_cpu test_robustness
+      ctest --test-dir build-sanitize --output-on-failure -j "$jobs" -R '^test_(reference|elements|expressions|variants|cpu|robustness)$'
     fi
     ;;
 esac

@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "element_storage.hpp"
 #include "every_operation.hpp"
 #include "multihead_layer.hpp"
 #include "variants.hpp"
@@ -80,6 +81,10 @@ TEST_CASE("nn.MultiheadAttention as one expression (concat_heads, W_o, biases, m
     const auto on_cpu = [](const auto& e, const af::run_options& o, const auto&... b) { return af::cpu::run(e, o, b...); };
     af::testing::check_multihead_layer(on_cpu);
     af::testing::check_multihead_layer_edges(on_cpu);
+}
+
+TEST_CASE("inputs stored as f16 and bf16 agree with the reference and stay within their format's error", "[cpu]") {
+    af::testing::check_element_storage([](const auto& e, const af::run_options& o, const auto&... b) { return af::cpu::run(e, o, b...); });
 }
 
 TEST_CASE("scaled dot-product and causal attention at every awkward size", "[cpu]") {

@@ -8,6 +8,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -143,9 +144,13 @@ template <fixed_string Name, class Element>
 struct binding {
     static constexpr auto name = Name;
     tensor_view<Element> view;
-    // The values behind `view` when the binding made them (from integers);
-    // empty when the view is the caller's memory.
+    // The values behind `view` when the binding made them (from integers,
+    // or widened from a narrower element); empty when the view is the
+    // caller's memory.
     std::shared_ptr<const std::vector<Element>> owned = {};
+    // The element the caller stored, when `owned` holds it widened to fp32
+    // (widened() below); empty otherwise.
+    std::string_view widened_from = {};
 };
 
 template <class X> struct is_binding : std::false_type {};
@@ -208,6 +213,24 @@ template <fixed_string Name, std::size_t R, std::size_t C, class Int>
 binding<Name, float> bind(const matrix<Name, R, C, float>& m, const Int* data, std::size_t rows, std::size_t cols,
                           std::size_t batch = 1, std::size_t heads = 1) {
     return bind(m, row_major(data, rows, cols, batch, heads));
+}
+
+// The same input widened to fp32, once, into memory the binding owns: the
+// values are exact (every half and bfloat16 is a float), laid out row-major.
+// The lowering calls it for an element the backend's kernels do not read.
+template <fixed_string Name, class El>
+binding<Name, float> widened(const binding<Name, El>& b) {
+    const tensor_view<El>& v = b.view;
+    auto values = std::make_shared<std::vector<float>>();
+    values->reserve(v.batch * v.heads * v.rows * v.cols);
+    for (std::size_t n = 0; n < v.batch; ++n)
+        for (std::size_t h = 0; h < v.heads; ++h)
+            for (std::size_t r = 0; r < v.rows; ++r)
+                for (std::size_t c = 0; c < v.cols; ++c) values->push_back(to_float(v.at(n, h, r, c)));
+    binding<Name, float> wide{row_major(static_cast<const float*>(values->data()), v.rows, v.cols, v.batch, v.heads)};
+    wide.owned = std::move(values);
+    wide.widened_from = element<El>::name;
+    return wide;
 }
 
 namespace detail {

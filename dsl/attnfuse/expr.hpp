@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "element.hpp"
 #include "fixed_string.hpp"
 #include "ops.hpp"
 #include "shape.hpp"
@@ -31,9 +32,14 @@ concept operand = expression<X> || arithmetic<X>;
 // ---------------------------------------------------------------- leaves ---
 
 // A named input: a matrix with a logical shape rows x cols (each static or
-// `dyn`), repeated over the outer batch and head dimensions when bound.
+// `dyn`), repeated over the outer batch and head dimensions when bound, and
+// stored as Element: float, half or bfloat16 (element.hpp; the arithmetic is
+// fp32 whatever the storage).
 template <fixed_string Name, std::size_t Rows = dyn, std::size_t Cols = dyn, class Element = float>
 struct matrix : expr_base {
+    static_assert(storage_element<Element>,
+                  "attnfuse: a matrix is stored as float (f32), attnfuse::half (f16) or attnfuse::bfloat16 (bf16); "
+                  "another element type needs its attnfuse::element<T> faces (dsl/attnfuse/element.hpp)");
     static constexpr std::size_t rows = Rows;
     static constexpr std::size_t cols = Cols;
     static constexpr auto name = Name;

@@ -11,6 +11,7 @@
 //                                  // the heads of `per_head` side by side, in one head
 //       static void result(const E&, const operand&, X&);  // the report's accounting
 //       static lower::capabilities capabilities(const X&);
+//       template <class El> static constexpr bool reads = ...;  // element types its kernels read as stored
 //   };
 //
 // and lower::evaluate<hooks>(e, x) walks the plan: it decides, once for
@@ -23,6 +24,8 @@
 #include <cstddef>
 #include <limits>
 #include <string>
+#include <tuple>
+#include <type_traits>
 
 #include "bind.hpp"
 #include "plan.hpp"
@@ -58,6 +61,40 @@ std::string fallback_reason(const E& e, const Env& env, const capabilities& can)
         return "the device offers " + std::to_string(can.shared_memory_bytes) + " bytes of shared memory, the fused kernel needs " +
                std::to_string(can.fused_shared_bytes);
     return {};
+}
+
+// A binding as the backend's kernels will read it: as it is where they
+// read its element type (Hooks::reads<El>), else widened to fp32 once for
+// this run (element.hpp), so that every element type runs on every backend.
+// Anything else (a backend's own kind of binding) passes through.
+template <class Hooks, class B>
+auto readable(const B& b) {
+    if constexpr (is_binding<B>::value) {
+        using El = std::remove_cvref_t<decltype(*b.view.data)>;
+        if constexpr (Hooks::template reads<El>) return b;
+        else return widened(b);
+    } else {
+        return b;
+    }
+}
+
+// The report's account of readable(): a note per widened input, and the
+// fp32 copies counted as intermediate memory.
+template <class Env>
+void note_widened(const Env& env, report& info) {
+    std::apply(
+        [&](const auto&... b) {
+            auto note = [&](const auto& one) {
+                if (one.widened_from.empty()) return;
+                const std::size_t bytes = one.owned->size() * sizeof(float);
+                info.notes.push_back("input " + std::string(one.name.view()) + ": stored as " + std::string(one.widened_from) +
+                                     ", which this backend's kernels do not read; widened to f32 for this run (" +
+                                     std::to_string(bytes) + " bytes)");
+                info.intermediate_bytes += bytes;
+            };
+            (note(b), ...);
+        },
+        env.bindings);
 }
 
 // Inside concat_heads the kernels run over every bound head; outside it,

@@ -183,7 +183,7 @@ dense materialize(const E& e, const context<Env>& ctx) {
         const std::size_t b = ctx.env.source_batch(v, ctx.b), h = ctx.env.source_head(v, ctx.h);
         dense out(v.rows, v.cols);
         for (std::size_t r = 0; r < v.rows; ++r)
-            for (std::size_t c = 0; c < v.cols; ++c) out(r, c) = static_cast<double>(v.at(b, h, r, c));
+            for (std::size_t c = 0; c < v.cols; ++c) out(r, c) = static_cast<double>(to_float(v.at(b, h, r, c)));
         return out;
     } else if constexpr (is_pointwise<E>::value) {
         const runtime_shape s = shape_of(e, ctx.env);

@@ -714,8 +714,7 @@ struct hooks {
     using operand = tensor_view<float>;
     template <class E, class X>
     static operand input(const E&, X& x) {
-        static_assert(std::is_same_v<typename E::element_type, float>, "attnfuse: the CPU backend runs fp32 inputs");
-        return x.env.template view<E::name>();
+        return x.env.template view<E::name>();  // run() made every binding readable: fp32
     }
     static operand transposed(operand v) {
         std::swap(v.rows, v.cols);
@@ -731,6 +730,8 @@ struct hooks {
     template <class E, class X> static void result(const E& e, const operand& v, X& x) { x.note_result(e, v); }
     // the fused kernel's tiles live in each thread's scratch: any d_v
     template <class X> static lower::capabilities capabilities(const X&) { return {}; }
+    // the kernels read fp32; other elements are widened once per run (lower::readable)
+    template <class El> static constexpr bool reads = std::is_same_v<El, float>;
 };
 
 template <class E, class X>
@@ -743,11 +744,10 @@ tensor_view<float> evaluate(const E& e, X& x) {
 
 namespace attnfuse::cpu {
 
-// Runs `e` on the CPU over the bound inputs (caller-owned, not copied).
+namespace detail {
+
 template <class E, class... Bindings>
-    requires expression<E> && (a_binding<Bindings> && ...)
-run_result run(const E& e, const options& opt, const Bindings&... bindings) {
-    attnfuse::check::no_pending_transpose<E>();
+run_result run_readable(const E& e, const options& opt, std::chrono::steady_clock::time_point start, const Bindings&... bindings) {
     using Env = environment<Bindings...>;
     Env env(bindings...);
     settle_heads(e, env);
@@ -762,7 +762,7 @@ run_result run(const E& e, const options& opt, const Bindings&... bindings) {
     if (o.threads == 0) o.threads = static_cast<std::size_t>(std::max(1, omp_get_max_threads()));
     o.threads = std::min(o.threads, hardware);
     info.threads = o.threads;
-    const auto start = std::chrono::steady_clock::now();
+    lower::note_widened(env, info);
     {
         tensor& out = result.output;
         out.batch = env.batch;
@@ -791,6 +791,18 @@ run_result run(const E& e, const options& opt, const Bindings&... bindings) {
     info.dispatches = info.kernels.size();  // one launch per kernel on the CPU
     info.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return result;
+}
+
+}  // namespace detail
+
+// Runs `e` on the CPU over the bound inputs (caller-owned, not copied, except
+// an input of an element type the kernels do not read: report.notes says so).
+template <class E, class... Bindings>
+    requires expression<E> && (a_binding<Bindings> && ...)
+run_result run(const E& e, const options& opt, const Bindings&... bindings) {
+    attnfuse::check::no_pending_transpose<E>();
+    const auto start = std::chrono::steady_clock::now();
+    return detail::run_readable(e, opt, start, lower::readable<detail::hooks>(bindings)...);
 }
 
 template <class E, class... Bindings>

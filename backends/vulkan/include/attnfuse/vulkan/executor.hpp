@@ -119,7 +119,7 @@ struct resident_binding {
 
 template <fixed_string Name, std::size_t R, std::size_t C, class El>
 resident_binding<Name, R, C> bind_resident(const matrix<Name, R, C, El>&, const device_tensor& t) {
-    static_assert(std::is_same_v<El, float>, "attnfuse: the Vulkan backend runs fp32 inputs");
+    static_assert(std::is_same_v<El, float>, "attnfuse: a device_tensor holds f32; declare the matrix bound resident with element float");
     return {&t};
 }
 
@@ -841,7 +841,6 @@ struct hooks {
     using operand = detail::operand;
     template <class E, class X>
     static operand input(const E&, X& x) {
-        static_assert(std::is_same_v<typename E::element_type, float>, "attnfuse: the Vulkan backend runs fp32 inputs");
         return x.upload(x.env.template view<E::name>(), std::string(E::name.view()));
     }
     static operand transposed(operand o) {
@@ -858,6 +857,8 @@ struct hooks {
     template <class E, class X> static void result(const E& e, const operand& o, X& x) {
         if (x.score_nodes.count(static_cast<const void*>(&e))) x.info.score_bytes += x.dev.buffer_bytes(o.buffer);
     }
+    // the shaders read fp32 buffers; other elements are widened once per run (lower::readable)
+    template <class El> static constexpr bool reads = std::is_same_v<El, float>;
     // the context of a row lives in registers (up to max_fused_dv), its tiles in shared memory
     template <class X> static lower::capabilities capabilities(const X& x) {
         return {max_fused_dv, x.dev.limits().max_shared_memory, x.dev.tile().shared_bytes()};
@@ -885,13 +886,13 @@ auto host_face(const B& b) {
 }
 
 template <bool OnDevice, class E, class... Bindings>
-auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::string, operand>& resident, const Bindings&... bindings) {
+auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::string, operand>& resident,
+               std::chrono::steady_clock::time_point start, const Bindings&... bindings) {
     using Env = environment<Bindings...>;
     Env env(bindings...);
     settle_heads(e, env);
     const runtime_shape shape = shape_of(e, env);
     std::conditional_t<OnDevice, device_run_result, run_result> result;
-    const auto start = std::chrono::steady_clock::now();
     // The whole run holds the device: another thread's run waits, so that
     // recorded work, buffers and the submission stay this run's own.
     const auto hold = dev.exclusive();
@@ -949,6 +950,7 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
         retries.push_back("a shader's loops were ended early by the driver's limit on loop iterations: ran again in pieces half as large");
     }
     result.info.notes.insert(result.info.notes.begin(), retries.begin(), retries.end());
+    lower::note_widened(env, result.info);
     for (auto& note : dev.take_notes()) result.info.notes.push_back(std::move(note));
     result.info.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return result;
@@ -960,6 +962,7 @@ namespace detail {
 template <bool OnDevice, class E, class... Bindings>
 auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
+    const auto start = std::chrono::steady_clock::now();
     std::map<std::string, operand> resident;
     auto note = [&](const auto& b) {
         using B = std::remove_cvref_t<decltype(b)>;
@@ -972,7 +975,7 @@ auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bi
         }
     };
     (note(bindings), ...);
-    return run_bound<OnDevice>(dev, e, opt, resident, host_face(bindings)...);
+    return run_bound<OnDevice>(dev, e, opt, resident, start, lower::readable<hooks>(host_face(bindings))...);
 }
 }  // namespace detail
 
