@@ -486,8 +486,9 @@ TEST_CASE("Vulkan: the fused kernel runs the tile shape its device was opened wi
         return;
     }
     // unlike the default on every axis: half the queries and keys, two lanes,
-    // shallow depth steps, and queries staged per step past depth 24
-    const vk::fused_tile small{.queries = 8, .keys = 16, .lanes = 2, .depth_step = 8, .value_columns = 32, .resident_depth = 24};
+    // an odd depth step (its staging loops end unevenly over the lanes), and
+    // queries resident up to depth 24 only
+    const vk::fused_tile small{.queries = 8, .keys = 16, .lanes = 2, .depth_step = 7, .value_columns = 32, .resident_depth = 24};
     REQUIRE(small.violation().empty());
     vk::device dev(shared->info(), vk::device_options{.validation = true, .tile = small});
     REQUIRE(dev.tile() == small);
@@ -495,12 +496,14 @@ TEST_CASE("Vulkan: the fused kernel runs the tile shape its device was opened wi
         const std::set<std::string> chosen = {"scaled dot product", "causal", "hard (one-hot argmax)",
                                               "masked softmax (lengths, one batch fully masked)",
                                               "sigmoid attention (causal, b = -log n_k)", "dropout (p = 0.25)"};
-        af::variants::for_each({2, 2, 9, 37, 33, 40}, [&](const af::variants::variant& v, const auto& e, const auto&... bindings) {
+        // depth 17: queries resident; depth 33: staged with the keys at every step
+        for (const std::size_t depth : {std::size_t{17}, std::size_t{33}})
+        af::variants::for_each({2, 2, 9, 37, depth, 40}, [&](const af::variants::variant& v, const auto& e, const auto&... bindings) {
             if (!chosen.count(v.name)) return;
             using E = std::remove_cvref_t<decltype(e)>;
             const auto ref = af::reference::evaluate(e, bindings...);
             const auto [out, info] = vk::run(dev, e, af::run_options{af::execution::fused}, bindings...);
-            INFO(v.name << " | " << af::to_string(e));
+            INFO(v.name << " | depth " << depth << " | " << af::to_string(e));
             CHECK(relative_error(ref.values, out.values) <= 1e-4);
             CHECK(info.notes.empty());
             CHECK(planned_kernels_run(info) == af::plan::kernel_count<E, af::plan::mode::fused>);
@@ -542,6 +545,7 @@ TEST_CASE("Vulkan: a tile shape the fused kernel cannot run is an error when the
     CHECK_THROWS_WITH(open({.keys = 30}), Contains("lanes 4 must divide keys (30)"));
     CHECK_THROWS_WITH(open({.queries = 8, .keys = 8, .depth_step = 32, .value_columns = 4}), Contains("must hold depth_step x (queries + keys)"));
     CHECK_THROWS_WITH(open({.lanes = 0}), Contains("every extent must be at least 1"));
+    CHECK_THROWS_WITH(open({.resident_depth = 0}), Contains("every extent must be at least 1"));
     CHECK_THROWS_WITH(open({.queries = 512, .depth_step = 2}), Contains("invocations per workgroup (queries x lanes), more than"));
 }
 

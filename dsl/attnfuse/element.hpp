@@ -21,9 +21,9 @@
 namespace attnfuse {
 
 // IEEE 754 binary16: 1 sign, 5 exponent, 10 fraction bits (largest finite
-// 65504, smallest subnormal 2^-24). The bits as a model stores them: an
-// array of std::uint16_t from a file or a framework binds without a copy
-// as `reinterpret_cast<const half*>(p)` (one 16-bit member, no padding).
+// 65504, smallest subnormal 2^-24), as a model stores them: one 16-bit
+// member, no padding, so std::memcpy turns an array of std::uint16_t into
+// halves.
 struct half {
     std::uint16_t bits = 0;
     friend constexpr bool operator==(half, half) = default;

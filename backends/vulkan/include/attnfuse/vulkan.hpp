@@ -88,7 +88,7 @@ struct fused_tile {
     // What the shader's code assumes of the shape, or an empty string when
     // it holds.
     std::string violation() const {
-        if (queries == 0 || keys == 0 || lanes == 0 || depth_step == 0 || value_columns == 0)
+        if (queries == 0 || keys == 0 || lanes == 0 || depth_step == 0 || value_columns == 0 || resident_depth == 0)
             return "every extent must be at least 1";
         if (keys > 32) return "keys " + std::to_string(keys) + " > 32 (a tile's non-finite values are one bit per key)";
         if (keys % lanes || value_columns % lanes)

@@ -169,7 +169,8 @@ inline std::size_t loop_steps_per_tile(const fused_tile& tile, std::size_t depth
     const std::size_t steps = (depth + tile.depth_step - 1) / tile.depth_step, per_lane = tile.keys / tile.lanes,
                       per_row = tile.value_columns / tile.lanes, staging = tile.invocations();
     return 1 + 2 * per_lane + 4 * std::size_t{tile.keys} + chunks * per_row +
-           steps * (1 + (std::size_t{tile.depth_step} * (tile.queries + tile.keys) + staging - 1) / staging +
+           steps * (1 + (std::size_t{tile.depth_step} * tile.queries + staging - 1) / staging +  // the two staging loops,
+                    (std::size_t{tile.depth_step} * tile.keys + staging - 1) / staging +        // each its own ceiling
                     std::size_t{tile.depth_step} * (1 + per_lane)) +
            chunks * (1 + (std::size_t{tile.keys} * tile.value_columns + staging - 1) / staging + 2 * per_row * (1 + tile.keys));
 }
