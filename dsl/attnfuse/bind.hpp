@@ -179,6 +179,23 @@ binding<Name, El> bind(const matrix<Name, R, C, El>& m, const El* data, std::siz
     return bind(m, row_major(data, rows, cols, batch, heads));
 }
 
+namespace detail {
+
+// A view's values as floats, row-major, for a binding to own: each made by
+// convert(value, batch, head, row, col), which may throw naming where.
+template <class El, class Convert>
+std::shared_ptr<const std::vector<float>> floats_of(const tensor_view<El>& v, const Convert& convert) {
+    auto values = std::make_shared<std::vector<float>>();
+    values->reserve(v.batch * v.heads * v.rows * v.cols);
+    for (std::size_t b = 0; b < v.batch; ++b)
+        for (std::size_t h = 0; h < v.heads; ++h)
+            for (std::size_t r = 0; r < v.rows; ++r)
+                for (std::size_t c = 0; c < v.cols; ++c) values->push_back(convert(v.at(b, h, r, c), b, h, r, c));
+    return values;
+}
+
+}  // namespace detail
+
 // An integer array for a float input (key and query lengths, positions, as
 // a model keeps them): read once into floats, which the binding owns, so the
 // integers may go away after bind. Every value must be exact as a float
@@ -190,22 +207,16 @@ binding<Name, float> bind(const matrix<Name, R, C, float>& m, tensor_view<Int> i
     const std::string name(Name.view());
     if (ints.data == nullptr) throw shape_error("input " + name + ": bound to a null pointer");
     (void)checked_span(ints, name);
-    auto values = std::make_shared<std::vector<float>>();
-    values->reserve(ints.batch * ints.heads * ints.rows * ints.cols);
-    for (std::size_t b = 0; b < ints.batch; ++b)
-        for (std::size_t h = 0; h < ints.heads; ++h)
-            for (std::size_t r = 0; r < ints.rows; ++r)
-                for (std::size_t c = 0; c < ints.cols; ++c) {
-                    const Int v = ints.at(b, h, r, c);
-                    constexpr long double exact = 16777216.0L;  // 2^24
-                    if (static_cast<long double>(v) > exact || static_cast<long double>(v) < -exact)
-                        throw shape_error("input " + name + ": the integer " + std::to_string(v) + " at (batch " + std::to_string(b) +
-                                          ", head " + std::to_string(h) + ", " + std::to_string(r) + ", " + std::to_string(c) +
-                                          ") is not exact as a float (|v| > 2^24)");
-                    values->push_back(static_cast<float>(v));
-                }
+    const auto values = detail::floats_of(ints, [&](Int v, std::size_t b, std::size_t h, std::size_t r, std::size_t c) {
+        constexpr long double exact = 16777216.0L;  // 2^24
+        if (static_cast<long double>(v) > exact || static_cast<long double>(v) < -exact)
+            throw shape_error("input " + name + ": the integer " + std::to_string(v) + " at (batch " + std::to_string(b) + ", head " +
+                              std::to_string(h) + ", " + std::to_string(r) + ", " + std::to_string(c) +
+                              ") is not exact as a float (|v| > 2^24)");
+        return static_cast<float>(v);
+    });
     binding<Name, float> bound = bind(m, row_major(static_cast<const float*>(values->data()), ints.rows, ints.cols, ints.batch, ints.heads));
-    bound.owned = std::move(values);
+    bound.owned = values;
     return bound;
 }
 template <fixed_string Name, std::size_t R, std::size_t C, class Int>
@@ -221,14 +232,9 @@ binding<Name, float> bind(const matrix<Name, R, C, float>& m, const Int* data, s
 template <fixed_string Name, class El>
 binding<Name, float> widened(const binding<Name, El>& b) {
     const tensor_view<El>& v = b.view;
-    auto values = std::make_shared<std::vector<float>>();
-    values->reserve(v.batch * v.heads * v.rows * v.cols);
-    for (std::size_t n = 0; n < v.batch; ++n)
-        for (std::size_t h = 0; h < v.heads; ++h)
-            for (std::size_t r = 0; r < v.rows; ++r)
-                for (std::size_t c = 0; c < v.cols; ++c) values->push_back(to_float(v.at(n, h, r, c)));
+    const auto values = detail::floats_of(v, [](El x, auto...) { return to_float(x); });
     binding<Name, float> wide{row_major(static_cast<const float*>(values->data()), v.rows, v.cols, v.batch, v.heads)};
-    wide.owned = std::move(values);
+    wide.owned = values;
     wide.widened_from = element<El>::name;
     return wide;
 }
