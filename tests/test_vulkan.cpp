@@ -100,7 +100,8 @@ TEST_CASE("Vulkan: inputs stored as f16 and bf16 agree with the reference and st
         WARN("SKIP: no Vulkan device");
         return;
     }
-    af::testing::check_element_storage([dev](const auto& e, const af::run_options& o, const auto&... b) { return vk::run(*dev, e, o, b...); });
+    af::testing::check_element_storage([dev](const auto& e, const af::run_options& o, const auto&... b) { return vk::run(*dev, e, o, b...); },
+                                       /*fused_reads_stored=*/false);
     CHECK(dev->validation_messages() == 0);
 }
 

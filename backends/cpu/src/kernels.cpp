@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "attnfuse/cpu/simd.hpp"
 #include <attnfuse/ops.hpp>
 
 namespace attnfuse::cpu::kernels {
+inline namespace ATTNFUSE_CPU_ISA {
 
 using simd::vf;
 constexpr float minus_inf = -std::numeric_limits<float>::infinity();
@@ -34,33 +36,112 @@ void pack_panels(std::size_t depth, std::size_t cols, const float* b, std::ptrdi
 
 namespace {
 
-// The micro-kernel: R rows x 16 columns of C over the whole depth.
-template <int R>
-inline void micro(std::size_t depth, const float* a, std::ptrdiff_t r_stride, std::ptrdiff_t p_stride, const float* b,
-                  std::ptrdiff_t b_p_stride, float* c, std::size_t ldc, bool accumulate) {
-    vf lo[R], hi[R];
-    for (int r = 0; r < R; ++r) {
-        if (accumulate) {
-            lo[r] = simd::load(c + r * ldc);
-            hi[r] = simd::load(c + r * ldc + 8);
-        } else {
-            lo[r] = vf{};
-            hi[r] = vf{};
-        }
-    }
+// The micro-kernel: R rows x P panels (P*16 columns) of C over the whole
+// depth, its R * P * panel_vectors accumulators held in registers: per depth
+// step P*16 columns of B are loaded once and each of the R entries of A is
+// broadcast once, so the loads per FMA fall as R and P grow, until the
+// accumulators fill the register file (16 vector registers with AVX2, 32
+// with AVX-512).
+constexpr int panel_vectors = static_cast<int>(panel_width) / simd::lanes;
+
+template <int R, int P, class BEl>
+inline void micro(std::size_t depth, const float* a, std::ptrdiff_t r_stride, std::ptrdiff_t p_stride, const BEl* b,
+                  std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride, float* c, std::size_t ldc, bool accumulate) {
+    constexpr int V = P * panel_vectors;
+    vf acc[R][V];
+    // the P panels of C are side by side: vector v of row r is at c + r*ldc + v*lanes
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? simd::load(c + r * ldc + v * simd::lanes) : vf{};
     for (std::size_t p = 0; p < depth; ++p) {
-        const float* bp = b + static_cast<std::ptrdiff_t>(p) * b_p_stride;
-        const vf b0 = simd::load(bp), b1 = simd::load(bp + 8);
+        const BEl* bp = b + static_cast<std::ptrdiff_t>(p) * b_p_stride;
+        vf bv[V];  // widened as loaded where B is stored 16-bit
+        for (int v = 0; v < V; ++v) bv[v] = simd::load(bp + (v / panel_vectors) * b_panel_stride + (v % panel_vectors) * simd::lanes);
         const float* ap = a + static_cast<std::ptrdiff_t>(p) * p_stride;
         for (int r = 0; r < R; ++r) {
             const vf x = simd::splat(ap[r * r_stride]);
-            lo[r] += x * b0;
-            hi[r] += x * b1;
+            for (int v = 0; v < V; ++v) acc[r][v] += x * bv[v];
         }
     }
-    for (int r = 0; r < R; ++r) {
-        simd::store(c + r * ldc, lo[r]);
-        simd::store(c + r * ldc + 8, hi[r]);
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) simd::store(c + r * ldc + v * simd::lanes, acc[r][v]);
+}
+
+// Rows per micro-kernel call for a group of P panels: the most that keep
+// the accumulators, the B vectors and a broadcast within the register file.
+template <int P>
+constexpr int block_rows_for() {
+    if constexpr (simd::lanes == 16) return P == 3 ? 8 : P == 2 ? 12 : 16;  // 24, 24 and 16 of 32 zmm registers
+    else return static_cast<int>(block_rows);                              // 12 of 16 ymm registers (P is 1)
+}
+// Panels side by side in one micro-kernel call.
+constexpr std::size_t widest_panel_group = simd::lanes == 16 ? 3 : 1;
+
+template <int P, class BEl>
+void multiply_panel_group(std::size_t rows, std::size_t depth, const float* a, std::ptrdiff_t r_stride, std::ptrdiff_t p_stride,
+                          const BEl* b, std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride, float* c, std::size_t ldc,
+                          bool accumulate) {
+    constexpr int R = block_rows_for<P>();
+    std::size_t r = 0;
+    for (; r + R <= rows; r += R)
+        micro<R, P, BEl>(depth, a + static_cast<std::ptrdiff_t>(r) * r_stride, r_stride, p_stride, b, b_p_stride, b_panel_stride,
+                    c + r * ldc, ldc, accumulate);
+    const std::size_t left = rows - r;
+    if (left == 0) return;
+    const float* ar = a + static_cast<std::ptrdiff_t>(r) * r_stride;
+    float* cr = c + r * ldc;
+    // the last rows: one call of the micro-kernel with exactly `left` rows
+    [&]<int... L>(std::integer_sequence<int, L...>) {
+        (void)((left == static_cast<std::size_t>(L + 1)
+                    ? (micro<L + 1, P, BEl>(depth, ar, r_stride, p_stride, b, b_p_stride, b_panel_stride, cr, ldc, accumulate), true)
+                    : false) ||
+               ...);
+    }(std::make_integer_sequence<int, R - 1>{});
+}
+
+// For one or two rows of C (decode's weighted sum of values) the product
+// is a stream over B: up to few_rows_panels<R> panels go in one pass, so
+// that each row of B (a value row) is read once, in order, rather than a
+// few panels at a time in several passes. At 16 lanes that is 8 panels (8
+// or 16 accumulators of 32 registers); at 8 lanes 8 accumulators (4 panels
+// for one row, 2 for two), which leave room for the B vectors in 16.
+template <int R>
+constexpr int few_rows_panels = simd::lanes == 16 ? 8 : 8 / (panel_vectors * R);
+
+template <int R, class BEl>
+void multiply_few_rows(std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride, std::ptrdiff_t p_stride,
+                       const BEl* b, std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride, float* c, std::size_t ldc,
+                       bool accumulate) {
+    for (std::size_t q = 0; q < panels;) {
+        const std::size_t group = std::min<std::size_t>(few_rows_panels<R>, panels - q);
+        const BEl* bq = b + static_cast<std::ptrdiff_t>(q) * b_panel_stride;
+        float* cq = c + q * panel_width;
+        [&]<int... G>(std::integer_sequence<int, G...>) {
+            (void)((group == static_cast<std::size_t>(G + 1)
+                        ? (micro<R, G + 1, BEl>(depth, a, r_stride, p_stride, bq, b_p_stride, b_panel_stride, cq, ldc, accumulate), true)
+                        : false) ||
+                   ...);
+        }(std::make_integer_sequence<int, few_rows_panels<R>>{});
+        q += group;
+    }
+}
+
+template <class BEl>
+void multiply_panels_of(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
+                        std::ptrdiff_t p_stride, const BEl* b, std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride, float* c,
+                        std::size_t ldc, bool accumulate) {
+    if (rows == 1) return multiply_few_rows<1>(panels, depth, a, r_stride, p_stride, b, b_p_stride, b_panel_stride, c, ldc, accumulate);
+    if (rows == 2) return multiply_few_rows<2>(panels, depth, a, r_stride, p_stride, b, b_p_stride, b_panel_stride, c, ldc, accumulate);
+    for (std::size_t q = 0; q < panels;) {
+        const BEl* bq = b + static_cast<std::ptrdiff_t>(q) * b_panel_stride;
+        float* cq = c + q * panel_width;
+        const std::size_t group = std::min(widest_panel_group, panels - q);
+        if (group == 3)
+            multiply_panel_group<3>(rows, depth, a, r_stride, p_stride, bq, b_p_stride, b_panel_stride, cq, ldc, accumulate);
+        else if (group == 2)
+            multiply_panel_group<2>(rows, depth, a, r_stride, p_stride, bq, b_p_stride, b_panel_stride, cq, ldc, accumulate);
+        else
+            multiply_panel_group<1>(rows, depth, a, r_stride, p_stride, bq, b_p_stride, b_panel_stride, cq, ldc, accumulate);
+        q += group;
     }
 }
 
@@ -69,24 +150,44 @@ inline void micro(std::size_t depth, const float* a, std::ptrdiff_t r_stride, st
 void multiply_panels(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
                      std::ptrdiff_t p_stride, const float* b, std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride,
                      float* c, std::size_t ldc, bool accumulate) {
-    for (std::size_t q = 0; q < panels; ++q) {
-        const float* bq = b + static_cast<std::ptrdiff_t>(q) * b_panel_stride;
-        float* cq = c + q * panel_width;
-        std::size_t r = 0;
-        for (; r + block_rows <= rows; r += block_rows)
-            micro<6>(depth, a + static_cast<std::ptrdiff_t>(r) * r_stride, r_stride, p_stride, bq, b_p_stride, cq + r * ldc,
-                     ldc, accumulate);
-        const float* ar = a + static_cast<std::ptrdiff_t>(r) * r_stride;
-        float* cr = cq + r * ldc;
-        switch (rows - r) {
-            case 5: micro<5>(depth, ar, r_stride, p_stride, bq, b_p_stride, cr, ldc, accumulate); break;
-            case 4: micro<4>(depth, ar, r_stride, p_stride, bq, b_p_stride, cr, ldc, accumulate); break;
-            case 3: micro<3>(depth, ar, r_stride, p_stride, bq, b_p_stride, cr, ldc, accumulate); break;
-            case 2: micro<2>(depth, ar, r_stride, p_stride, bq, b_p_stride, cr, ldc, accumulate); break;
-            case 1: micro<1>(depth, ar, r_stride, p_stride, bq, b_p_stride, cr, ldc, accumulate); break;
-            default: break;
-        }
+    multiply_panels_of(rows, panels, depth, a, r_stride, p_stride, b, b_p_stride, b_panel_stride, c, ldc, accumulate);
+}
+void multiply_panels(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
+                     std::ptrdiff_t p_stride, const half* b, std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride,
+                     float* c, std::size_t ldc, bool accumulate) {
+    multiply_panels_of(rows, panels, depth, a, r_stride, p_stride, b, b_p_stride, b_panel_stride, c, ldc, accumulate);
+}
+void multiply_panels(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
+                     std::ptrdiff_t p_stride, const bfloat16* b, std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride,
+                     float* c, std::size_t ldc, bool accumulate) {
+    multiply_panels_of(rows, panels, depth, a, r_stride, p_stride, b, b_p_stride, b_panel_stride, c, ldc, accumulate);
+}
+
+namespace {
+
+template <class El>
+void widen_rows(const El* src, std::size_t rows, std::size_t cols, std::ptrdiff_t i_stride, std::ptrdiff_t j_stride, float* dst,
+                std::size_t ld, std::size_t padded_cols) {
+    for (std::size_t i = 0; i < rows; ++i) {
+        const El* row = src + static_cast<std::ptrdiff_t>(i) * i_stride;
+        float* out = dst + i * ld;
+        std::size_t j = 0;
+        if (j_stride == 1)
+            for (; j + simd::lanes <= cols; j += simd::lanes) simd::store(out + j, simd::load(row + j));
+        for (; j < cols; ++j) out[j] = to_float(row[static_cast<std::ptrdiff_t>(j) * j_stride]);
+        for (; j < padded_cols; ++j) out[j] = 0.0f;
     }
+}
+
+}  // namespace
+
+void widen_block(const half* src, std::size_t rows, std::size_t cols, std::ptrdiff_t i_stride, std::ptrdiff_t j_stride,
+                 float* dst, std::size_t ld, std::size_t padded_cols) {
+    widen_rows(src, rows, cols, i_stride, j_stride, dst, ld, padded_cols);
+}
+void widen_block(const bfloat16* src, std::size_t rows, std::size_t cols, std::ptrdiff_t i_stride, std::ptrdiff_t j_stride,
+                 float* dst, std::size_t ld, std::size_t padded_cols) {
+    widen_rows(src, rows, cols, i_stride, j_stride, dst, ld, padded_cols);
 }
 
 void multiply_packed(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
@@ -95,30 +196,68 @@ void multiply_packed(std::size_t rows, std::size_t panels, std::size_t depth, co
                     static_cast<std::ptrdiff_t>(depth * panel_width), c, ldc, accumulate);
 }
 
+namespace {
+
+// s[r][c] = a(r, :) . b(c, :), each b column's depth contiguous (b_p_stride
+// 1) and b stored as BEl (widened as loaded). A row of a with a stride is
+// gathered first, so that both operands load as vectors.
+template <class BEl>
+void multiply_dots_of(std::size_t rows, std::size_t cols, std::size_t depth, const float* a, std::ptrdiff_t a_r_stride,
+                      std::ptrdiff_t a_p_stride, const BEl* b, std::ptrdiff_t b_c_stride, float* s, std::size_t lds) {
+    constexpr std::size_t w = simd::lanes, gathered_max = 1024;
+    float gathered[gathered_max];
+    for (std::size_t r = 0; r < rows; ++r) {
+        const float* ar = a + static_cast<std::ptrdiff_t>(r) * a_r_stride;
+        std::ptrdiff_t ar_stride = a_p_stride;
+        if (a_p_stride != 1 && depth <= gathered_max) {
+            for (std::size_t p = 0; p < depth; ++p) gathered[p] = ar[static_cast<std::ptrdiff_t>(p) * a_p_stride];
+            ar = gathered;
+            ar_stride = 1;
+        }
+        const bool contiguous = ar_stride == 1;
+        for (std::size_t c = 0; c < cols; ++c) {
+            const BEl* bc = b + static_cast<std::ptrdiff_t>(c) * b_c_stride;
+            float sum = 0;
+            std::size_t p = 0;
+            if (contiguous) {
+                vf acc0{}, acc1{};
+                for (; p + 2 * w <= depth; p += 2 * w) {
+                    acc0 += simd::load(ar + p) * simd::load(bc + p);
+                    acc1 += simd::load(ar + p + w) * simd::load(bc + p + w);
+                }
+                for (; p + w <= depth; p += w) acc0 += simd::load(ar + p) * simd::load(bc + p);
+                sum = simd::horizontal_sum(acc0 + acc1);
+            }
+            for (; p < depth; ++p) sum += ar[static_cast<std::ptrdiff_t>(p) * ar_stride] * to_float(bc[p]);
+            s[r * lds + c] = sum;
+        }
+    }
+}
+
+}  // namespace
+
 void multiply_dots(std::size_t rows, std::size_t cols, std::size_t depth, const float* a, std::ptrdiff_t a_r_stride,
                    std::ptrdiff_t a_p_stride, const float* b, std::ptrdiff_t b_c_stride, std::ptrdiff_t b_p_stride,
                    float* s, std::size_t lds) {
-    const bool contiguous = a_p_stride == 1 && b_p_stride == 1;
+    if (b_p_stride == 1) return multiply_dots_of(rows, cols, depth, a, a_r_stride, a_p_stride, b, b_c_stride, s, lds);
     for (std::size_t r = 0; r < rows; ++r) {
         const float* ar = a + static_cast<std::ptrdiff_t>(r) * a_r_stride;
         for (std::size_t c = 0; c < cols; ++c) {
             const float* bc = b + static_cast<std::ptrdiff_t>(c) * b_c_stride;
             float sum = 0;
-            std::size_t p = 0;
-            if (contiguous) {
-                vf acc0{}, acc1{};
-                for (; p + 16 <= depth; p += 16) {
-                    acc0 += simd::load(ar + p) * simd::load(bc + p);
-                    acc1 += simd::load(ar + p + 8) * simd::load(bc + p + 8);
-                }
-                for (; p + 8 <= depth; p += 8) acc0 += simd::load(ar + p) * simd::load(bc + p);
-                sum = simd::horizontal_sum(acc0 + acc1);
-            }
-            for (; p < depth; ++p)
+            for (std::size_t p = 0; p < depth; ++p)
                 sum += ar[static_cast<std::ptrdiff_t>(p) * a_p_stride] * bc[static_cast<std::ptrdiff_t>(p) * b_p_stride];
             s[r * lds + c] = sum;
         }
     }
+}
+void multiply_dots(std::size_t rows, std::size_t cols, std::size_t depth, const float* a, std::ptrdiff_t a_r_stride,
+                   std::ptrdiff_t a_p_stride, const half* b, std::ptrdiff_t b_c_stride, float* s, std::size_t lds) {
+    multiply_dots_of(rows, cols, depth, a, a_r_stride, a_p_stride, b, b_c_stride, s, lds);
+}
+void multiply_dots(std::size_t rows, std::size_t cols, std::size_t depth, const float* a, std::ptrdiff_t a_r_stride,
+                   std::ptrdiff_t a_p_stride, const bfloat16* b, std::ptrdiff_t b_c_stride, float* s, std::size_t lds) {
+    multiply_dots_of(rows, cols, depth, a, a_r_stride, a_p_stride, b, b_c_stride, s, lds);
 }
 
 void online_softmax_step(float* s, std::size_t rows, std::size_t cols, std::size_t lds, row_state* state, float* o,
@@ -189,7 +328,7 @@ void online_softmax_columns(float* st, std::size_t keys, std::size_t queries, st
         s.sum *= (m == minus_inf ? 1.0f : alpha);
         s.max = m;
     }
-    // in memory order, eight groups of eight queries at a time
+    // in memory order, eight vectors of queries at a time
     constexpr std::size_t batch = 8;
     for (std::size_t g0 = 0; g0 < groups; g0 += batch * simd::lanes) {
         const std::size_t count = std::min(batch, (groups - g0) / simd::lanes);
@@ -311,4 +450,5 @@ void running_argmax(const float* s, std::size_t rows, std::size_t cols, std::siz
     }
 }
 
+}  // namespace ATTNFUSE_CPU_ISA
 }  // namespace attnfuse::cpu::kernels

@@ -1,6 +1,7 @@
 #include <thread>
 
 #include "attnfuse/cpu.hpp"
+#include "attnfuse/cpu/simd.hpp"
 
 namespace attnfuse::cpu {
 
@@ -11,8 +12,11 @@ machine this_machine() {
     __builtin_cpu_init();
     m.avx2 = __builtin_cpu_supports("avx2");
     m.fma = __builtin_cpu_supports("fma");
+    m.f16c = __builtin_cpu_supports("f16c");
     m.avx512f = __builtin_cpu_supports("avx512f");
+    m.avx512bf16 = __builtin_cpu_supports("avx512bf16");
 #endif
+    m.kernel_width = simd::width_name;
     return m;
 }
 
@@ -20,8 +24,10 @@ std::string describe(const machine& m) {
     std::string s = std::to_string(m.threads) + " threads";
     if (m.avx2) s += ", AVX2";
     if (m.fma) s += ", FMA";
+    if (m.f16c) s += ", F16C";
     if (m.avx512f) s += ", AVX-512F";
-    return s;
+    if (m.avx512bf16) s += ", AVX512-BF16";
+    return s + "; kernels built for " + m.kernel_width;
 }
 
 }  // namespace attnfuse::cpu

@@ -12,13 +12,17 @@
 
 namespace attnfuse::cpu {
 
-// What this process can use: worker threads and the vector extensions the
-// processor reports.
+// What this process can use: worker threads, the vector extensions the
+// processor reports, and the width the kernels were built for (chosen at
+// configure time: ATTNFUSE_ARCH_FLAGS).
 struct machine {
     std::size_t threads = 1;
     bool avx2 = false;
     bool fma = false;
+    bool f16c = false;
     bool avx512f = false;
+    bool avx512bf16 = false;
+    const char* kernel_width = "";
 };
 machine this_machine();
 std::string describe(const machine& m);

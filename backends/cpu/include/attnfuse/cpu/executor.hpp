@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <deque>
+#include <map>
 #include <set>
 #include <memory>
 #include <string>
@@ -30,6 +31,7 @@ using attnfuse::tensor;
 using options = attnfuse::run_options;  // mode and threads
 
 namespace detail {
+inline namespace ATTNFUSE_CPU_ISA {
 
 // A matrix the kernels read: a bound input, or an intermediate that the
 // arena owns (all batch entries and heads, row-major with a padded stride).
@@ -77,6 +79,29 @@ struct executor {
         return const_cast<float*>(matrix_base(v, env, b, h));
     }
     std::size_t heads_total() const { return env.batch * env.heads; }
+
+    // A 16-bit input for a kernel that reads fp32: widened once per run into
+    // the arena (all its batch entries and heads, row-major), with a note.
+    std::map<std::string_view, tensor_view<float>> widened_inputs;
+    template <fixed_string Name, class El>
+    tensor_view<float> widened_input(const tensor_view<El>& v) {
+        if (const auto found = widened_inputs.find(Name.view()); found != widened_inputs.end()) return found->second;
+        const std::size_t matrix = v.rows * v.cols;
+        arena.emplace_back(v.batch * v.heads * matrix);
+        std::vector<float>& wide = arena.back();
+        for (std::size_t b = 0; b < v.batch; ++b)
+            for (std::size_t h = 0; h < v.heads; ++h)
+                kernels::widen_block(v.data + static_cast<std::ptrdiff_t>(b) * v.batch_stride + static_cast<std::ptrdiff_t>(h) * v.head_stride,
+                                     v.rows, v.cols, v.row_stride, v.col_stride, wide.data() + (b * v.heads + h) * matrix, v.cols, v.cols);
+        const std::size_t bytes = wide.size() * sizeof(float);
+        info.intermediate_bytes += bytes;
+        info.notes.push_back("input " + std::string(Name.view()) + ": stored as " + std::string(element<El>::name) +
+                             "; a kernel of this run that reads f32 only read it widened (" + std::to_string(bytes) + " bytes)");
+        const auto r = static_cast<std::ptrdiff_t>(v.rows), c = static_cast<std::ptrdiff_t>(v.cols), h = static_cast<std::ptrdiff_t>(v.heads);
+        const tensor_view<float> view{wide.data(), v.rows, v.cols, v.batch, v.heads, c, 1, h * r * c, r * c};
+        widened_inputs.emplace(Name.view(), view);
+        return view;
+    }
     int threads() const { return static_cast<int>(opt.threads); }
 };
 
@@ -107,8 +132,8 @@ tensor_view<float> pointwise_loop(const E& e, X& x) {
     const auto prepared = prepare<void>(e, x);
     x.info.kernels.push_back(plan::kernel_name<plan::pointwise_kernel<E>>::get(e));
     if (shape.cols == 1 && shape.rows > 1) {
-        // a column (a per-query vector, local-p's centres): computed eight
-        // rows at a time and stored densely, so that a fused kernel's
+        // a column (a per-query vector, local-p's centres): computed a
+        // vector of rows at a time and stored densely, so that a fused kernel's
         // transposed score tile reads it with vector loads
         const std::size_t padded = kernels::round_up(shape.rows, simd::lanes), groups = padded / simd::lanes;
         tensor_view<float> out = x.allocate(padded, 1, 1);
@@ -215,7 +240,7 @@ tensor_view<float> dense_copy(const tensor_view<float>& v, X& x) {
 
 // ---- the fused attention kernel -----------------------------------------------
 
-// f(qf, kf) of a pairwise score, eight key lanes at a time.
+// f(qf, kf) of a pairwise score, a vector of key lanes at a time.
 template <class F>
 vf combine_lanes(const F& f, vf q, vf k) {
     if constexpr (std::is_same_v<F, pair_query_feature>) return q;
@@ -242,19 +267,121 @@ inline constexpr std::size_t few_queries = kernels::panel_width;
 // One thread's working set in the fused kernel.
 struct fused_scratch {
     std::vector<float> scores, packed, packed_values, accumulator, tile_max, best;
+    std::vector<float> wide_queries, wide_keys, wide_values;  // tiles of 16-bit operands, widened
     std::vector<kernels::row_state> state;
     std::vector<std::size_t> best_index;
     std::vector<unsigned char> nan_seen;  // bytes: vector<bool> has no data()
 };
 
+// A block of a matrix as floats: entry (i, j) at data[i*i_stride + j*j_stride].
+struct float_block {
+    const float* data = nullptr;
+    std::ptrdiff_t i_stride = 0, j_stride = 0;
+};
+
+// One (batch, head) matrix of a fused kernel's operand as stored: fp32, or
+// f16 or bf16 (exactly one pointer is set).
+struct stored_matrix {
+    const float* f32 = nullptr;
+    const half* f16 = nullptr;
+    const bfloat16* bf16 = nullptr;
+    std::ptrdiff_t row_stride = 0, col_stride = 0;
+
+    float at(std::size_t r, std::size_t c) const {
+        const std::ptrdiff_t n = static_cast<std::ptrdiff_t>(r) * row_stride + static_cast<std::ptrdiff_t>(c) * col_stride;
+        return f32 ? f32[n] : f16 ? to_float(f16[n]) : to_float(bf16[n]);
+    }
+    // Entries (i0 + i, j) for i < count, j < width, where i runs along the
+    // rows (by_rows) or the columns: fp32 in place; 16-bit widened into
+    // `scratch` as count x ld floats, zero from width to padded.
+    float_block block(bool by_rows, std::size_t i0, std::size_t count, std::size_t width, float* scratch, std::size_t ld,
+                      std::size_t padded) const {
+        const std::ptrdiff_t is = by_rows ? row_stride : col_stride, js = by_rows ? col_stride : row_stride;
+        const std::ptrdiff_t first = static_cast<std::ptrdiff_t>(i0) * is;
+        if (f32) return {f32 + first, is, js};
+        if (f16) kernels::widen_block(f16 + first, count, width, is, js, scratch, ld, padded);
+        else kernels::widen_block(bf16 + first, count, width, is, js, scratch, ld, padded);
+        return {scratch, static_cast<std::ptrdiff_t>(ld), 1};
+    }
+
+    // The kernels that read a 16-bit operand in place, widening in
+    // registers: keys whose depth is contiguous, for the dot products of the
+    // row-oriented (decode) path; value rows that are their own panels, for
+    // the weighted sum.
+    bool keys_in_place() const { return !f32 && row_stride == 1; }
+    void dots_with_keys(std::size_t rows, std::size_t keys, std::size_t depth, const float* a, std::ptrdiff_t a_r_stride,
+                        std::ptrdiff_t a_p_stride, std::size_t key0, float* s, std::size_t lds) const {
+        const std::ptrdiff_t first = static_cast<std::ptrdiff_t>(key0) * col_stride;
+        if (f16) kernels::multiply_dots(rows, keys, depth, a, a_r_stride, a_p_stride, f16 + first, col_stride, s, lds);
+        else kernels::multiply_dots(rows, keys, depth, a, a_r_stride, a_p_stride, bf16 + first, col_stride, s, lds);
+    }
+    bool values_in_place(std::size_t d_v) const { return !f32 && col_stride == 1 && d_v % kernels::panel_width == 0; }
+    void multiply_values(std::size_t rows, std::size_t d_v, std::size_t keys, const float* w, std::ptrdiff_t w_r_stride,
+                         std::ptrdiff_t w_c_stride, std::size_t key0, float* acc, std::size_t ld_acc) const {
+        const std::ptrdiff_t first = static_cast<std::ptrdiff_t>(key0) * row_stride;
+        const std::size_t panels = d_v / kernels::panel_width;
+        if (f16)
+            kernels::multiply_panels(rows, panels, keys, w, w_r_stride, w_c_stride, f16 + first, row_stride, kernels::panel_width, acc, ld_acc, true);
+        else
+            kernels::multiply_panels(rows, panels, keys, w, w_r_stride, w_c_stride, bf16 + first, row_stride, kernels::panel_width, acc, ld_acc, true);
+    }
+};
+
+// An operand of the fused kernel: a bound input as the caller stored it
+// (a 16-bit K/V cache is read at two bytes an element, a tile at a time,
+// and never copied whole), or a computed fp32 intermediate.
+struct stored_operand {
+    tensor_view<float> f32;
+    tensor_view<half> f16;
+    tensor_view<bfloat16> bf16;
+
+    template <class F> decltype(auto) visit(const F& f) const {
+        if (f16.data) return f(f16);
+        if (bf16.data) return f(bf16);
+        return f(f32);
+    }
+    std::size_t rows() const { return visit([](const auto& v) { return v.rows; }); }
+    std::size_t cols() const { return visit([](const auto& v) { return v.cols; }); }
+    bool widened_by_tiles() const { return f16.data || bf16.data; }
+    template <class Env>
+    stored_matrix at(const Env& env, std::size_t b, std::size_t h) const {
+        stored_matrix m;
+        if (f16.data) m.f16 = matrix_base(f16, env, b, h);
+        else if (bf16.data) m.bf16 = matrix_base(bf16, env, b, h);
+        else m.f32 = matrix_base(f32, env, b, h);
+        m.row_stride = visit([](const auto& v) { return v.row_stride; });
+        m.col_stride = visit([](const auto& v) { return v.col_stride; });
+        return m;
+    }
+};
+
+// A part of the attention for the fused kernel: a bound input read as
+// stored, anything else evaluated (to fp32) first.
+template <class Part, class X>
+stored_operand fused_operand(const Part& part, X& x) {
+    stored_operand o;
+    if constexpr (is_input_v<Part>) {
+        const auto& v = x.env.template view<Part::name>();
+        using El = std::remove_cvref_t<decltype(*v.data)>;
+        if constexpr (std::is_same_v<El, half>) o.f16 = v;
+        else if constexpr (std::is_same_v<El, bfloat16>) o.bf16 = v;
+        else o.f32 = v;
+    } else {
+        o.f32 = evaluate(part, x);
+    }
+    return o;
+}
+
 // Everything one fused kernel reads, computed once before the tile loops.
 template <class E, class X>
 struct fused_operands {
     using parts = plan::attention_parts<E>;
-    tensor_view<float> queries, keys, feature_weights, values;
+    stored_operand queries, keys, values;
+    tensor_view<float> feature_weights;
 
     fused_operands(const E& e, X& x)
-        : queries(evaluate(parts::queries(e), x)), keys(evaluate(parts::keys(e), x)), values(evaluate(parts::values(e), x)) {
+        : queries(fused_operand(parts::queries(e), x)), keys(fused_operand(parts::keys(e), x)),
+          values(fused_operand(parts::values(e), x)) {
         if constexpr (parts::core_kind::pairwise) feature_weights = evaluate(parts::feature_weights(e), x);
     }
 };
@@ -292,7 +419,7 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     const auto query_factor = static_cast<float>(core_factor);
     x.info.kernels.push_back(plan::kernel_name<plan::fused_attention_kernel<E>>::get(e));
 
-    const std::size_t n_q = in.queries.cols, n_k = in.keys.cols, depth = in.queries.rows, d_v = in.values.cols;
+    const std::size_t n_q = in.queries.cols(), n_k = in.keys.cols(), depth = in.queries.rows(), d_v = in.values.cols();
     const bool transposed = n_q >= few_queries;
     const std::size_t dv_padded = kernels::round_up(d_v, kernels::panel_width);
     const std::size_t rows_per_tile = std::min(query_tile, n_q);
@@ -300,8 +427,10 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     const std::size_t q_tiles = (n_q + rows_per_tile - 1) / rows_per_tile;
     const tensor_view<float> out = x.destination(e, n_q, d_v);
     const auto items = static_cast<std::ptrdiff_t>(x.heads_total() * q_tiles);
-    // the values are their own panels when rows are contiguous and 16-wide
-    const bool values_in_place = in.values.col_stride == 1 && d_v % kernels::panel_width == 0;
+    // the values are their own panels when rows are contiguous and 16-wide,
+    // as a widened tile of 16-bit values always is
+    const bool values_in_place =
+        in.values.widened_by_tiles() || (in.values.f32.col_stride == 1 && d_v % kernels::panel_width == 0);
 
     double dropout_p = 0;
     std::uint32_t dropout_seed = 0;
@@ -316,7 +445,9 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     const std::size_t score_floats = key_tile * std::max(rows_padded, key_tile);
     const std::size_t scratch_floats = score_floats + depth * std::max(rows_padded, key_tile) +
                                        (values_in_place ? 0 : key_tile * dv_padded) + rows_padded * dv_padded +
-                                       4 * rows_padded;
+                                       4 * rows_padded + (in.queries.widened_by_tiles() ? rows_per_tile * depth : 0) +
+                                       (in.keys.widened_by_tiles() ? key_tile * depth : 0) +
+                                       (in.values.widened_by_tiles() ? key_tile * dv_padded : 0);
     std::size_t threads_used = 1;
 
 #pragma omp parallel num_threads(x.threads())
@@ -326,7 +457,10 @@ tensor_view<float> fused_attention(const E& e, X& x) {
         // scratch kept by each thread from run to run: no allocation, no
         // page faults on the hot path
         thread_local fused_scratch scratch;
-        auto& [s, packed, packed_values, acc, tile_max, best, state, best_index, nan_seen] = scratch;
+        auto& [s, packed, packed_values, acc, tile_max, best, wide_queries, wide_keys, wide_values, state, best_index, nan_seen] = scratch;
+        if (in.queries.widened_by_tiles()) wide_queries.resize(std::max(wide_queries.size(), rows_per_tile * depth));
+        if (in.keys.widened_by_tiles()) wide_keys.resize(std::max(wide_keys.size(), key_tile * depth));
+        if (in.values.widened_by_tiles()) wide_values.resize(std::max(wide_values.size(), key_tile * dv_padded));
         s.resize(std::max(s.size(), score_floats));
         packed.resize(std::max(packed.size(), depth * std::max(rows_padded, key_tile)));
         packed_values.resize(std::max(packed_values.size(), values_in_place ? 0 : key_tile * dv_padded));
@@ -345,9 +479,13 @@ tensor_view<float> fused_attention(const E& e, X& x) {
             const auto tree = at_head(prepared, x.env, b, h);
             const auto tree_unmasked = at_head(unmasked, x.env, b, h);
             const auto post_tree = at_head(post_factor, x.env, b, h);
-            const float* q_base = matrix_base(in.queries, x.env, b, h) + static_cast<std::ptrdiff_t>(q0) * in.queries.col_stride;
-            const float* k_base = matrix_base(in.keys, x.env, b, h);
-            const float* v_base = matrix_base(in.values, x.env, b, h);
+            // Q's tile (d x rows: query stride q_qs, depth stride q_ds) as
+            // floats; K's and V's are read a key tile at a time below
+            const float_block q_block =
+                in.queries.at(x.env, b, h).block(false, q0, rows, depth, wide_queries.data(), depth, depth);
+            const float* q_base = q_block.data;
+            const std::ptrdiff_t q_qs = q_block.i_stride, q_ds = q_block.j_stride;
+            const stored_matrix k_stored = in.keys.at(x.env, b, h), v_stored = in.values.at(x.env, b, h);
             const float* w_base = traits::pairwise ? matrix_base(in.feature_weights, x.env, b, h) : nullptr;
             const auto batch_head = static_cast<std::uint32_t>(bh);
 
@@ -366,18 +504,18 @@ tensor_view<float> fused_attention(const E& e, X& x) {
             }
             // the query tile, packed once: panels of 16 queries x depth
             if (transposed && !traits::pairwise) {
-                kernels::pack_panels(depth, rows, q_base, in.queries.row_stride, in.queries.col_stride, packed.data());
+                kernels::pack_panels(depth, rows, q_base, q_ds, q_qs, packed.data());
                 if (query_factor != 1.0f)
                     for (std::size_t n = 0; n < depth * rows_padded; ++n) packed[n] *= query_factor;
             }
-            // a pairwise score reads its query features eight queries at a
-            // time: packed once as [depth][rows_padded] (the last row repeated
+            // a pairwise score reads its query features a vector of
+            // queries at a time: packed once as [depth][rows_padded] (the last row repeated
             // into the padding), so that each read is one vector load
             if (transposed && traits::pairwise)
                 for (std::size_t a = 0; a < depth; ++a)
                     for (std::size_t g = 0; g < rows_padded; ++g)
-                        packed[a * rows_padded + g] = q_base[static_cast<std::ptrdiff_t>(a) * in.queries.row_stride +
-                                                             static_cast<std::ptrdiff_t>(std::min(g, rows - 1)) * in.queries.col_stride];
+                        packed[a * rows_padded + g] = q_base[static_cast<std::ptrdiff_t>(a) * q_ds +
+                                                             static_cast<std::ptrdiff_t>(std::min(g, rows - 1)) * q_qs];
 
             for (std::size_t k0 = 0; k0 < n_k; k0 += key_tile) {
                 const std::size_t cols = std::min(key_tile, n_k - k0);
@@ -385,7 +523,13 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 // for a ratio) contributes nothing: skip it
                 const interval tile = tile_bounds(tree, q0, q0 + rows, k0, k0 + cols);
                 if (plain_sum ? tile.surely_zero() : tile.all_minus_infinity()) continue;
-                const float* k_tile = k_base + static_cast<std::ptrdiff_t>(k0) * in.keys.col_stride;
+                // the key tile as floats (keys x depth: key stride k_ks, depth
+                // stride k_ds), unless the dot products read 16-bit keys in place
+                const bool keys_in_place = !transposed && !traits::pairwise && k_stored.keys_in_place();
+                const float_block k_block =
+                    keys_in_place ? float_block{} : k_stored.block(false, k0, cols, depth, wide_keys.data(), depth, depth);
+                const float* k_tile = k_block.data;
+                const std::ptrdiff_t k_ks = k_block.i_stride, k_ds = k_block.j_stride;
 
                 // ---- scores, with the epilogue inlined -------------------------------------
                 if (transposed) {
@@ -400,12 +544,12 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                         for (std::size_t k = 0; k < cols; ++k) {
                             if (small)
                                 for (std::size_t a = 0; a < depth; ++a)
-                                    k_at[a] = k_tile[static_cast<std::ptrdiff_t>(a) * in.keys.row_stride + static_cast<std::ptrdiff_t>(k) * in.keys.col_stride];
+                                    k_at[a] = k_tile[static_cast<std::ptrdiff_t>(a) * k_ds + static_cast<std::ptrdiff_t>(k) * k_ks];
                             for (std::size_t g = 0; g < rows_padded; g += simd::lanes) {
                                 vf sum{};
                                 for (std::size_t a = 0; a < depth; ++a) {
-                                    const float ka = small ? k_at[a] : k_tile[static_cast<std::ptrdiff_t>(a) * in.keys.row_stride +
-                                                                              static_cast<std::ptrdiff_t>(k) * in.keys.col_stride];
+                                    const float ka = small ? k_at[a] : k_tile[static_cast<std::ptrdiff_t>(a) * k_ds +
+                                                                              static_cast<std::ptrdiff_t>(k) * k_ks];
                                     const float wa = small ? w_at[a] : w_base[static_cast<std::ptrdiff_t>(a) * in.feature_weights.row_stride];
                                     sum += simd::splat(wa) * combine_lanes(combine, simd::load(packed.data() + a * rows_padded + g), simd::splat(ka));
                                 }
@@ -413,8 +557,8 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                             }
                         }
                     } else {
-                        kernels::multiply_panels(cols, rows_padded / kernels::panel_width, depth, k_tile, in.keys.col_stride,
-                                                 in.keys.row_stride, packed.data(), kernels::panel_width,
+                        kernels::multiply_panels(cols, rows_padded / kernels::panel_width, depth, k_tile, k_ks, k_ds,
+                                                 packed.data(), kernels::panel_width,
                                                  static_cast<std::ptrdiff_t>(depth * kernels::panel_width), s.data(),
                                                  rows_padded, false);
                     }
@@ -458,19 +602,18 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                                     vf ka;
                                     for (int l = 0; l < simd::lanes; ++l) {
                                         const std::size_t k = std::min(c + static_cast<std::size_t>(l), cols - 1);
-                                        ka[l] = k_tile[static_cast<std::ptrdiff_t>(a) * in.keys.row_stride +
-                                                       static_cast<std::ptrdiff_t>(k) * in.keys.col_stride];
+                                        ka[l] = k_tile[static_cast<std::ptrdiff_t>(a) * k_ds +
+                                                       static_cast<std::ptrdiff_t>(k) * k_ks];
                                     }
-                                    const float qa = q_base[static_cast<std::ptrdiff_t>(a) * in.queries.row_stride +
-                                                            static_cast<std::ptrdiff_t>(r) * in.queries.col_stride];
+                                    const float qa = q_base[static_cast<std::ptrdiff_t>(a) * q_ds + static_cast<std::ptrdiff_t>(r) * q_qs];
                                     sum += simd::splat(w_base[static_cast<std::ptrdiff_t>(a) * in.feature_weights.row_stride]) *
                                            combine_lanes(combine, simd::splat(qa), ka);
                                 }
                                 simd::store(s.data() + r * key_tile + c, sum);
                             }
                     } else {
-                        kernels::multiply_dots(rows, cols, depth, q_base, in.queries.col_stride, in.queries.row_stride, k_tile,
-                                               in.keys.col_stride, in.keys.row_stride, s.data(), key_tile);
+                        if (keys_in_place) k_stored.dots_with_keys(rows, cols, depth, q_base, q_qs, q_ds, k0, s.data(), key_tile);
+                        else kernels::multiply_dots(rows, cols, depth, q_base, q_qs, q_ds, k_tile, k_ks, k_ds, s.data(), key_tile);
                         if (query_factor != 1.0f)
                             for (std::size_t r = 0; r < rows; ++r)
                                 for (std::size_t c = 0; c < cols; ++c) s[r * key_tile + c] *= query_factor;
@@ -535,11 +678,18 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                     if constexpr (with_dropout)
                         kernels::dropout_tile(s.data(), rows, cols, ws_r, ws_c, dropout_seed, dropout_threshold, keep_scale,
                                               batch_head, q0, k0);
-                    const float* v_tile = v_base + static_cast<std::ptrdiff_t>(k0) * in.values.row_stride;
+                    // the value tile as floats (keys x d_v: key stride v_ks, column
+                    // stride v_cs), unless the product reads 16-bit values in place
+                    const bool values_16_in_place = !careful && v_stored.values_in_place(d_v);
+                    const float_block v_block = values_16_in_place
+                                                    ? float_block{}
+                                                    : v_stored.block(true, k0, cols, d_v, wide_values.data(), dv_padded, dv_padded);
+                    const float* v_tile = v_block.data;
+                    const std::ptrdiff_t v_ks = v_block.i_stride, v_cs = v_block.j_stride;
                     if (careful) {
                         // non-finite value rows are left out of the product and
                         // added back only where their weight is not zero
-                        kernels::pack_panels(cols, d_v, v_tile, in.values.row_stride, in.values.col_stride, packed_values.data());
+                        kernels::pack_panels(cols, d_v, v_tile, v_ks, v_cs, packed_values.data());
                         unsigned char bad[key_tile] = {};
                         bool any_bad = false;
                         for (std::size_t n = 0; n < (dv_padded / kernels::panel_width) * cols * kernels::panel_width; ++n)
@@ -557,17 +707,18 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                                 const float w = s[r * static_cast<std::size_t>(ws_r) + k * static_cast<std::size_t>(ws_c)];
                                 if (w == 0.0f) continue;
                                 for (std::size_t c = 0; c < d_v; ++c) {  // the entries the product left out
-                                    const float value = v_tile[static_cast<std::ptrdiff_t>(k) * in.values.row_stride +
-                                                               static_cast<std::ptrdiff_t>(c) * in.values.col_stride];
+                                    const float value = v_tile[static_cast<std::ptrdiff_t>(k) * v_ks + static_cast<std::ptrdiff_t>(c) * v_cs];
                                     if (!std::isfinite(value)) acc[r * dv_padded + c] += w * value;
                                 }
                             }
                         }
+                    } else if (values_16_in_place) {
+                        v_stored.multiply_values(rows, d_v, cols, s.data(), ws_r, ws_c, k0, acc.data(), dv_padded);
                     } else if (values_in_place) {
                         kernels::multiply_panels(rows, dv_padded / kernels::panel_width, cols, s.data(), ws_r, ws_c, v_tile,
-                                                 in.values.row_stride, kernels::panel_width, acc.data(), dv_padded, true);
+                                                 v_ks, kernels::panel_width, acc.data(), dv_padded, true);
                     } else {
-                        kernels::pack_panels(cols, d_v, v_tile, in.values.row_stride, in.values.col_stride, packed_values.data());
+                        kernels::pack_panels(cols, d_v, v_tile, v_ks, v_cs, packed_values.data());
                         kernels::multiply_panels(rows, dv_padded / kernels::panel_width, cols, s.data(), ws_r, ws_c,
                                                  packed_values.data(), kernels::panel_width,
                                                  static_cast<std::ptrdiff_t>(cols * kernels::panel_width), acc.data(), dv_padded, true);
@@ -597,10 +748,8 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 if constexpr (hard) {
                     for (std::size_t c = 0; c < d_v; ++c)
                         row[c] = nan_seen[r] ? std::numeric_limits<float>::quiet_NaN()
-                                 : best_index[r] < n_k
-                                     ? v_base[static_cast<std::ptrdiff_t>(best_index[r]) * in.values.row_stride +
-                                              static_cast<std::ptrdiff_t>(c) * in.values.col_stride]
-                                     : 0.0f;
+                                 : best_index[r] < n_k ? v_stored.at(best_index[r], c)
+                                                       : 0.0f;
                 } else {
                     // a row with every key masked has sum 0: its context is 0
                     const float denominator = state[r].sum + static_cast<float>(ratio_offset);
@@ -714,7 +863,9 @@ struct hooks {
     using operand = tensor_view<float>;
     template <class E, class X>
     static operand input(const E&, X& x) {
-        return x.env.template view<E::name>();  // run() made every binding readable: fp32
+        const auto& v = x.env.template view<E::name>();
+        if constexpr (std::is_same_v<std::remove_cvref_t<decltype(*v.data)>, float>) return v;
+        else return x.template widened_input<E::name>(v);  // a kernel that reads fp32 only
     }
     static operand transposed(operand v) {
         std::swap(v.rows, v.cols);
@@ -730,8 +881,11 @@ struct hooks {
     template <class E, class X> static void result(const E& e, const operand& v, X& x) { x.note_result(e, v); }
     // the fused kernel's tiles live in each thread's scratch: any d_v
     template <class X> static lower::capabilities capabilities(const X&) { return {}; }
-    // the kernels read fp32; other elements are widened once per run (lower::readable)
-    template <class El> static constexpr bool reads = std::is_same_v<El, float>;
+    // The fused kernel reads f16 and bf16 inputs as stored (Q, K and V, a
+    // tile at a time); any other kernel that reads one gets it widened to
+    // fp32 once per run (executor::widened_input).
+    template <class El>
+    static constexpr bool reads = std::is_same_v<El, float> || std::is_same_v<El, half> || std::is_same_v<El, bfloat16>;
 };
 
 template <class E, class X>
@@ -739,12 +893,14 @@ tensor_view<float> evaluate(const E& e, X& x) {
     return lower::evaluate<hooks>(e, x);
 }
 
+}  // namespace ATTNFUSE_CPU_ISA
 }  // namespace detail
 }  // namespace attnfuse::cpu
 
 namespace attnfuse::cpu {
 
 namespace detail {
+inline namespace ATTNFUSE_CPU_ISA {
 
 template <class E, class... Bindings>
 run_result run_readable(const E& e, const options& opt, std::chrono::steady_clock::time_point start, const Bindings&... bindings) {
@@ -770,7 +926,7 @@ run_result run_readable(const E& e, const options& opt, std::chrono::steady_cloc
         out.rows = shape.rows;
         out.cols = shape.cols;
         out.values.resize(env.batch * env.heads * shape.rows * shape.cols);
-        detail::executor<Env> x{env, o, info, {}, {}, &e, out.values.data(), &typeid(E)};
+        detail::executor<Env> x{env, o, info, {}, {}, &e, out.values.data(), &typeid(E), {}};
         plan::collect_score_nodes(e, x.score_nodes);
         const tensor_view<float> v = detail::evaluate(e, x);
         if (v.rows != shape.rows || v.cols != shape.cols)
@@ -793,10 +949,12 @@ run_result run_readable(const E& e, const options& opt, std::chrono::steady_cloc
     return result;
 }
 
+}  // namespace ATTNFUSE_CPU_ISA
 }  // namespace detail
 
-// Runs `e` on the CPU over the bound inputs (caller-owned, not copied, except
-// an input of an element type the kernels do not read: report.notes says so).
+// Runs `e` on the CPU over the bound inputs (caller-owned, not copied; a
+// 16-bit input read by a kernel other than the fused attention's is widened
+// once for the run, and report.notes says so).
 template <class E, class... Bindings>
     requires expression<E> && (a_binding<Bindings> && ...)
 run_result run(const E& e, const options& opt, const Bindings&... bindings) {

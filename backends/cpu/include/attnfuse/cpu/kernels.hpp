@@ -5,10 +5,19 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace attnfuse::cpu::kernels {
+#include <attnfuse/element.hpp>
 
-// Register block of the product micro-kernel: 6 rows x 16 columns, twelve
-// 8-lane accumulators.
+#include "width.hpp"
+
+namespace attnfuse::cpu::kernels {
+inline namespace ATTNFUSE_CPU_ISA {
+
+// Operands of the product micro-kernel come in panels of 16 columns. Its
+// register block: 6 rows x one panel (twelve 8-lane accumulators) at 8
+// lanes; at 16 lanes (AVX-512, 32 registers) 8 rows x 3 panels, 12 x 2 or
+// 16 x 1, whichever the panels left allow (kernels.cpp). Callers split rows
+// into items of 8 * block_rows = 48, a multiple of every block's rows (6, 8,
+// 12, 16), so that only an item's last block is partial.
 inline constexpr std::size_t block_rows = 6;
 inline constexpr std::size_t panel_width = 16;
 
@@ -27,12 +36,31 @@ void pack_panels(std::size_t depth, std::size_t cols, const float* b, std::ptrdi
 void multiply_panels(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
                      std::ptrdiff_t p_stride, const float* b, std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride,
                      float* c, std::size_t ldc, bool accumulate);
+// The same with B stored 16-bit, widened in registers as it is loaded (the
+// values of a 16-bit V cache, read in place).
+void multiply_panels(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
+                     std::ptrdiff_t p_stride, const half* b, std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride,
+                     float* c, std::size_t ldc, bool accumulate);
+void multiply_panels(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
+                     std::ptrdiff_t p_stride, const bfloat16* b, std::ptrdiff_t b_p_stride, std::ptrdiff_t b_panel_stride,
+                     float* c, std::size_t ldc, bool accumulate);
 
 // C (rows x panels*16) = or += A (rows x depth) * packed B, where
 // A(r, p) = a[r*r_stride + p*p_stride] (any layout: A is read by broadcasts)
 // and C has leading dimension ldc (>= panels*16).
 void multiply_packed(std::size_t rows, std::size_t panels, std::size_t depth, const float* a, std::ptrdiff_t r_stride,
                      std::ptrdiff_t p_stride, const float* packed_b, float* c, std::size_t ldc, bool accumulate);
+
+// dst[i*ld + j] = src[i*i_stride + j*j_stride] widened to fp32, for
+// i < rows, j < cols; columns cols .. padded_cols-1 of each row are zero.
+// Vector conversions where j_stride is 1 (F16C's vcvtph2ps for f16; bf16 by
+// a 16-bit shift), exact either way: how the fused kernel reads a 16-bit
+// operand that no kernel below reads in place, a tile at a time into its
+// scratch.
+void widen_block(const half* src, std::size_t rows, std::size_t cols, std::ptrdiff_t i_stride, std::ptrdiff_t j_stride,
+                 float* dst, std::size_t ld, std::size_t padded_cols);
+void widen_block(const bfloat16* src, std::size_t rows, std::size_t cols, std::ptrdiff_t i_stride, std::ptrdiff_t j_stride,
+                 float* dst, std::size_t ld, std::size_t padded_cols);
 
 // Running state of one query row in the fused kernel.
 struct row_state {
@@ -77,6 +105,12 @@ void running_argmax_columns(const float* st, std::size_t keys, std::size_t queri
 void multiply_dots(std::size_t rows, std::size_t cols, std::size_t depth, const float* a, std::ptrdiff_t a_r_stride,
                    std::ptrdiff_t a_p_stride, const float* b, std::ptrdiff_t b_c_stride, std::ptrdiff_t b_p_stride,
                    float* s, std::size_t lds);
+// The same with b stored 16-bit, each column's depth contiguous (b_p_stride
+// 1), widened in registers as it is loaded (the keys of a 16-bit K cache).
+void multiply_dots(std::size_t rows, std::size_t cols, std::size_t depth, const float* a, std::ptrdiff_t a_r_stride,
+                   std::ptrdiff_t a_p_stride, const half* b, std::ptrdiff_t b_c_stride, float* s, std::size_t lds);
+void multiply_dots(std::size_t rows, std::size_t cols, std::size_t depth, const float* a, std::ptrdiff_t a_r_stride,
+                   std::ptrdiff_t a_p_stride, const bfloat16* b, std::ptrdiff_t b_c_stride, float* s, std::size_t lds);
 
 // Softmax of each row of s (rows x cols), in place; -inf entries get exactly
 // 0, a row with every entry -inf becomes zeros, a row holding NaN becomes NaN.
@@ -90,4 +124,5 @@ void hard_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds);
 void running_argmax(const float* s, std::size_t rows, std::size_t cols, std::size_t lds, std::size_t col0,
                     float* best, std::size_t* index, unsigned char* nan_seen);
 
+}  // namespace ATTNFUSE_CPU_ISA
 }  // namespace attnfuse::cpu::kernels

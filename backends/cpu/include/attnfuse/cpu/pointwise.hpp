@@ -14,6 +14,7 @@
 #include "simd.hpp"
 
 namespace attnfuse::cpu::detail {
+inline namespace ATTNFUSE_CPU_ISA {
 
 using simd::vf;
 
@@ -28,20 +29,20 @@ struct memory_leaf : expr_base {
     const float* base = nullptr;  // this (batch, head)'s matrix, set by at_head
 };
 
-// Where one vector of eight lanes sits. Lanes run along the keys (row fixed,
-// columns col .. col+7) or, in the fused kernel's transposed score tile,
-// along the queries (rows row .. row+7, column fixed).
+// Where one vector of lanes sits. Lanes run along the keys (row fixed,
+// columns col .. col+lanes-1) or, in the fused kernel's transposed score
+// tile, along the queries (rows row .. row+lanes-1, column fixed).
 enum class lanes_along { keys, queries };
 
 struct lane_position {
     std::size_t row = 0;
     std::size_t col = 0;
-    const float* core = nullptr;  // the score tile's eight lanes
+    const float* core = nullptr;  // the score tile's lanes
     std::uint32_t batch_head = 0;
 };
 
-template <class Env>
-const float* matrix_base(const tensor_view<float>& v, const Env& env, std::size_t b, std::size_t h) {
+template <class El, class Env>
+const El* matrix_base(const tensor_view<El>& v, const Env& env, std::size_t b, std::size_t h) {
     return v.data + static_cast<std::ptrdiff_t>(env.source_batch(v, b)) * v.batch_stride +
            static_cast<std::ptrdiff_t>(env.source_head(v, h)) * v.head_stride;
 }
@@ -85,7 +86,7 @@ template <lanes_along Along>
     return out;
 }
 
-// Eight lanes of a prepared pointwise tree.
+// One vector of lanes of a prepared pointwise tree.
 template <lanes_along Along, class E>
 vf lanes_of(const E& e, const lane_position& at) {
     constexpr bool over_keys = Along == lanes_along::keys;
@@ -117,7 +118,7 @@ vf lanes_of(const E& e, const lane_position& at) {
         const vf index = lanes_of<Along>(e.template kid<1>(), at);
         const std::size_t length = std::max(table.view.rows, table.view.cols);
         const std::ptrdiff_t stride = table.view.rows == 1 ? table.view.col_stride : table.view.row_stride;
-        // as the reference's nearbyint(fmin(fmax(index, 0), length - 1)), eight lanes at once:
+        // as the reference's nearbyint(fmin(fmax(index, 0), length - 1)), a vector at once:
         // max(NaN, 0) is 0 here too, so a NaN index reads entry 0; below 2^23,
         // adding and taking away 2^23 rounds half to even, as nearbyint does
         const vf clamped = simd::min(simd::max(index, simd::splat(0.0f)), simd::splat(static_cast<float>(length - 1)));
@@ -162,4 +163,5 @@ bool masks_keep_all(const E& e, std::size_t row0, std::size_t row1, std::size_t 
     return attnfuse::masks_keep_all(e, [&](const auto& keep) { return tile_bounds(keep, row0, row1, col0, col1); });
 }
 
+}  // namespace ATTNFUSE_CPU_ISA
 }  // namespace attnfuse::cpu::detail

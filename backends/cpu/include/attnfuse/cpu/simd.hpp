@@ -1,30 +1,86 @@
-// Eight-lane float vectors (GCC vector extensions: one AVX register with
-// -march=x86-64-v3, two SSE registers without) and the vector face of every
-// elementwise operation of the DSL.
+// Float vectors of the build's width (GCC vector extensions) and the vector
+// face of every elementwise operation of the DSL. The width follows the ISA
+// the build targets (ATTNFUSE_ARCH_FLAGS, chosen at configure time): 16
+// lanes, one zmm register, where AVX-512F is on (x86-64-v4); 8 lanes
+// otherwise, one ymm register with AVX2 (x86-64-v3) or two SSE registers at
+// the baseline. Every kernel is written against `lanes`, never a number.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
+#if defined(__AVX512F__) || defined(__FMA__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include <attnfuse/element.hpp>
 #include <attnfuse/ops.hpp>
 
-namespace attnfuse::cpu::simd {
+#include "width.hpp"
 
+namespace attnfuse::cpu::simd {
+inline namespace ATTNFUSE_CPU_ISA {
+
+#if defined(__AVX512F__)
+inline constexpr int lanes = 16;
+inline constexpr const char* width_name = "AVX-512 (16 lanes)";
+#elif defined(__AVX2__)
 inline constexpr int lanes = 8;
-typedef float vf __attribute__((vector_size(32)));
-typedef std::int32_t vi __attribute__((vector_size(32)));
-typedef std::uint32_t vu __attribute__((vector_size(32)));
+inline constexpr const char* width_name = "AVX2 (8 lanes)";
+#else
+inline constexpr int lanes = 8;
+inline constexpr const char* width_name = "baseline SSE (8 lanes in two registers)";
+#endif
+typedef float vf __attribute__((vector_size(4 * lanes)));
+typedef std::int32_t vi __attribute__((vector_size(4 * lanes)));
+typedef std::uint32_t vu __attribute__((vector_size(4 * lanes)));
+
+namespace detail {
+// {f(0), f(1), ..., f(lanes - 1)}, spelled lane by lane
+template <class F, std::size_t... L>
+inline vf each_lane(const F& f, std::index_sequence<L...>) {
+    return vf{f(static_cast<int>(L))...};
+}
+}  // namespace detail
 
 // Spelled lane by lane: `vf{} + x` would cost an add, since 0 + x is not x for x = -0.
-inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x}; }
+inline vf splat(float x) {
+    return detail::each_lane([x](int) { return x; }, std::make_index_sequence<lanes>{});
+}
 inline vf load(const float* p) {
     vf v;
     std::memcpy(&v, p, sizeof v);
     return v;
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf iota(float start) { return vf{0, 1, 2, 3, 4, 5, 6, 7} + start; }
+
+// A vector of 16-bit values widened to floats (exact): F16C's vcvtph2ps for
+// f16 where the build has it; bf16 by a zero extension and a 16-bit shift.
+typedef std::uint16_t vh __attribute__((vector_size(2 * lanes)));
+inline vf load(const bfloat16* p) {
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    const vu bits = __builtin_convertvector(h, vu) << 16;
+    vf v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
+inline vf load(const half* p) {
+#if defined(__AVX512F__)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    vf v;
+    for (int l = 0; l < lanes; ++l) v[l] = to_float(p[l]);
+    return v;
+#endif
+}
+inline vf iota(float start) {
+    return detail::each_lane([](int l) { return static_cast<float>(l); }, std::make_index_sequence<lanes>{}) + start;
+}
 inline vf from_mask(vi mask) { return mask ? splat(1.0f) : splat(0.0f); }
 inline vf max(vf a, vf b) { return a > b ? a : b; }
 inline vf min(vf a, vf b) { return a < b ? a : b; }
@@ -42,8 +98,10 @@ inline float horizontal_sum(vf v) {
 // Fused multiply-add, asked for explicitly: the kernels' rounding does not
 // depend on the user's -ffp-contract.
 inline vf fma(vf a, vf b, vf c) {
-#if defined(__FMA__)
-    return __builtin_ia32_vfmaddps256(a, b, c);
+#if defined(__AVX512F__)
+    return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+    return _mm256_fmadd_ps(a, b, c);
 #else
     return a * b + c;
 #endif
@@ -110,7 +168,7 @@ inline vf tanh(vf x) {
 }
 
 // The lane algebra of attnfuse::op (ops.hpp): what an operation's `lanes`
-// face is written against, here at eight lanes.
+// face is written against, here at `lanes` lanes.
 struct algebra {
     using vec = vf;
     static vf splat(float x) { return simd::splat(x); }
@@ -145,4 +203,5 @@ template <class Op, class... V> vf apply(V... a) {
     }
 }
 
+}  // namespace ATTNFUSE_CPU_ISA
 }  // namespace attnfuse::cpu::simd

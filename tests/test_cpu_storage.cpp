@@ -1,0 +1,236 @@
+// The CPU's fused kernel reads Q, K and V stored as f16 or bf16 as they are
+// (a tile at a time, widened into its scratch): every path it has for them,
+// at both formats, against the double-precision reference.
+//
+// Tolerances, for each case:
+//   - against the reference over the same stored values (which it reads
+//     exactly): only the kernels' fp32 arithmetic differs, so 1e-4 of the
+//     output's scale, as every fp32 test;
+//   - for the softmax families (dense, causal, sliding window, soft-capped),
+//     also against the reference over the fp32 values before rounding,
+//     within the bound the format's unit roundoff u gives (element_storage.hpp
+//     derives it): each stored value is off by at most u relatively, so a
+//     score moves by at most delta = 2u max_ij sum_a |q_ai||k_aj| / sqrt(d)
+//     (soft-capping is 1-Lipschitz and masks drop keys, so the same holds),
+//     the weights of a row by e^(2 delta) - 1 in their 1-norm, and the output
+//     by that times max|v|, plus u max|v| from V's own rounding:
+//     error <= (e^(2 delta) - 1 + u) max|v| + 1e-4 scale.
+//     u is 2^-11 for f16 and 2^-8 for bf16.
+// Sizes are odd and cross every tile: 301 keys (three key tiles, the last
+// partial), 53 queries (a full query tile and a partial one) or 1, 2 and 3
+// (decode's dot products and its one- and two-row value streams), depth 67
+// (not a multiple of a vector: the widening's and the dot products' scalar
+// tails run). Value columns are 35 (widened a tile at a time into padded
+// panels) or 48 and 32 (multiples of a panel: the value rows are read in
+// place, widened in registers). Two batch entries of four query heads share
+// two K/V heads, so a wrong head or batch mapping shows.
+#include <attnfuse/cpu.hpp>
+#include <attnfuse/reference.hpp>
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "variants.hpp"
+
+namespace af = attnfuse;
+using af::causal;
+using af::dyn;
+using af::execution;
+
+namespace {
+
+bool has_note(const af::report& info, const std::string& text) {
+    return std::any_of(info.notes.begin(), info.notes.end(), [&](const std::string& n) { return n.find(text) != std::string::npos; });
+}
+
+struct shape {
+    std::size_t n_q, n_k, d, d_v;
+};
+constexpr std::size_t batch = 2, heads = 4, kv_heads = 2;
+
+// The K/V head that serves query head h of batch entry b, as an index into
+// the batch x kv_heads matrices.
+std::size_t kv_matrix(std::size_t b, std::size_t h) { return b * kv_heads + h / (heads / kv_heads); }
+
+// The fp32 inputs a case starts from, and their stored copies.
+template <class El>
+struct stored_inputs {
+    std::vector<float> q, k, v;
+    std::vector<El> q16, k16, v16;
+    stored_inputs(const shape& s, std::uint32_t seed, float value_spike = 0) {
+        af::variants::input_store in(seed);
+        const float* qr = in.random(batch * heads * s.d * s.n_q);
+        const float* kr = in.random(batch * kv_heads * s.d * s.n_k);
+        const float* vr = in.random(batch * kv_heads * s.n_k * s.d_v);
+        q.assign(qr, qr + batch * heads * s.d * s.n_q);
+        k.assign(kr, kr + batch * kv_heads * s.d * s.n_k);
+        v.assign(vr, vr + batch * kv_heads * s.n_k * s.d_v);
+        // sixteen value rows near the format's largest finite value: the
+        // fused kernel's fast pass overflows on their sum and its careful
+        // pass runs
+        if (value_spike != 0)
+            for (std::size_t kv = 0; kv < batch * kv_heads; ++kv)
+                for (std::size_t key = 10; key < 26; ++key) v[(kv * s.n_k + key) * s.d_v] = value_spike;
+        for (float x : q) q16.push_back(af::from_float<El>(x));
+        for (float x : k) k16.push_back(af::from_float<El>(x));
+        for (float x : v) v16.push_back(af::from_float<El>(x));
+    }
+};
+
+// Q as columns (d x n_q); K as columns, either each key's d values
+// contiguous or each feature's n_k keys contiguous (a strided read); V rows,
+// contiguous or as columns.
+template <class El>
+auto views(const stored_inputs<El>& in, const shape& s, bool keys_contiguous, bool values_contiguous) {
+    const auto k_view = keys_contiguous ? af::col_major(in.k16.data(), s.d, s.n_k, batch, kv_heads)
+                                        : af::row_major(in.k16.data(), s.d, s.n_k, batch, kv_heads);
+    const auto v_view = values_contiguous ? af::row_major(in.v16.data(), s.n_k, s.d_v, batch, kv_heads)
+                                          : af::col_major(in.v16.data(), s.n_k, s.d_v, batch, kv_heads);
+    return std::tuple{af::col_major(in.q16.data(), s.d, s.n_q, batch, heads), k_view, v_view};
+}
+
+// The bound of the header: how far rounding the inputs to El may move a
+// softmax family's output.
+template <class El>
+double storage_bound(const stored_inputs<El>& in, const shape& s, const std::vector<double>& exact) {
+    const double u = af::unit_roundoff<El>;
+    double largest_score = 0, largest_value = 0, scale = 1;
+    for (std::size_t b = 0; b < batch; ++b)
+        for (std::size_t h = 0; h < heads; ++h)
+            for (std::size_t r = 0; r < s.n_q; ++r)
+                for (std::size_t c = 0; c < s.n_k; ++c) {
+                    double sum = 0;
+                    for (std::size_t a = 0; a < s.d; ++a)
+                        sum += std::abs(double(in.q[((b * heads + h) * s.n_q + r) * s.d + a])) *
+                               std::abs(double(in.k[(kv_matrix(b, h) * s.n_k + c) * s.d + a]));
+                    largest_score = std::max(largest_score, sum / std::sqrt(double(s.d)));
+                }
+    for (float x : in.v) largest_value = std::max(largest_value, double(std::abs(x)));
+    for (double o : exact) scale = std::max(scale, std::abs(o));
+    return (std::expm1(4 * u * largest_score) + u) * largest_value + 1e-4 * scale;
+}
+
+double worst_difference(const std::vector<double>& exact, const std::vector<float>& out) {
+    if (exact.size() != out.size()) return std::numeric_limits<double>::infinity();
+    double worst = 0;
+    for (std::size_t n = 0; n < out.size(); ++n) worst = std::max(worst, std::abs(double(out[n]) - exact[n]));
+    return worst;
+}
+
+// One family at format El over every shape and layout. make(Q, K, V) builds
+// the expression over any three inputs; softmax_family: the storage bound
+// applies.
+template <class El, class Make>
+void check_family(const char* family, const Make& make, bool softmax_family) {
+    const shape shapes[] = {{53, 301, 67, 35}, {53, 301, 67, 48}, {3, 301, 67, 35}, {3, 301, 67, 48}, {2, 301, 67, 32}, {1, 301, 67, 48}};
+    af::matrix<"Q", dyn, dyn, El> Q;
+    af::matrix<"K", dyn, dyn, El> K;
+    af::matrix<"V", dyn, dyn, El> V;
+    const auto e = make(Q, K, V);
+    for (const shape& s : shapes)
+        for (const bool keys_contiguous : {true, false})
+            for (const bool values_contiguous : {true, false}) {
+                const stored_inputs<El> in(s, std::uint32_t(s.n_q * 7 + s.d_v + keys_contiguous * 2 + values_contiguous));
+                const auto [qv, kv, vv] = views(in, s, keys_contiguous, values_contiguous);
+                const auto qb = af::bind(Q, qv);
+                const auto kb = af::bind(K, kv);
+                const auto vb = af::bind(V, vv);
+                const auto ref = af::reference::evaluate(e, qb, kb, vb);
+                for (const execution mode : {execution::fused, execution::unfused}) {
+                    INFO(family << " at " << af::element<El>::name << ", n_q " << s.n_q << (keys_contiguous ? ", keys contiguous" : ", keys strided")
+                                << (values_contiguous ? ", value rows contiguous" : ", value rows strided")
+                                << (mode == execution::fused ? ", fused" : ", unfused"));
+                    const auto [out, info] = af::cpu::run(e, af::run_options{mode}, qb, kb, vb);
+                    CHECK(af::variants::relative_error(ref.values, out.values) <= 1e-4);
+                    // the fused kernel read them as stored: nothing widened whole
+                    const bool as_stored = mode == execution::fused;
+                    CHECK(has_note(info, "input Q: stored as") == !as_stored);
+                    CHECK(has_note(info, "input K: stored as") == !as_stored);
+                    CHECK(has_note(info, "input V: stored as") == !as_stored);
+                    // the unrounded inputs, in the layout of the contiguous case
+                    if (softmax_family && keys_contiguous && values_contiguous) {
+                        af::matrix<"Qf"> Qf;
+                        af::matrix<"Kf"> Kf;
+                        af::matrix<"Vf"> Vf;
+                        const auto exact = af::reference::evaluate(
+                            make(Qf, Kf, Vf), af::bind(Qf, af::col_major(in.q.data(), s.d, s.n_q, batch, heads)),
+                            af::bind(Kf, af::col_major(in.k.data(), s.d, s.n_k, batch, kv_heads)),
+                            af::bind(Vf, af::row_major(in.v.data(), s.n_k, s.d_v, batch, kv_heads)));
+                        const double bound = storage_bound(in, s, exact.values), worst = worst_difference(exact.values, out.values);
+                        INFO("against the unrounded inputs: error " << worst << ", bound " << bound);
+                        CHECK(worst <= bound);
+                    }
+                }
+            }
+}
+
+template <class El>
+void check_every_family() {
+    check_family<El>("dense", [](const auto& Q, const auto& K, const auto& V) { return softmax(scale(Q^af::T*K))*V; }, true);
+    check_family<El>("causal", [](const auto& Q, const auto& K, const auto& V) { return softmax(mask(scale(Q^af::T*K), causal))*V; }, true);
+    check_family<El>("sliding window", [](const auto& Q, const auto& K, const auto& V) {
+        return softmax(mask(scale(Q^af::T*K), af::window(40)))*V;
+    }, true);
+    check_family<El>("soft-capped", [](const auto& Q, const auto& K, const auto& V) { return softmax(30 * tanh(scale(Q^af::T*K) / 30))*V; }, true);
+    check_family<El>("hard", [](const auto& Q, const auto& K, const auto& V) { return hard(scale(Q^af::T*K))*V; }, false);
+    check_family<El>("sigmoid, causal", [](const auto& Q, const auto& K, const auto& V) {
+        return sigmoid(mask(scale(Q^af::T*K), causal) - 5.7)*V;
+    }, false);
+    check_family<El>("dropout", [](const auto& Q, const auto& K, const auto& V) { return dropout(softmax(scale(Q^af::T*K)), 0.25, 91)*V; }, false);
+}
+
+}  // namespace
+
+TEST_CASE("the fused kernel reads f16 Q, K and V as stored on every path", "[cpu][storage]") { check_every_family<af::half>(); }
+
+TEST_CASE("the fused kernel reads bf16 Q, K and V as stored on every path", "[cpu][storage]") { check_every_family<af::bfloat16>(); }
+
+TEST_CASE("bf16 value rows near fp32's largest value take the careful pass and stay finite", "[cpu][storage]") {
+    // 48 value columns: the fast pass reads the value rows in place, the careful one widens them
+    const shape s{53, 301, 67, 48};
+    const stored_inputs<af::bfloat16> in(s, 5, 3.0e38f);
+    af::matrix<"Q", dyn, dyn, af::bfloat16> Q;
+    af::matrix<"K", dyn, dyn, af::bfloat16> K;
+    af::matrix<"V", dyn, dyn, af::bfloat16> V;
+    const auto e = softmax(scale(Q^af::T*K))*V;
+    for (const bool decode : {false, true}) {
+        const shape at{decode ? std::size_t{1} : s.n_q, s.n_k, s.d, s.d_v};
+        const auto [qv, kv, vv] = views(in, at, true, true);
+        const auto qb = af::bind(Q, qv);
+        const auto kb = af::bind(K, kv);
+        const auto vb = af::bind(V, vv);
+        const auto ref = af::reference::evaluate(e, qb, kb, vb);
+        // the case is what it claims: some row's unnormalised sum of weighted
+        // values (what the fast pass accumulates) exceeds fp32's range
+        double largest_sum = 0;
+        for (std::size_t b = 0; b < batch; ++b)
+            for (std::size_t h = 0; h < heads; ++h)
+                for (std::size_t r = 0; r < at.n_q; ++r) {
+                    const std::size_t kv = kv_matrix(b, h);
+                    std::vector<double> score(at.n_k);
+                    for (std::size_t c = 0; c < at.n_k; ++c) {
+                        double dot = 0;
+                        for (std::size_t a = 0; a < at.d; ++a)
+                            dot += double(af::to_float(in.q16[((b * heads + h) * at.n_q + r) * at.d + a])) *
+                                   double(af::to_float(in.k16[(kv * at.n_k + c) * at.d + a]));
+                        score[c] = dot / std::sqrt(double(at.d));
+                    }
+                    const double top = *std::max_element(score.begin(), score.end());
+                    double sum = 0;
+                    for (std::size_t c = 0; c < at.n_k; ++c)
+                        sum += std::exp(score[c] - top) * double(af::to_float(in.v16[(kv * at.n_k + c) * at.d_v]));
+                    largest_sum = std::max(largest_sum, sum);
+                }
+        REQUIRE(largest_sum > double(std::numeric_limits<float>::max()));
+        const auto [out, info] = af::cpu::run(e, af::run_options{execution::fused}, qb, kb, vb);
+        INFO((decode ? "decode" : "prefill"));
+        CHECK(std::all_of(out.values.begin(), out.values.end(), [](float x) { return std::isfinite(x); }));
+        CHECK(af::variants::relative_error(ref.values, out.values) <= 1e-4);
+    }
+}
