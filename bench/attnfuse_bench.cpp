@@ -17,8 +17,13 @@
 #include <attnfuse/cpu/kernels.hpp>
 #include <attnfuse/cpu/simd.hpp>
 #include <attnfuse/vulkan/executor.hpp>
+#include <strings.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <memory>
@@ -78,14 +83,15 @@ const char* family_name(family f) {
 
 // Calls run(expression, bindings...) for family F over p; Q, K and V come
 // from `qkv` (host views, or resident device tensors on Vulkan).
-template <family F, class QKV, class Run>
+// El: the element Q, K and V are stored as.
+template <family F, class El = float, class QKV, class Run>
 auto with_family(const problem& p, const QKV& qkv, Run&& run) {
     using af::i;
     using af::j;
     using af::T;
-    af::matrix<"Q"> Q;
-    af::matrix<"K"> K;
-    af::matrix<"V"> V;
+    af::matrix<"Q", af::dyn, af::dyn, El> Q;
+    af::matrix<"K", af::dyn, af::dyn, El> K;
+    af::matrix<"V", af::dyn, af::dyn, El> V;
     const auto& [q, k, v] = qkv;
     if constexpr (F == family::sdpa) return run(softmax(scale(Q^T*K))*V, q, k, v);
     else if constexpr (F == family::causal) return run(softmax(mask(scale(Q^T*K), af::causal))*V, q, k, v);
@@ -112,10 +118,20 @@ auto with_family(const problem& p, const QKV& qkv, Run&& run) {
 }
 
 // Q, K as columns over the [bh, n, d] arrays, V as rows, heads = bh.
-auto host_qkv(const problem& p) {
-    return std::tuple{af::bind(af::matrix<"Q">{}, af::col_major(p.q.data(), p.d, p.n_q, 1, p.bh)),
-                      af::bind(af::matrix<"K">{}, af::col_major(p.k.data(), p.d, p.n_k, 1, p.bh)),
-                      af::bind(af::matrix<"V">{}, af::row_major(p.v.data(), p.n_k, p.d, 1, p.bh))};
+template <class El>
+auto host_qkv(const El* q, const El* k, const El* v, const problem& p) {
+    return std::tuple{af::bind(af::matrix<"Q", af::dyn, af::dyn, El>{}, af::col_major(q, p.d, p.n_q, 1, p.bh)),
+                      af::bind(af::matrix<"K", af::dyn, af::dyn, El>{}, af::col_major(k, p.d, p.n_k, 1, p.bh)),
+                      af::bind(af::matrix<"V", af::dyn, af::dyn, El>{}, af::row_major(v, p.n_k, p.d, 1, p.bh))};
+}
+auto host_qkv(const problem& p) { return host_qkv(p.q.data(), p.k.data(), p.v.data(), p); }
+
+// The problem's inputs stored as El (rounded to nearest even).
+template <class El>
+std::vector<El> stored_as(const std::vector<float>& values) {
+    std::vector<El> out(values.size());
+    for (std::size_t n = 0; n < values.size(); ++n) out[n] = af::from_float<El>(values[n]);
+    return out;
 }
 
 void set_counters(benchmark::State& state, double flops, std::size_t intermediate) {
@@ -123,14 +139,22 @@ void set_counters(benchmark::State& state, double flops, std::size_t intermediat
     state.counters["intermediate_bytes"] = static_cast<double>(intermediate);
 }
 
-template <family F>
+// El: Q, K and V stored as f32, f16 or bf16 (a name's "_f16" or "_bf16").
+template <family F, class El = float>
 void attnfuse_cpu(benchmark::State& state, af::cpu::execution mode) {
     const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
+    // 16-bit copies only for 16-bit rows; f32 rows read the problem's arrays
+    std::vector<El> q, k, v;
+    if constexpr (!std::is_same_v<El, float>) q = stored_as<El>(p.q), k = stored_as<El>(p.k), v = stored_as<El>(p.v);
+    const auto qkv = [&] {
+        if constexpr (std::is_same_v<El, float>) return host_qkv(p);
+        else return host_qkv(q.data(), k.data(), v.data(), p);
+    }();
     std::size_t intermediate = 0;
     // one untimed run first: thread scratch, page faults
-    with_family<F>(p, host_qkv(p), [&](const auto& e, const auto&... b) { return af::cpu::run(e, {mode}, b...).info.kernels.size(); });
+    with_family<F, El>(p, qkv, [&](const auto& e, const auto&... b) { return af::cpu::run(e, {mode}, b...).info.kernels.size(); });
     for (auto _ : state) {
-        with_family<F>(p, host_qkv(p), [&](const auto& e, const auto&... b) {
+        with_family<F, El>(p, qkv, [&](const auto& e, const auto&... b) {
             const auto r = af::cpu::run(e, {mode}, b...);
             benchmark::DoNotOptimize(r.output.values.data());
             intermediate = r.info.intermediate_bytes;
@@ -223,16 +247,18 @@ void naive_loops(benchmark::State& state) {
 
 // What a C++ user would write instead: OpenBLAS sgemm for both products and
 // a vectorized softmax between them, heads in parallel.
-void openblas_unfused(benchmark::State& state) {
-    const std::size_t bh = state.range(0), nq = state.range(1), nk = state.range(2), d = state.range(3);
-    const problem p(bh, nq, nk, d);
-    const int threads = omp_get_max_threads();
-    std::vector<float> scores(static_cast<std::size_t>(threads) * nq * nk), out(bh * nq * d);
-    openblas_set_num_threads(1);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    for (auto _ : state) {
+struct openblas_attention {
+    const problem& p;
+    std::vector<float> scores, out;
+    explicit openblas_attention(const problem& p_)
+        : p(p_), scores(static_cast<std::size_t>(omp_get_max_threads()) * p.n_q * p.n_k), out(p.bh * p.n_q * p.d) {
+        openblas_set_num_threads(1);
+    }
+    void run() {
+        const std::size_t nq = p.n_q, nk = p.n_k, d = p.d;
+        const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 #pragma omp parallel for schedule(dynamic)
-        for (std::ptrdiff_t h = 0; h < static_cast<std::ptrdiff_t>(bh); ++h) {
+        for (std::ptrdiff_t h = 0; h < static_cast<std::ptrdiff_t>(p.bh); ++h) {
             float* s = scores.data() + static_cast<std::size_t>(omp_get_thread_num()) * nq * nk;
             const auto n_q = static_cast<int>(nq), n_k = static_cast<int>(nk), dd = static_cast<int>(d);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n_q, n_k, dd, scale, p.q.data() + h * nq * d, dd,
@@ -243,33 +269,115 @@ void openblas_unfused(benchmark::State& state) {
         }
         benchmark::DoNotOptimize(out.data());
     }
-    set_counters(state, p.flops(), scores.size() * sizeof(float));
+};
+
+void openblas_unfused(benchmark::State& state) {
+    const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
+    openblas_attention peer(p);
+    for (auto _ : state) peer.run();
+    set_counters(state, p.flops(), peer.scores.size() * sizeof(float));
 }
 
-// This machine's fp32 FMA peak on every core: ten independent chains of
-// eight-lane FMAs per thread, so that latency never limits throughput.
+// The same peer with OpenBLAS's kernels for another core (SkylakeX: its
+// AVX-512 ones). OpenBLAS chooses its kernels once, when the library
+// loads, from OPENBLAS_CORETYPE, so this row runs in a child process: this
+// very binary, started again with the variable set for the child alone
+// (--attnfuse_openblas_child). The child checks its output against
+// attnfuse's fused one, times the same loop and prints the seconds per
+// iteration and the core OpenBLAS reports; the parent reports that time.
+std::string self_path;
+
+int openblas_child(const char* spec) {
+    std::size_t bh = 0, nq = 0, nk = 0, d = 0, iterations = 0;
+    if (std::sscanf(spec, "%zu,%zu,%zu,%zu,%zu", &bh, &nq, &nk, &d, &iterations) != 5) return 2;
+    const problem p(bh, nq, nk, d);
+    openblas_attention peer(p);
+    peer.run();
+    const auto [q, k, v] = host_qkv(p);
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const auto fused = af::cpu::run(softmax(scale(Q^af::T*K))*V, q, k, v);
+    double worst = 0;
+    for (std::size_t n = 0; n < peer.out.size(); ++n) worst = std::max(worst, double(std::abs(peer.out[n] - fused.output.values[n])));
+    const auto start = std::chrono::steady_clock::now();
+    for (std::size_t it = 0; it < iterations; ++it) peer.run();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / double(iterations);
+    std::printf("%.9g %.3g %s\n", seconds, worst, openblas_get_corename());
+    return 0;
+}
+
+void openblas_core_unfused(benchmark::State& state, const char* core) {
+    const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
+    const std::size_t iterations = smoke ? 1 : std::max<std::size_t>(3, static_cast<std::size_t>(2e9 / p.flops() * 50));
+    std::string quoted_path;  // inside single quotes for the shell: ' becomes '\''
+    for (const char c : self_path) quoted_path += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    const std::string command = "OPENBLAS_CORETYPE=" + std::string(core) + " '" + quoted_path + "' --attnfuse_openblas_child=" +
+                                std::to_string(p.bh) + "," + std::to_string(p.n_q) + "," + std::to_string(p.n_k) + "," +
+                                std::to_string(p.d) + "," + std::to_string(iterations);
+    double seconds = 0, worst = 0;
+    char corename[64] = {};
+    if (FILE* child = popen(command.c_str(), "r")) {
+        if (std::fscanf(child, "%lf %lf %63s", &seconds, &worst, corename) != 3) seconds = 0;
+        pclose(child);
+    }
+    if (!(seconds > 0)) {
+        state.SkipWithError("the OpenBLAS child process gave no timing");
+        return;
+    }
+    // OpenBLAS built without DYNAMIC_ARCH ignores the variable: then this row would be the other one under a wrong name
+    if (strcasecmp(corename, core) != 0) {
+        state.SkipWithError(("OpenBLAS ran its " + std::string(corename) + " kernels, not " + core).c_str());
+        return;
+    }
+    // the same problem as attnfuse's fused kernel: they agree within fp32 rounding, else this row is not the same computation
+    if (!(worst <= 1e-3)) {
+        state.SkipWithError(("OpenBLAS (" + std::string(corename) + ") differs from attnfuse by " + std::to_string(worst)).c_str());
+        return;
+    }
+    for (auto _ : state) state.SetIterationTime(seconds);
+    set_counters(state, p.flops(), std::size_t(omp_get_max_threads()) * p.n_q * p.n_k * sizeof(float));
+    state.SetLabel(std::string("OpenBLAS core ") + corename);
+}
+
+// This machine's fp32 FMA peak on every core at a vector width: Chains
+// independent chains of FMAs per thread, enough that latency never limits
+// throughput (two FMA pipes x four cycles need eight; twenty at 16 lanes
+// still fit the 32 registers with the two constants). The build's width
+// (peak/cpu/fma) and 8 lanes (peak/cpu/fma_8_lanes, AVX2's ymm registers)
+// are both measured, so the AVX-512 kernels are read against the peak they
+// can reach and against the AVX2 one. (Disassembled: vfmadd...ps on zmm and
+// on ymm registers, no memory operands.)
+template <class Vec, int Chains>
 void peak_fma(benchmark::State& state) {
-    using af::cpu::simd::vf;
-    constexpr int chains = 10;
+    constexpr int lanes = sizeof(Vec) / sizeof(float);
     constexpr long steps = 1 << 20;
     const int threads = omp_get_max_threads();
     float sink = 0;
     for (auto _ : state) {
 #pragma omp parallel reduction(+ : sink)
         {
-            vf acc[chains];
-            for (int c = 0; c < chains; ++c) acc[c] = af::cpu::simd::splat(1.0f + 0.001f * float(c + omp_get_thread_num()));
-            const vf a = af::cpu::simd::splat(0.999999f), b = af::cpu::simd::splat(1e-7f);
-            for (long s = 0; s < steps; ++s)
-                for (int c = 0; c < chains; ++c) acc[c] = acc[c] * a + b;
-            for (int c = 0; c < chains; ++c) sink += acc[c][0];
+            Vec acc[Chains];
+            for (int c = 0; c < Chains; ++c)
+                for (int l = 0; l < lanes; ++l) acc[c][l] = 1.0f + 0.001f * float(c + omp_get_thread_num());
+            Vec a, b;
+            for (int l = 0; l < lanes; ++l) a[l] = 0.999999f, b[l] = 1e-7f;
+            // unrolled whole, so that the chains stay in registers (left to
+            // itself, GCC interchanges these loops at 20 chains and runs each
+            // chain through memory)
+            for (long s = 0; s < steps; ++s) {
+#pragma GCC unroll 32
+                for (int c = 0; c < Chains; ++c) acc[c] = acc[c] * a + b;
+            }
+            for (int c = 0; c < Chains; ++c) sink += acc[c][0];
         }
         benchmark::DoNotOptimize(sink);
     }
-    const double flops = 2.0 * af::cpu::simd::lanes * chains * double(steps) * threads;
+    const double flops = 2.0 * lanes * Chains * double(steps) * threads;
     state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
     state.counters["threads"] = threads;
 }
+typedef float eight_lanes __attribute__((vector_size(32)));
 
 // The Vulkan device's fp32 FMA peak, the line GFLOPS are read against:
 // eight independent FMA chains per invocation, many workgroups, device time.
@@ -333,6 +441,9 @@ void register_family(const std::vector<std::size_t>& sizes, const std::vector<st
             const auto args = arguments(bh, n, n, d);
             add(name + "/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu<F>(st, execution::fused); })->UseRealTime();
             add(name + "/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu<F>(st, execution::unfused); })->UseRealTime();
+            // Q, K and V stored 16-bit, read as stored by the fused kernel
+            add(name + "/cpu/fused_f16", args, [](benchmark::State& st) { attnfuse_cpu<F, af::half>(st, execution::fused); })->UseRealTime();
+            add(name + "/cpu/fused_bf16", args, [](benchmark::State& st) { attnfuse_cpu<F, af::bfloat16>(st, execution::fused); })->UseRealTime();
             // lavapipe runs shaders on this machine's cores: one head, n <= 1024,
             // d 64, and the reference shape for sdpa
             const bool reference_shape = F == family::sdpa && n == 2048 && d == 64;
@@ -350,8 +461,13 @@ void register_family(const std::vector<std::size_t>& sizes, const std::vector<st
 void register_all() {
     using af::cpu::execution;
     {
-        auto* b = benchmark::RegisterBenchmark("peak/cpu/fma", peak_fma)->UseRealTime()->Unit(benchmark::kMillisecond);
+        constexpr int chains = af::cpu::simd::lanes == 16 ? 20 : 10;
+        auto* b = benchmark::RegisterBenchmark("peak/cpu/fma", peak_fma<af::cpu::simd::vf, chains>)->UseRealTime()->Unit(benchmark::kMillisecond);
         if (smoke) b->Iterations(1);
+        if constexpr (af::cpu::simd::lanes != 8) {
+            auto* narrow = benchmark::RegisterBenchmark("peak/cpu/fma_8_lanes", peak_fma<eight_lanes, 10>)->UseRealTime()->Unit(benchmark::kMillisecond);
+            if (smoke) narrow->Iterations(1);
+        }
         auto* g = benchmark::RegisterBenchmark("peak/vulkan/fma", peak_vulkan)->UseManualTime()->Iterations(smoke ? 1 : 5)->Unit(
             benchmark::kMillisecond);
         (void)g;
@@ -368,6 +484,9 @@ void register_all() {
         for (const std::size_t n : sizes) {
             const std::size_t bh = smoke ? 2 : heads_for(n);
             add("sdpa/cpu/openblas_unfused", arguments(bh, n, n, d), openblas_unfused)->UseRealTime();
+            if (af::cpu::this_machine().avx512f)
+                add("sdpa/cpu/openblas_skylakex_unfused", arguments(bh, n, n, d),
+                    [](benchmark::State& st) { openblas_core_unfused(st, "SkylakeX"); })->UseManualTime()->Iterations(1);
             if (n <= 512) add("sdpa/cpu/naive_loops", arguments(1, n, n, d), naive_loops)->UseRealTime();
         }
     // decode: one query per head against a growing cache, 32 heads, d 128
@@ -377,6 +496,8 @@ void register_all() {
         const auto args = arguments(smoke ? 2 : 32, 1, nk, smoke ? 16 : 128);
         add("decode/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa>(st, execution::fused); })->UseRealTime();
         add("decode/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa>(st, execution::unfused); })->UseRealTime();
+        add("decode/cpu/fused_f16", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa, af::half>(st, execution::fused); })->UseRealTime();
+        add("decode/cpu/fused_bf16", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa, af::bfloat16>(st, execution::fused); })->UseRealTime();
         add("decode/cpu/openblas_unfused", args, openblas_unfused)->UseRealTime();
         for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
             auto* b = add(std::string("decode/vulkan/") + (mode == vk::execution::fused ? "fused" : "unfused"), args,
@@ -398,6 +519,12 @@ std::string cpu_model() {
 
 int main(int argc, char** argv) {
     // our flags first, out of Google Benchmark's way
+    if (argc == 2 && std::strncmp(argv[1], "--attnfuse_openblas_child=", 26) == 0) return openblas_child(argv[1] + 26);
+    {
+        char path[4096] = {};
+        const ssize_t length = readlink("/proc/self/exe", path, sizeof path - 1);
+        self_path = length > 0 ? std::string(path, static_cast<std::size_t>(length)) : std::string(argv[0]);
+    }
     int kept = 1;
     for (int a = 1; a < argc; ++a) {
         if (std::strcmp(argv[a], "--attnfuse_smoke") == 0) smoke = true;

@@ -29,7 +29,7 @@ COLOURS = {"sdpa": "tab:blue", "sdpa_causal": "tab:orange", "sliding_window": "t
            "softcap": "tab:purple", "hard": "tab:brown", "additive": "tab:pink", "decode": "tab:gray",
            "sigmoid_causal": "tab:olive", "relu_squared": "tab:cyan"}
 
-NAME = re.compile(r"^(?P<family>[a-z_]+)/(?P<backend>cpu|vulkan)/(?P<mode>[a-z_]+)/bh:(?P<bh>\d+)/nq:(?P<nq>\d+)/nk:(?P<nk>\d+)/d:(?P<d>\d+)")
+NAME = re.compile(r"^(?P<family>[a-z_]+)/(?P<backend>cpu|vulkan)/(?P<mode>[a-z0-9_]+)/bh:(?P<bh>\d+)/nq:(?P<nq>\d+)/nk:(?P<nk>\d+)/d:(?P<d>\d+)")
 
 
 def load(paths):
@@ -47,7 +47,9 @@ def load(paths):
             seconds = b["real_time"] * scale
             if name.startswith("peak/"):
                 backend = name.split("/")[1]
-                peaks[(label(context, backend), backend)] = b.get("GFLOPS", 0)
+                # the line GFLOPS are read against: the build width's FMA peak
+                if name.split("/")[2] == "fma":
+                    peaks[(label(context, backend), backend)] = b.get("GFLOPS", 0)
                 continue
             m = NAME.match(name)
             if not m:
@@ -64,7 +66,10 @@ def label(context, backend):
     if backend == "vulkan":
         return "Vulkan on " + context.get("vulkan_device", "?").split(" (")[0]
     cpu = context.get("cpu", "")
-    return "CPU: " + (cpu.split(":")[0] if cpu else "%s cores" % context.get("num_cpus", "?"))
+    name = "CPU: " + (cpu.split(":")[0] if cpu else "%s cores" % context.get("num_cpus", "?"))
+    # sweeps since the width became a parameter name the kernels' width; earlier ones ran 8 lanes
+    width = cpu.split("kernels built for ")[1].split(" (")[0] if "kernels built for " in cpu else "AVX2"
+    return "%s, %s kernels" % (name, width)
 
 
 def series(rows, machine, family, mode, d, square_only=True):
@@ -126,10 +131,16 @@ def plot_gflops(rows, peaks, out_dir):
             if fused:
                 ax.plot(list(fused), [v["gflops"] for v in fused.values()], marker="o", ms=3, color=COLOURS.get(family),
                         label=family + " fused d=64")
-        for mode, style in (("unfused", ":"), ("openblas_unfused", "-."), ("naive_loops", "--")):
+        for mode, style in (("fused_f16", (0, (3, 1))), ("fused_bf16", (0, (1, 1)))):
             s = series(rows, machine, "sdpa", mode, 64)
             if s:
-                ax.plot(list(s), [v["gflops"] for v in s.values()], style, marker="x", ms=3, color="black",
+                ax.plot(list(s), [v["gflops"] for v in s.values()], linestyle=style, marker="^", ms=3, color=COLOURS["sdpa"],
+                        label="sdpa " + mode + " d=64")
+        for mode, style in (("unfused", ":"), ("openblas_unfused", "-."), ("openblas_skylakex_unfused", (0, (5, 2))),
+                            ("naive_loops", "--")):
+            s = series(rows, machine, "sdpa", mode, 64)
+            if s:
+                ax.plot(list(s), [v["gflops"] for v in s.values()], linestyle=style, marker="x", ms=3, color="black",
                         label="sdpa " + mode + " d=64")
         peak = peaks.get((machine, backend))
         if peak:
