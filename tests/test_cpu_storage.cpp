@@ -36,6 +36,7 @@
 #include <tuple>
 #include <vector>
 
+#include "element_storage.hpp"
 #include "variants.hpp"
 
 namespace af = attnfuse;
@@ -45,9 +46,7 @@ using af::execution;
 
 namespace {
 
-bool has_note(const af::report& info, const std::string& text) {
-    return std::any_of(info.notes.begin(), info.notes.end(), [&](const std::string& n) { return n.find(text) != std::string::npos; });
-}
+using af::testing::notes_name;
 
 struct shape {
     std::size_t n_q, n_k, d, d_v;
@@ -77,9 +76,9 @@ struct stored_inputs {
         if (value_spike != 0)
             for (std::size_t kv = 0; kv < batch * kv_heads; ++kv)
                 for (std::size_t key = 10; key < 26; ++key) v[(kv * s.n_k + key) * s.d_v] = value_spike;
-        for (float x : q) q16.push_back(af::from_float<El>(x));
-        for (float x : k) k16.push_back(af::from_float<El>(x));
-        for (float x : v) v16.push_back(af::from_float<El>(x));
+        q16 = af::testing::stored<El>(q.data(), q.size());
+        k16 = af::testing::stored<El>(k.data(), k.size());
+        v16 = af::testing::stored<El>(v.data(), v.size());
     }
 };
 
@@ -150,9 +149,9 @@ void check_family(const char* family, const Make& make, bool softmax_family) {
                     CHECK(af::variants::relative_error(ref.values, out.values) <= 1e-4);
                     // the fused kernel read them as stored: nothing widened whole
                     const bool as_stored = mode == execution::fused;
-                    CHECK(has_note(info, "input Q: stored as") == !as_stored);
-                    CHECK(has_note(info, "input K: stored as") == !as_stored);
-                    CHECK(has_note(info, "input V: stored as") == !as_stored);
+                    CHECK(notes_name(info, "input Q: stored as") == !as_stored);
+                    CHECK(notes_name(info, "input K: stored as") == !as_stored);
+                    CHECK(notes_name(info, "input V: stored as") == !as_stored);
                     // the unrounded inputs, in the layout of the contiguous case
                     if (softmax_family && keys_contiguous && values_contiguous) {
                         af::matrix<"Qf"> Qf;

@@ -66,6 +66,15 @@ inline void micro(std::size_t depth, const float* a, std::ptrdiff_t r_stride, st
         for (int v = 0; v < V; ++v) simd::store(c + r * ldc + v * simd::lanes, acc[r][v]);
 }
 
+// f(std::integral_constant<int, n>{}) for a run-time n in [1, N]: how a
+// count of rows or panels picks the micro-kernel instantiation it needs.
+template <int N, class F>
+inline void with_count(std::size_t n, const F& f) {
+    [&]<int... I>(std::integer_sequence<int, I...>) {
+        (void)((n == static_cast<std::size_t>(I + 1) ? (f(std::integral_constant<int, I + 1>{}), true) : false) || ...);
+    }(std::make_integer_sequence<int, N>{});
+}
+
 // Rows per micro-kernel call for a group of P panels: the most that keep
 // the accumulators, the B vectors and a broadcast within the register file.
 template <int P>
@@ -74,7 +83,7 @@ constexpr int block_rows_for() {
     else return static_cast<int>(block_rows);                              // 12 of 16 ymm registers (P is 1)
 }
 // Panels side by side in one micro-kernel call.
-constexpr std::size_t widest_panel_group = simd::lanes == 16 ? 3 : 1;
+constexpr int widest_panel_group = simd::lanes == 16 ? 3 : 1;
 
 template <int P, class BEl>
 void multiply_panel_group(std::size_t rows, std::size_t depth, const float* a, std::ptrdiff_t r_stride, std::ptrdiff_t p_stride,
@@ -90,12 +99,9 @@ void multiply_panel_group(std::size_t rows, std::size_t depth, const float* a, s
     const float* ar = a + static_cast<std::ptrdiff_t>(r) * r_stride;
     float* cr = c + r * ldc;
     // the last rows: one call of the micro-kernel with exactly `left` rows
-    [&]<int... L>(std::integer_sequence<int, L...>) {
-        (void)((left == static_cast<std::size_t>(L + 1)
-                    ? (micro<L + 1, P, BEl>(depth, ar, r_stride, p_stride, b, b_p_stride, b_panel_stride, cr, ldc, accumulate), true)
-                    : false) ||
-               ...);
-    }(std::make_integer_sequence<int, R - 1>{});
+    with_count<R - 1>(left, [&](auto rows_left) {
+        micro<decltype(rows_left)::value, P, BEl>(depth, ar, r_stride, p_stride, b, b_p_stride, b_panel_stride, cr, ldc, accumulate);
+    });
 }
 
 // For one or two rows of C (decode's weighted sum of values) the product
@@ -115,12 +121,9 @@ void multiply_few_rows(std::size_t panels, std::size_t depth, const float* a, st
         const std::size_t group = std::min<std::size_t>(few_rows_panels<R>, panels - q);
         const BEl* bq = b + static_cast<std::ptrdiff_t>(q) * b_panel_stride;
         float* cq = c + q * panel_width;
-        [&]<int... G>(std::integer_sequence<int, G...>) {
-            (void)((group == static_cast<std::size_t>(G + 1)
-                        ? (micro<R, G + 1, BEl>(depth, a, r_stride, p_stride, bq, b_p_stride, b_panel_stride, cq, ldc, accumulate), true)
-                        : false) ||
-                   ...);
-        }(std::make_integer_sequence<int, few_rows_panels<R>>{});
+        with_count<few_rows_panels<R>>(group, [&](auto panels_now) {
+            micro<R, decltype(panels_now)::value, BEl>(depth, a, r_stride, p_stride, bq, b_p_stride, b_panel_stride, cq, ldc, accumulate);
+        });
         q += group;
     }
 }
@@ -134,13 +137,10 @@ void multiply_panels_of(std::size_t rows, std::size_t panels, std::size_t depth,
     for (std::size_t q = 0; q < panels;) {
         const BEl* bq = b + static_cast<std::ptrdiff_t>(q) * b_panel_stride;
         float* cq = c + q * panel_width;
-        const std::size_t group = std::min(widest_panel_group, panels - q);
-        if (group == 3)
-            multiply_panel_group<3>(rows, depth, a, r_stride, p_stride, bq, b_p_stride, b_panel_stride, cq, ldc, accumulate);
-        else if (group == 2)
-            multiply_panel_group<2>(rows, depth, a, r_stride, p_stride, bq, b_p_stride, b_panel_stride, cq, ldc, accumulate);
-        else
-            multiply_panel_group<1>(rows, depth, a, r_stride, p_stride, bq, b_p_stride, b_panel_stride, cq, ldc, accumulate);
+        const std::size_t group = std::min<std::size_t>(widest_panel_group, panels - q);
+        with_count<widest_panel_group>(group, [&](auto panels_now) {
+            multiply_panel_group<decltype(panels_now)::value>(rows, depth, a, r_stride, p_stride, bq, b_p_stride, b_panel_stride, cq, ldc, accumulate);
+        });
         q += group;
     }
 }

@@ -80,27 +80,19 @@ struct executor {
     }
     std::size_t heads_total() const { return env.batch * env.heads; }
 
-    // A 16-bit input for a kernel that reads fp32: widened once per run into
-    // the arena (all its batch entries and heads, row-major), with a note.
-    std::map<std::string_view, tensor_view<float>> widened_inputs;
+    // A 16-bit input for a kernel that reads fp32: widened once per run
+    // (bind.hpp's widened(), which owns the copy), with a note.
+    std::map<std::string_view, binding<"", float>> widened_inputs;
     template <fixed_string Name, class El>
     tensor_view<float> widened_input(const tensor_view<El>& v) {
-        if (const auto found = widened_inputs.find(Name.view()); found != widened_inputs.end()) return found->second;
-        const std::size_t matrix = v.rows * v.cols;
-        arena.emplace_back(v.batch * v.heads * matrix);
-        std::vector<float>& wide = arena.back();
-        for (std::size_t b = 0; b < v.batch; ++b)
-            for (std::size_t h = 0; h < v.heads; ++h)
-                kernels::widen_block(v.data + static_cast<std::ptrdiff_t>(b) * v.batch_stride + static_cast<std::ptrdiff_t>(h) * v.head_stride,
-                                     v.rows, v.cols, v.row_stride, v.col_stride, wide.data() + (b * v.heads + h) * matrix, v.cols, v.cols);
-        const std::size_t bytes = wide.size() * sizeof(float);
+        if (const auto found = widened_inputs.find(Name.view()); found != widened_inputs.end()) return found->second.view;
+        const binding<Name, float> wide = widened(binding<Name, El>{v});
+        const std::size_t bytes = wide.owned->size() * sizeof(float);
         info.intermediate_bytes += bytes;
-        info.notes.push_back("input " + std::string(Name.view()) + ": stored as " + std::string(element<El>::name) +
+        info.notes.push_back("input " + std::string(Name.view()) + ": stored as " + std::string(wide.widened_from) +
                              "; a kernel of this run that reads f32 only read it widened (" + std::to_string(bytes) + " bytes)");
-        const auto r = static_cast<std::ptrdiff_t>(v.rows), c = static_cast<std::ptrdiff_t>(v.cols), h = static_cast<std::ptrdiff_t>(v.heads);
-        const tensor_view<float> view{wide.data(), v.rows, v.cols, v.batch, v.heads, c, 1, h * r * c, r * c};
-        widened_inputs.emplace(Name.view(), view);
-        return view;
+        widened_inputs.emplace(Name.view(), binding<"", float>{wide.view, wide.owned});
+        return wide.view;
     }
     int threads() const { return static_cast<int>(opt.threads); }
 };
@@ -299,9 +291,13 @@ struct stored_matrix {
         const std::ptrdiff_t is = by_rows ? row_stride : col_stride, js = by_rows ? col_stride : row_stride;
         const std::ptrdiff_t first = static_cast<std::ptrdiff_t>(i0) * is;
         if (f32) return {f32 + first, is, js};
-        if (f16) kernels::widen_block(f16 + first, count, width, is, js, scratch, ld, padded);
-        else kernels::widen_block(bf16 + first, count, width, is, js, scratch, ld, padded);
+        with_16_bits([&](const auto* data) { kernels::widen_block(data + first, count, width, is, js, scratch, ld, padded); });
         return {scratch, static_cast<std::ptrdiff_t>(ld), 1};
+    }
+    // f(data) with the 16-bit pointer, whichever format it is
+    template <class F> void with_16_bits(const F& f) const {
+        if (f16) f(f16);
+        else f(bf16);
     }
 
     // The kernels that read a 16-bit operand in place, widening in
@@ -312,18 +308,16 @@ struct stored_matrix {
     void dots_with_keys(std::size_t rows, std::size_t keys, std::size_t depth, const float* a, std::ptrdiff_t a_r_stride,
                         std::ptrdiff_t a_p_stride, std::size_t key0, float* s, std::size_t lds) const {
         const std::ptrdiff_t first = static_cast<std::ptrdiff_t>(key0) * col_stride;
-        if (f16) kernels::multiply_dots(rows, keys, depth, a, a_r_stride, a_p_stride, f16 + first, col_stride, s, lds);
-        else kernels::multiply_dots(rows, keys, depth, a, a_r_stride, a_p_stride, bf16 + first, col_stride, s, lds);
+        with_16_bits([&](const auto* data) { kernels::multiply_dots(rows, keys, depth, a, a_r_stride, a_p_stride, data + first, col_stride, s, lds); });
     }
     bool values_in_place(std::size_t d_v) const { return !f32 && col_stride == 1 && d_v % kernels::panel_width == 0; }
     void multiply_values(std::size_t rows, std::size_t d_v, std::size_t keys, const float* w, std::ptrdiff_t w_r_stride,
                          std::ptrdiff_t w_c_stride, std::size_t key0, float* acc, std::size_t ld_acc) const {
         const std::ptrdiff_t first = static_cast<std::ptrdiff_t>(key0) * row_stride;
         const std::size_t panels = d_v / kernels::panel_width;
-        if (f16)
-            kernels::multiply_panels(rows, panels, keys, w, w_r_stride, w_c_stride, f16 + first, row_stride, kernels::panel_width, acc, ld_acc, true);
-        else
-            kernels::multiply_panels(rows, panels, keys, w, w_r_stride, w_c_stride, bf16 + first, row_stride, kernels::panel_width, acc, ld_acc, true);
+        with_16_bits([&](const auto* data) {
+            kernels::multiply_panels(rows, panels, keys, w, w_r_stride, w_c_stride, data + first, row_stride, kernels::panel_width, acc, ld_acc, true);
+        });
     }
 };
 
