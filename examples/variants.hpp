@@ -4,7 +4,10 @@
 //   attnfuse::variants::for_each(shape, [](const variant& v, const auto& expr, const auto&... bindings) { ... });
 #pragma once
 #include <attnfuse/dsl.hpp>
+#include <attnfuse/element.hpp>
+#include <attnfuse/run.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <deque>
@@ -37,6 +40,20 @@ inline double relative_error(const std::vector<double>& ref, const std::vector<f
         scale = std::max(scale, std::abs(ref[n]));
     }
     return worst / scale;
+}
+
+// The tolerance of a run checked by relative_error: fp32_tolerance, unless
+// the run rounded its weights to bf16 for their product with V (the CPU's
+// bf16 products; report.notes says so), which is held to bf16's unit
+// roundoff u = 2^-8 instead: each weight moves by at most u relatively, the
+// catalogue's bf16 rows are softmax attention (weights summing to 1) and
+// input_store's values lie in [-1, 1], so the output moves by at most u
+// against a scale of at least 1.
+inline double tolerance_of_run(double fp32_tolerance, const report& info) {
+    for (const std::string& n : info.notes)
+        if (n.find("the weights rounded to bf16") != std::string::npos)
+            return std::max(fp32_tolerance, unit_roundoff<bfloat16>);
+    return fp32_tolerance;
 }
 
 struct variant {

@@ -14,8 +14,15 @@
 //     (soft-capping is 1-Lipschitz and masks drop keys, so the same holds),
 //     the weights of a row by e^(2 delta) - 1 in their 1-norm, and the output
 //     by that times max|v|, plus u max|v| from V's own rounding:
-//     error <= (e^(2 delta) - 1 + u) max|v| + 1e-4 scale.
+//     error <= (e^(2 delta) - 1 + u) max|v| + 1e-4 scale
+//     (and u max|v| more where bf16 products rounded the weights, below).
 //     u is 2^-11 for f16 and 2^-8 for bf16.
+//   - where the fused kernel ran bf16 products (report.notes says so; it
+//     must where the CPU has them, for 16 queries or more), its weights were
+//     rounded to bf16 for their product with V: each weight w by at most
+//     u|w|, so output (r, c) moves by at most u sum_k |w_rk| |v_kc|, which for
+//     these families' non-negative weights is u times the reference over
+//     |V|. That bound, per element, plus 1e-4 of the scale.
 // Sizes are odd and cross every tile: 301 keys (three key tiles, the last
 // partial), 53 queries (a full query tile and a partial one) or 1, 2 and 3
 // (decode's dot products and its one- and two-row value streams), depth 67
@@ -97,7 +104,7 @@ auto views(const stored_inputs<El>& in, const shape& s, bool keys_contiguous, bo
 // The bound of the header: how far rounding the inputs to El may move a
 // softmax family's output.
 template <class El>
-double storage_bound(const stored_inputs<El>& in, const shape& s, const std::vector<double>& exact) {
+double storage_bound(const stored_inputs<El>& in, const shape& s, const std::vector<double>& exact, bool weights_rounded) {
     const double u = af::unit_roundoff<El>;
     double largest_score = 0, largest_value = 0, scale = 1;
     for (std::size_t b = 0; b < batch; ++b)
@@ -112,7 +119,20 @@ double storage_bound(const stored_inputs<El>& in, const shape& s, const std::vec
                 }
     for (float x : in.v) largest_value = std::max(largest_value, double(std::abs(x)));
     for (double o : exact) scale = std::max(scale, std::abs(o));
-    return (std::expm1(4 * u * largest_score) + u) * largest_value + 1e-4 * scale;
+    // bf16 products round each weight too: at most u max|v| more
+    return (std::expm1(4 * u * largest_score) + (weights_rounded ? 2 : 1) * u) * largest_value + 1e-4 * scale;
+}
+
+// For bf16 products: every |out - exact| within u * weighted_magnitude (the
+// reference over |V|) plus 1e-4 of the output's scale.
+bool within_weight_rounding(const std::vector<double>& exact, const std::vector<double>& weighted_magnitude,
+                            const std::vector<float>& out) {
+    double scale = 1;
+    for (double o : exact) scale = std::max(scale, std::abs(o));
+    const double u = af::unit_roundoff<af::bfloat16>;
+    for (std::size_t n = 0; n < out.size(); ++n)
+        if (!(std::abs(double(out[n]) - exact[n]) <= u * weighted_magnitude[n] + 1e-4 * scale)) return false;
+    return out.size() == exact.size();
 }
 
 double worst_difference(const std::vector<double>& exact, const std::vector<float>& out) {
@@ -124,10 +144,11 @@ double worst_difference(const std::vector<double>& exact, const std::vector<floa
 
 // One family at format El over every shape and layout. make(Q, K, V) builds
 // the expression over any three inputs; softmax_family: the storage bound
-// applies.
+// applies; weighted_sum: the weights multiply V (every family but hard).
 template <class El, class Make>
-void check_family(const char* family, const Make& make, bool softmax_family) {
-    const shape shapes[] = {{53, 301, 67, 35}, {53, 301, 67, 48}, {3, 301, 67, 35}, {3, 301, 67, 48}, {2, 301, 67, 32}, {1, 301, 67, 48}};
+void check_family(const char* family, const Make& make, bool softmax_family, bool weighted_sum = true) {
+    // (depth 64, even: bf16 products read each key's pairs in place)
+    const shape shapes[] = {{53, 301, 67, 35}, {53, 301, 67, 48}, {53, 301, 64, 35}, {3, 301, 67, 35}, {3, 301, 67, 48}, {2, 301, 67, 32}, {1, 301, 67, 48}};
     af::matrix<"Q", dyn, dyn, El> Q;
     af::matrix<"K", dyn, dyn, El> K;
     af::matrix<"V", dyn, dyn, El> V;
@@ -141,12 +162,25 @@ void check_family(const char* family, const Make& make, bool softmax_family) {
                 const auto kb = af::bind(K, kv);
                 const auto vb = af::bind(V, vv);
                 const auto ref = af::reference::evaluate(e, qb, kb, vb);
+                std::vector<El> v_magnitude(in.v16);
+                for (El& x : v_magnitude) x = af::element<El>::narrow(std::abs(af::to_float(x)));
+                auto magnitude_view = vv;  // V's layout over |V|
+                magnitude_view.data = v_magnitude.data();
+                const auto weighted_magnitude = af::reference::evaluate(e, qb, kb, af::bind(V, magnitude_view)).values;
                 for (const execution mode : {execution::fused, execution::unfused}) {
                     INFO(family << " at " << af::element<El>::name << ", n_q " << s.n_q << (keys_contiguous ? ", keys contiguous" : ", keys strided")
                                 << (values_contiguous ? ", value rows contiguous" : ", value rows strided")
                                 << (mode == execution::fused ? ", fused" : ", unfused"));
                     const auto [out, info] = af::cpu::run(e, af::run_options{mode}, qb, kb, vb);
-                    CHECK(af::variants::relative_error(ref.values, out.values) <= 1e-4);
+                    const bool bf16_products = std::is_same_v<El, af::bfloat16> && mode == execution::fused &&
+                                               af::cpu::this_machine().bf16_products && s.n_q >= 16;
+                    CHECK(notes_name(info, "fused attention: bf16 products") == bf16_products);
+                    if (bf16_products && weighted_sum) {
+                        CHECK(notes_name(info, "the weights rounded to bf16"));
+                        CHECK(within_weight_rounding(ref.values, weighted_magnitude, out.values));
+                    } else {
+                        CHECK(af::variants::relative_error(ref.values, out.values) <= 1e-4);
+                    }
                     // the fused kernel read them as stored: nothing widened whole
                     const bool as_stored = mode == execution::fused;
                     CHECK(notes_name(info, "input Q: stored as") == !as_stored);
@@ -161,7 +195,7 @@ void check_family(const char* family, const Make& make, bool softmax_family) {
                             make(Qf, Kf, Vf), af::bind(Qf, af::col_major(in.q.data(), s.d, s.n_q, batch, heads)),
                             af::bind(Kf, af::col_major(in.k.data(), s.d, s.n_k, batch, kv_heads)),
                             af::bind(Vf, af::row_major(in.v.data(), s.n_k, s.d_v, batch, kv_heads)));
-                        const double bound = storage_bound(in, s, exact.values), worst = worst_difference(exact.values, out.values);
+                        const double bound = storage_bound(in, s, exact.values, bf16_products), worst = worst_difference(exact.values, out.values);
                         INFO("against the unrounded inputs: error " << worst << ", bound " << bound);
                         CHECK(worst <= bound);
                     }
@@ -177,7 +211,7 @@ void check_every_family() {
         return softmax(mask(scale(Q^af::T*K), af::window(40)))*V;
     }, true);
     check_family<El>("soft-capped", [](const auto& Q, const auto& K, const auto& V) { return softmax(30 * tanh(scale(Q^af::T*K) / 30))*V; }, true);
-    check_family<El>("hard", [](const auto& Q, const auto& K, const auto& V) { return hard(scale(Q^af::T*K))*V; }, false);
+    check_family<El>("hard", [](const auto& Q, const auto& K, const auto& V) { return hard(scale(Q^af::T*K))*V; }, false, false);
     check_family<El>("sigmoid, causal", [](const auto& Q, const auto& K, const auto& V) {
         return sigmoid(mask(scale(Q^af::T*K), causal) - 5.7)*V;
     }, false);
@@ -232,4 +266,25 @@ TEST_CASE("bf16 value rows near fp32's largest value take the careful pass and s
         CHECK(std::all_of(out.values.begin(), out.values.end(), [](float x) { return std::isfinite(x); }));
         CHECK(af::variants::relative_error(ref.values, out.values) <= 1e-4);
     }
+}
+
+TEST_CASE("options.bf16_products = false keeps every product of bf16 operands fp32", "[cpu][storage]") {
+    const shape s{53, 301, 64, 48};
+    const stored_inputs<af::bfloat16> in(s, 17);
+    af::matrix<"Q", dyn, dyn, af::bfloat16> Q;
+    af::matrix<"K", dyn, dyn, af::bfloat16> K;
+    af::matrix<"V", dyn, dyn, af::bfloat16> V;
+    const auto e = softmax(mask(scale(Q^af::T*K), causal))*V;
+    const auto [qv, kv, vv] = views(in, s, true, true);
+    const auto qb = af::bind(Q, qv);
+    const auto kb = af::bind(K, kv);
+    const auto vb = af::bind(V, vv);
+    const auto ref = af::reference::evaluate(e, qb, kb, vb);
+    const auto [out, info] = af::cpu::run(e, {.mode = execution::fused, .bf16_products = false}, qb, kb, vb);
+    CHECK_FALSE(notes_name(info, "bf16 products"));
+    CHECK(af::variants::relative_error(ref.values, out.values) <= 1e-4);
+    // and with them (where the CPU has them) the note names what ran
+    const auto [out16, info16] = af::cpu::run(e, {.mode = execution::fused}, qb, kb, vb);
+    CHECK(notes_name(info16, "bf16 products (AVX512-BF16) for Q.K and the weights' product with V") ==
+          af::cpu::this_machine().bf16_products);
 }

@@ -32,6 +32,14 @@ struct run_options {
     // device: on a GPU, enough to fill it when queries x heads alone would
     // not (decode, short sequences); none on a CPU device.
     std::size_t key_splits = 0;
+    // Where Q and K, or V, are stored bf16 and the device multiplies bf16
+    // pairs natively (the CPU's AVX512-BF16), run those products in bf16,
+    // with fp32 sums: Q.K exactly as in fp32 but for rounding order, the
+    // weights rounded to bf16 (nearest, a relative error of at most 2^-8
+    // each) for their product with V, as FlashAttention rounds P to its
+    // inputs' type. false keeps every product fp32; report.notes says when
+    // bf16 products ran.
+    bool bf16_products = true;
 };
 
 // What a run did.

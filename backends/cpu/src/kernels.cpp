@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "attnfuse/cpu/simd.hpp"
+#include "with_count.hpp"
 #include <attnfuse/ops.hpp>
 
 namespace attnfuse::cpu::kernels {
@@ -64,15 +65,6 @@ inline void micro(std::size_t depth, const float* a, std::ptrdiff_t r_stride, st
     }
     for (int r = 0; r < R; ++r)
         for (int v = 0; v < V; ++v) simd::store(c + r * ldc + v * simd::lanes, acc[r][v]);
-}
-
-// f(std::integral_constant<int, n>{}) for a run-time n in [1, N]: how a
-// count of rows or panels picks the micro-kernel instantiation it needs.
-template <int N, class F>
-inline void with_count(std::size_t n, const F& f) {
-    [&]<int... I>(std::integer_sequence<int, I...>) {
-        (void)((n == static_cast<std::size_t>(I + 1) ? (f(std::integral_constant<int, I + 1>{}), true) : false) || ...);
-    }(std::make_integer_sequence<int, N>{});
 }
 
 // Rows per micro-kernel call for a group of P panels: the most that keep

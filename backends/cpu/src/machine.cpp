@@ -1,6 +1,7 @@
 #include <thread>
 
 #include "attnfuse/cpu.hpp"
+#include "attnfuse/cpu/kernels.hpp"
 #include "attnfuse/cpu/simd.hpp"
 
 namespace attnfuse::cpu {
@@ -17,6 +18,7 @@ machine this_machine() {
     m.avx512bf16 = __builtin_cpu_supports("avx512bf16");
 #endif
     m.kernel_width = simd::width_name;
+    m.bf16_products = kernels::bf16_products_available();
     return m;
 }
 
@@ -27,7 +29,9 @@ std::string describe(const machine& m) {
     if (m.f16c) s += ", F16C";
     if (m.avx512f) s += ", AVX-512F";
     if (m.avx512bf16) s += ", AVX512-BF16";
-    return s + "; kernels built for " + m.kernel_width;
+    s += std::string("; kernels built for ") + m.kernel_width;
+    if (m.bf16_products) s += ", bf16 products with vdpbf16ps";
+    return s;
 }
 
 }  // namespace attnfuse::cpu

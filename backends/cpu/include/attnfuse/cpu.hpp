@@ -23,6 +23,9 @@ struct machine {
     bool avx512f = false;
     bool avx512bf16 = false;
     const char* kernel_width = "";
+    // the fused kernel multiplies bf16 operands with vdpbf16ps (a 16-lane
+    // build on a CPU with AVX512-BF16; options.bf16_products)
+    bool bf16_products = false;
 };
 machine this_machine();
 std::string describe(const machine& m);

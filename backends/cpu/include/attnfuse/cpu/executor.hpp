@@ -260,6 +260,7 @@ inline constexpr std::size_t few_queries = kernels::panel_width;
 struct fused_scratch {
     std::vector<float> scores, packed, packed_values, accumulator, tile_max, best;
     std::vector<float> wide_queries, wide_keys, wide_values;  // tiles of 16-bit operands, widened
+    std::vector<bfloat16> query_pairs, key_pairs, weight_pairs, value_pairs;  // operands of bf16 products
     std::vector<kernels::row_state> state;
     std::vector<std::size_t> best_index;
     std::vector<unsigned char> nan_seen;  // bytes: vector<bool> has no data()
@@ -425,6 +426,20 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     // as a widened tile of 16-bit values always is
     const bool values_in_place =
         in.values.widened_by_tiles() || (in.values.f32.col_stride == 1 && d_v % kernels::panel_width == 0);
+    // bf16 products (vdpbf16ps) where the CPU has them and the operands are
+    // stored bf16: Q.K when both are, and the weights' product with a bf16
+    // V, the weights rounded to bf16 first. The many-query path only: decode
+    // is bound by memory, not by its products. The careful pass stays fp32.
+    const bool bf16_allowed = x.opt.bf16_products && transposed && kernels::bf16_products_available();
+    const bool bf16_scores = bf16_allowed && !traits::pairwise && in.queries.bf16.data && in.keys.bf16.data;
+    const bool bf16_values = bf16_allowed && !hard && in.values.bf16.data;
+    const std::size_t depth_pairs = (depth + 1) / 2;
+    // keys are their own A operand when each key's depth is contiguous and even
+    const bool keys_pairs_in_place = bf16_scores && in.keys.bf16.row_stride == 1 && depth % 2 == 0;
+    const std::size_t query_pair_count = bf16_scores ? rows_padded * depth_pairs * 2 : 0;
+    const std::size_t key_pair_count = bf16_scores && !keys_pairs_in_place ? key_tile * depth_pairs * 2 : 0;
+    const std::size_t weight_pair_count = bf16_values ? key_tile * rows_padded : 0;
+    const std::size_t value_pair_count = bf16_values ? key_tile * dv_padded : 0;
 
     double dropout_p = 0;
     std::uint32_t dropout_seed = 0;
@@ -451,7 +466,11 @@ tensor_view<float> fused_attention(const E& e, X& x) {
         // scratch kept by each thread from run to run: no allocation, no
         // page faults on the hot path
         thread_local fused_scratch scratch;
-        auto& [s, packed, packed_values, acc, tile_max, best, wide_queries, wide_keys, wide_values, state, best_index, nan_seen] = scratch;
+        auto& [s, packed, packed_values, acc, tile_max, best, wide_queries, wide_keys, wide_values, query_pairs, key_pairs,
+               weight_pairs, value_pairs, state, best_index, nan_seen] = scratch;
+        for (auto [v, n] : {std::pair{&query_pairs, query_pair_count}, std::pair{&key_pairs, key_pair_count},
+                            std::pair{&weight_pairs, weight_pair_count}, std::pair{&value_pairs, value_pair_count}})
+            v->resize(std::max(v->size(), n));
         if (in.queries.widened_by_tiles()) wide_queries.resize(std::max(wide_queries.size(), rows_per_tile * depth));
         if (in.keys.widened_by_tiles()) wide_keys.resize(std::max(wide_keys.size(), key_tile * depth));
         if (in.values.widened_by_tiles()) wide_values.resize(std::max(wide_values.size(), key_tile * dv_padded));
@@ -489,6 +508,7 @@ tensor_view<float> fused_attention(const E& e, X& x) {
             // result is finite, and reads no value row whose weight is 0.
             auto compute = [&](bool careful) {
             if (careful) packed_values.resize(std::max(packed_values.size(), key_tile * dv_padded));
+            const bool bf16_scores_now = bf16_scores && !careful, bf16_values_now = bf16_values && !careful;
             std::fill_n(acc.begin(), rows_padded * dv_padded, 0.0f);
             for (std::size_t r = 0; r < rows_padded; ++r) {
                 state[r] = {-std::numeric_limits<float>::infinity(), 0.0f};
@@ -497,7 +517,11 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 nan_seen[r] = 0;
             }
             // the query tile, packed once: panels of 16 queries x depth
-            if (transposed && !traits::pairwise) {
+            if (bf16_scores_now) {
+                const stored_matrix q_stored = in.queries.at(x.env, b, h);
+                kernels::pack_bf16_pairs(depth, rows, q_stored.bf16 + static_cast<std::ptrdiff_t>(q0) * q_stored.col_stride,
+                                         q_stored.row_stride, q_stored.col_stride, query_pairs.data());
+            } else if (transposed && !traits::pairwise) {
                 kernels::pack_panels(depth, rows, q_base, q_ds, q_qs, packed.data());
                 if (query_factor != 1.0f)
                     for (std::size_t n = 0; n < depth * rows_padded; ++n) packed[n] *= query_factor;
@@ -520,8 +544,9 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 // the key tile as floats (keys x depth: key stride k_ks, depth
                 // stride k_ds), unless the dot products read 16-bit keys in place
                 const bool keys_in_place = !transposed && !traits::pairwise && k_stored.keys_in_place();
-                const float_block k_block =
-                    keys_in_place ? float_block{} : k_stored.block(false, k0, cols, depth, wide_keys.data(), depth, depth);
+                const float_block k_block = keys_in_place || bf16_scores_now
+                                                ? float_block{}
+                                                : k_stored.block(false, k0, cols, depth, wide_keys.data(), depth, depth);
                 const float* k_tile = k_block.data;
                 const std::ptrdiff_t k_ks = k_block.i_stride, k_ds = k_block.j_stride;
 
@@ -550,6 +575,23 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                                 simd::store(s.data() + k * rows_padded + g, sum);
                             }
                         }
+                    } else if (bf16_scores_now) {
+                        // keys (one A row each, depth pairs contiguous) against the query pairs;
+                        // the scale, which the fp32 path folds into Q, is applied to the sums
+                        const bfloat16* keys = k_stored.bf16 + static_cast<std::ptrdiff_t>(k0) * k_stored.col_stride;
+                        std::ptrdiff_t key_stride = k_stored.col_stride;
+                        if (!keys_pairs_in_place) {
+                            const std::size_t even = 2 * depth_pairs;
+                            for (std::size_t k = 0; k < cols; ++k)
+                                for (std::size_t a = 0; a < even; ++a)
+                                    key_pairs[k * even + a] = a < depth ? keys[static_cast<std::ptrdiff_t>(k) * k_stored.col_stride +
+                                                                               static_cast<std::ptrdiff_t>(a) * k_stored.row_stride]
+                                                                        : bfloat16{};
+                            keys = key_pairs.data();
+                            key_stride = static_cast<std::ptrdiff_t>(even);
+                        }
+                        kernels::multiply_bf16_pairs(cols, rows_padded / kernels::panel_width, depth_pairs, keys, key_stride, 2,
+                                                     query_pairs.data(), s.data(), rows_padded, false, query_factor);
                     } else {
                         kernels::multiply_panels(cols, rows_padded / kernels::panel_width, depth, k_tile, k_ks, k_ds,
                                                  packed.data(), kernels::panel_width,
@@ -675,7 +717,7 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                     // the value tile as floats (keys x d_v: key stride v_ks, column
                     // stride v_cs), unless the product reads 16-bit values in place
                     const bool values_16_in_place = !careful && v_stored.values_in_place(d_v);
-                    const float_block v_block = values_16_in_place
+                    const float_block v_block = values_16_in_place || bf16_values_now
                                                     ? float_block{}
                                                     : v_stored.block(true, k0, cols, d_v, wide_values.data(), dv_padded, dv_padded);
                     const float* v_tile = v_block.data;
@@ -706,6 +748,14 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                                 }
                             }
                         }
+                    } else if (bf16_values_now) {
+                        // the weights rounded to bf16 in pairs of keys, against V's tile in pairs of rows
+                        kernels::round_weight_pairs(s.data(), cols, rows_padded, rows_padded, weight_pairs.data());
+                        kernels::pack_bf16_pairs(cols, d_v, v_stored.bf16 + static_cast<std::ptrdiff_t>(k0) * v_stored.row_stride,
+                                                 v_stored.row_stride, v_stored.col_stride, value_pairs.data());
+                        kernels::multiply_bf16_pairs(rows, dv_padded / kernels::panel_width, (cols + 1) / 2, weight_pairs.data(), 2,
+                                                     static_cast<std::ptrdiff_t>(2 * rows_padded), value_pairs.data(), acc.data(),
+                                                     dv_padded, true, 1.0f);
                     } else if (values_16_in_place) {
                         v_stored.multiply_values(rows, d_v, cols, s.data(), ws_r, ws_c, k0, acc.data(), dv_padded);
                     } else if (values_in_place) {
@@ -754,7 +804,15 @@ tensor_view<float> fused_attention(const E& e, X& x) {
             }
         }
     }
-    x.info.intermediate_bytes += threads_used * scratch_floats * sizeof(float);
+    const std::size_t pair_count = query_pair_count + key_pair_count + weight_pair_count + value_pair_count;
+    x.info.intermediate_bytes += threads_used * (scratch_floats * sizeof(float) + pair_count * sizeof(bfloat16));
+    if (bf16_scores || bf16_values)
+        x.info.notes.push_back(std::string("fused attention: bf16 products (AVX512-BF16) for ") +
+                               (bf16_scores && bf16_values ? "Q.K and the weights' product with V"
+                                : bf16_scores              ? "Q.K"
+                                                           : "the weights' product with V") +
+                               (bf16_values ? ", the weights rounded to bf16 for it" : "") +
+                               "; options.bf16_products = false keeps them fp32");
     return out;
 }
 

@@ -62,6 +62,37 @@ void widen_block(const half* src, std::size_t rows, std::size_t cols, std::ptrdi
 void widen_block(const bfloat16* src, std::size_t rows, std::size_t cols, std::ptrdiff_t i_stride, std::ptrdiff_t j_stride,
                  float* dst, std::size_t ld, std::size_t padded_cols);
 
+// ---- bf16 products (bf16_products.cpp) ------------------------------------
+// AVX512-BF16's vdpbf16ps multiplies pairs of bf16 values and adds both
+// products to an fp32 lane: twice the multiply-adds of an fp32 FMA per
+// instruction. Operands come as pairs along the depth of the product.
+//
+// True where this build has the bf16 kernels (16-lane builds) and the CPU
+// runs them; nothing below may be called otherwise.
+bool bf16_products_available();
+
+// B (depth x cols), B(p, c) = b[p*p_stride + c*c_stride], packed for the
+// product: panels of 16 columns, panel q at packed + q*pairs*32 holding, for
+// each pair j of depth steps, 16 columns x (B(2j, c), B(2j+1, c)); zero past
+// `cols` and past `depth` (pairs = ceil(depth / 2)).
+void pack_bf16_pairs(std::size_t depth, std::size_t cols, const bfloat16* b, std::ptrdiff_t p_stride, std::ptrdiff_t c_stride,
+                     bfloat16* packed);
+
+// C (rows x panels*16) = scale * A*B (accumulate: C += scale * A*B), A in
+// pairs, A(r, 2j + i) = a[r*a_r_stride + j*a_pair_stride + i] for i in {0, 1},
+// and B packed by pack_bf16_pairs over `pairs` pairs. Products exact, sums
+// fp32.
+void multiply_bf16_pairs(std::size_t rows, std::size_t panels, std::size_t pairs, const bfloat16* a, std::ptrdiff_t a_r_stride,
+                         std::ptrdiff_t a_pair_stride, const bfloat16* b, float* c, std::size_t ldc, bool accumulate,
+                         float scale);
+
+// The fused kernel's weights, a transposed tile st (keys x queries, leading
+// dimension ld, queries a multiple of 16 <= ld), rounded to bf16 (nearest,
+// even) as the A operand of their product with V: pairs of keys, query q's
+// pair j at out[(j*ld + q)*2] (a_r_stride 2, a_pair_stride 2*ld); an odd
+// last key pairs with 0.
+void round_weight_pairs(const float* st, std::size_t keys, std::size_t queries, std::size_t ld, bfloat16* out);
+
 // Running state of one query row in the fused kernel.
 struct row_state {
     float max;  // -inf until a key is kept
