@@ -142,7 +142,7 @@ void set_counters(benchmark::State& state, double flops, std::size_t intermediat
 
 // El: Q, K and V stored as f32, f16 or bf16 (a name's "_f16" or "_bf16").
 template <family F, class El = float>
-void attnfuse_cpu(benchmark::State& state, af::cpu::execution mode) {
+void attnfuse_cpu(benchmark::State& state, af::run_options options) {
     const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
     // 16-bit copies only for 16-bit rows; f32 rows read the problem's arrays
     std::vector<El> q, k, v;
@@ -152,11 +152,17 @@ void attnfuse_cpu(benchmark::State& state, af::cpu::execution mode) {
         else return host_qkv(q.data(), k.data(), v.data(), p);
     }();
     std::size_t intermediate = 0;
-    // one untimed run first: thread scratch, page faults
-    with_family<F, El>(p, qkv, [&](const auto& e, const auto&... b) { return af::cpu::run(e, {mode}, b...).info.kernels.size(); });
+    // one untimed run first: thread scratch, page faults; and whether its
+    // products ran in bf16, for the label
+    with_family<F, El>(p, qkv, [&](const auto& e, const auto&... b) {
+        const auto info = af::cpu::run(e, options, b...).info;
+        for (const auto& note : info.notes)
+            if (note.find("bf16 products") != std::string::npos) state.SetLabel("bf16 products");
+        return info.kernels.size();
+    });
     for (auto _ : state) {
         with_family<F, El>(p, qkv, [&](const auto& e, const auto&... b) {
-            const auto r = af::cpu::run(e, {mode}, b...);
+            const auto r = af::cpu::run(e, options, b...);
             benchmark::DoNotOptimize(r.output.values.data());
             intermediate = r.info.intermediate_bytes;
             return 0;
@@ -472,11 +478,16 @@ void register_family(const std::vector<std::size_t>& sizes, const std::vector<st
             if (F == family::additive && n > 1024 && !smoke) continue;
             const std::size_t bh = smoke ? 2 : (F == family::additive ? std::max<std::size_t>(1, heads_for(n) / 16) : heads_for(n));
             const auto args = arguments(bh, n, n, d);
-            add(name + "/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu<F>(st, execution::fused); })->UseRealTime();
-            add(name + "/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu<F>(st, execution::unfused); })->UseRealTime();
+            add(name + "/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu<F>(st, {execution::fused}); })->UseRealTime();
+            add(name + "/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu<F>(st, {execution::unfused}); })->UseRealTime();
             // Q, K and V stored 16-bit, read as stored by the fused kernel
-            add(name + "/cpu/fused_f16", args, [](benchmark::State& st) { attnfuse_cpu<F, af::half>(st, execution::fused); })->UseRealTime();
-            add(name + "/cpu/fused_bf16", args, [](benchmark::State& st) { attnfuse_cpu<F, af::bfloat16>(st, execution::fused); })->UseRealTime();
+            add(name + "/cpu/fused_f16", args, [](benchmark::State& st) { attnfuse_cpu<F, af::half>(st, {execution::fused}); })->UseRealTime();
+            add(name + "/cpu/fused_bf16", args, [](benchmark::State& st) { attnfuse_cpu<F, af::bfloat16>(st, {execution::fused}); })->UseRealTime();
+            // the same bf16 storage with every product fp32: what bf16 products add
+            if (F == family::sdpa && af::cpu::this_machine().bf16_products)
+                add(name + "/cpu/fused_bf16_fp32_products", args, [](benchmark::State& st) {
+                    attnfuse_cpu<F, af::bfloat16>(st, {.mode = execution::fused, .bf16_products = false});
+                })->UseRealTime();
             // lavapipe runs shaders on this machine's cores: one head, n <= 1024,
             // d 64, and the reference shape for sdpa
             const bool reference_shape = F == family::sdpa && n == 2048 && d == 64;
@@ -533,10 +544,10 @@ void register_all() {
     if (smoke) caches = {65};
     for (const std::size_t nk : caches) {
         const auto args = arguments(smoke ? 2 : 32, 1, nk, smoke ? 16 : 128);
-        add("decode/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa>(st, execution::fused); })->UseRealTime();
-        add("decode/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa>(st, execution::unfused); })->UseRealTime();
-        add("decode/cpu/fused_f16", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa, af::half>(st, execution::fused); })->UseRealTime();
-        add("decode/cpu/fused_bf16", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa, af::bfloat16>(st, execution::fused); })->UseRealTime();
+        add("decode/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa>(st, {execution::fused}); })->UseRealTime();
+        add("decode/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa>(st, {execution::unfused}); })->UseRealTime();
+        add("decode/cpu/fused_f16", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa, af::half>(st, {execution::fused}); })->UseRealTime();
+        add("decode/cpu/fused_bf16", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa, af::bfloat16>(st, {execution::fused}); })->UseRealTime();
         add("decode/cpu/openblas_unfused", args, openblas_unfused)->UseRealTime();
         for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
             auto* b = add(std::string("decode/vulkan/") + (mode == vk::execution::fused ? "fused" : "unfused"), args,

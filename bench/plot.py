@@ -50,6 +50,9 @@ def load(paths):
                 # the line GFLOPS are read against: the build width's FMA peak
                 if name.split("/")[2] == "fma":
                     peaks[(label(context, backend), backend)] = b.get("GFLOPS", 0)
+                # bf16 products are read against the bf16 dot-product peak
+                if name.split("/")[2] == "bf16_dot":
+                    BF16_DOT_PEAKS[(label(context, backend), backend)] = b.get("GFLOPS", 0)
                 continue
             m = NAME.match(name)
             if not m:
@@ -124,6 +127,9 @@ def plot_speedup(rows, out_dir):
                 ybase=2)
 
 
+BF16_DOT_PEAKS = {}
+
+
 def plot_gflops(rows, peaks, out_dir):
     def draw(ax, machine, backend):
         for family in families(rows, machine):
@@ -131,7 +137,7 @@ def plot_gflops(rows, peaks, out_dir):
             if fused:
                 ax.plot(list(fused), [v["gflops"] for v in fused.values()], marker="o", ms=3, color=COLOURS.get(family),
                         label=family + " fused d=64")
-        for mode, style in (("fused_f16", (0, (3, 1))), ("fused_bf16", (0, (1, 1)))):
+        for mode, style in (("fused_f16", (0, (3, 1))), ("fused_bf16", (0, (1, 1))), ("fused_bf16_fp32_products", (0, (4, 1, 1, 1)))):
             s = series(rows, machine, "sdpa", mode, 64)
             if s:
                 ax.plot(list(s), [v["gflops"] for v in s.values()], linestyle=style, marker="^", ms=3, color=COLOURS["sdpa"],
@@ -145,6 +151,9 @@ def plot_gflops(rows, peaks, out_dir):
         peak = peaks.get((machine, backend))
         if peak:
             ax.axhline(peak, color="black", lw=1.2, label="FMA peak %.0f" % peak)
+        dot_peak = BF16_DOT_PEAKS.get((machine, backend))
+        if dot_peak:
+            ax.axhline(dot_peak, color="black", lw=1.2, linestyle="--", label="bf16 dot peak %.0f" % dot_peak)
 
     per_machine(rows, out_dir, "gflops.png", "attnfuse: throughput against the peak",
                 "GFLOP/s (4 n^2 d per head; masked rows count dense)", draw)

@@ -288,3 +288,102 @@ TEST_CASE("options.bf16_products = false keeps every product of bf16 operands fp
     CHECK(notes_name(info16, "bf16 products (AVX512-BF16) for Q.K and the weights' product with V") ==
           af::cpu::this_machine().bf16_products);
 }
+
+// run_into: the result written into the caller's memory as stored. Bound:
+// the fp32 result within 1e-4 of the scale (or the bf16 products' bound),
+// then rounded once to the output's element: u |ref| more per element.
+template <class Out>
+void check_output_element() {
+    const shape s{53, 301, 67, 35};
+    const stored_inputs<af::bfloat16> in(s, 29);
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"Q", dyn, dyn, af::bfloat16> Q16;
+    af::matrix<"K", dyn, dyn, af::bfloat16> K16;
+    af::matrix<"V", dyn, dyn, af::bfloat16> V16;
+    const auto qb = af::bind(Q, af::col_major(in.q.data(), s.d, s.n_q, batch, heads));
+    const auto kb = af::bind(K, af::col_major(in.k.data(), s.d, s.n_k, batch, kv_heads));
+    const auto vb = af::bind(V, af::row_major(in.v.data(), s.n_k, s.d_v, batch, kv_heads));
+    const auto [q16, k16, v16] = views(in, s, true, true);
+    const auto qb16 = af::bind(Q16, q16);
+    const auto kb16 = af::bind(K16, k16);
+    const auto vb16 = af::bind(V16, v16);
+    const auto e = softmax(mask(scale(Q^af::T*K), causal))*V;
+    const auto e16 = softmax(mask(scale(Q16^af::T*K16), causal))*V16;
+    const double u = std::is_same_v<Out, float> ? 0.0 : af::unit_roundoff<Out>;
+    const std::size_t count = batch * heads * s.n_q * s.d_v;
+    for (const bool sixteen_bit_inputs : {false, true})
+        for (const bool interleaved : {false, true})
+            for (const execution mode : {execution::fused, execution::unfused}) {
+                INFO(af::element<Out>::name << " output, " << (sixteen_bit_inputs ? "bf16" : "f32") << " inputs, "
+                                            << (interleaved ? "[batch, n_q, heads * d_v]" : "row-major per head") << ", "
+                                            << (mode == execution::fused ? "fused" : "unfused"));
+                // poisoned, so that an element left unwritten shows
+                std::vector<Out> memory(count + 7, af::from_float<Out>(std::numeric_limits<float>::quiet_NaN()));
+                const auto out = interleaved ? af::output_strided(memory.data() + 7, af::layout{.rows = s.n_q, .cols = s.d_v,
+                                                                                                .row_stride = std::ptrdiff_t(heads * s.d_v),
+                                                                                                .col_stride = 1, .batch = batch, .heads = heads,
+                                                                                                .batch_stride = std::ptrdiff_t(s.n_q * heads * s.d_v),
+                                                                                                .head_stride = std::ptrdiff_t(s.d_v)})
+                                             : af::output_row_major(memory.data() + 7, s.n_q, s.d_v, batch, heads);
+                const af::report info = sixteen_bit_inputs ? af::cpu::run_into(e16, {.mode = mode}, out, qb16, kb16, vb16)
+                                                           : af::cpu::run_into(e, {.mode = mode}, out, qb, kb, vb);
+                const auto ref = sixteen_bit_inputs ? af::reference::evaluate(e16, qb16, kb16, vb16) : af::reference::evaluate(e, qb, kb, vb);
+                std::vector<af::bfloat16> v_abs(in.v16);
+                for (auto& x : v_abs) x = af::from_float<af::bfloat16>(std::abs(af::to_float(x)));
+                auto magnitude_view = v16;
+                magnitude_view.data = v_abs.data();
+                const auto weighted = af::reference::evaluate(e16, qb16, kb16, af::bind(V16, magnitude_view)).values;
+                const bool weights_rounded = notes_name(info, "the weights rounded to bf16");
+                CHECK(weights_rounded == (sixteen_bit_inputs && mode == execution::fused && af::cpu::this_machine().bf16_products));
+                double scale = 1;
+                for (double x : ref.values) scale = std::max(scale, std::abs(x));
+                std::size_t bad = 0;
+                for (std::size_t b = 0; b < batch; ++b)
+                    for (std::size_t h = 0; h < heads; ++h)
+                        for (std::size_t r = 0; r < s.n_q; ++r)
+                            for (std::size_t c = 0; c < s.d_v; ++c) {
+                                const std::size_t n = ((b * heads + h) * s.n_q + r) * s.d_v + c;
+                                const double got = af::to_float(out.at(b, h, r, c)), want = ref.values[n];
+                                const double bound = u * std::abs(want) + 1e-4 * scale +
+                                                     (weights_rounded ? af::unit_roundoff<af::bfloat16> * weighted[n] : 0.0);
+                                if (!(std::abs(got - want) <= bound)) ++bad;
+                            }
+                CHECK(bad == 0);
+                // nothing written outside the output
+                for (std::size_t n = 0; n < 7; ++n) CHECK(std::isnan(af::to_float(memory[n])));
+                // a fused root writes the caller's memory as stored; an unfused
+                // one (or a strided fp32 output) says that it wrote fp32 first
+                const bool dense_f32 = std::is_same_v<Out, float> && !interleaved;
+                CHECK(notes_name(info, "output: ") == (mode == execution::unfused && !dense_f32));
+                if (mode == execution::fused) {
+                    const auto plain = sixteen_bit_inputs ? af::cpu::run(e16, {.mode = mode}, qb16, kb16, vb16).info
+                                                          : af::cpu::run(e, {.mode = mode}, qb, kb, vb).info;
+                    CHECK(info.intermediate_bytes == plain.intermediate_bytes);  // no fp32 copy of the result
+                }
+            }
+}
+
+TEST_CASE("run_into writes the result as stored: f32, f16 and bf16 outputs, dense and interleaved", "[cpu][storage]") {
+    check_output_element<float>();
+    check_output_element<af::half>();
+    check_output_element<af::bfloat16>();
+}
+
+TEST_CASE("run_into rejects an output of the wrong shape, naming both", "[cpu][storage]") {
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::vector<float> q(5 * 7, 0.1f), k(5 * 9, 0.2f), v(9 * 3, 0.3f);
+    std::vector<af::bfloat16> memory(7 * 4);
+    const auto e = softmax(scale(Q^af::T*K))*V;
+    const auto run = [&](const af::output_view<af::bfloat16>& out) {
+        return af::cpu::run_into(e, out, af::bind(Q, af::row_major(q.data(), 5, 7)), af::bind(K, af::row_major(k.data(), 5, 9)),
+                                 af::bind(V, af::row_major(v.data(), 9, 3)));
+    };
+    CHECK_THROWS_WITH(run(af::output_row_major(memory.data(), 7, 4)),
+                      Catch::Matchers::Contains("output: the expression gives 1 batch x 1 heads of 7x3 but the output is 1 batch x 1 heads of 7x4"));
+    CHECK_THROWS_WITH(run(af::output_row_major<af::bfloat16>(nullptr, 7, 3)), Catch::Matchers::Contains("output: a null pointer"));
+    CHECK_NOTHROW(run(af::output_row_major(memory.data(), 7, 3)));
+}

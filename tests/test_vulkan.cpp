@@ -72,12 +72,16 @@ TEST_CASE("every variant runs fused and unfused on Vulkan and agrees with the re
             using E = std::remove_cvref_t<decltype(e)>;
             const double tolerance = v.name.find("1e4") != std::string::npos ? 1e-2 : 1e-4;
             const auto ref = af::reference::evaluate(e, bindings...);
-            const auto cpu = af::cpu::run(e, bindings...).output;
+            const auto cpu_run = af::cpu::run(e, bindings...);
+            const auto& cpu = cpu_run.output;
+            // a run whose weights were rounded to bf16 (the CPU's bf16 products) is held to that rounding
+            const double cpu_tolerance = af::variants::tolerance_of_run(tolerance, cpu_run.info);
             for_each_backend(*dev, [&](const char* backend, const auto& run) {
                 for (const auto mode : {af::execution::fused, af::execution::unfused}) {
                     INFO(v.name << " | " << af::to_string(e) << " | " << backend << (mode == af::execution::fused ? " fused" : " unfused"));
                     const auto [out, info] = run(e, af::run_options{mode}, bindings...);
-                    CHECK(relative_error(ref.values, out.values) <= tolerance);
+                    const double run_tolerance = af::variants::tolerance_of_run(tolerance, info);
+                    CHECK(relative_error(ref.values, out.values) <= run_tolerance);
                     if (mode == af::execution::fused) CHECK(info.score_bytes == 0);
                     else if (s.n_q > 1 && s.n_k > 1) CHECK(info.score_bytes > 0);
                     // the kernels that ran are the plan's, on every backend (a noted fallback aside)
@@ -85,7 +89,7 @@ TEST_CASE("every variant runs fused and unfused on Vulkan and agrees with the re
                                                                              : af::plan::kernel_count<E, af::plan::mode::unfused>;
                     if (!ran_unfused(info)) CHECK(planned_kernels_run(info) == planned);
                     std::vector<double> cpu_values(cpu.values.begin(), cpu.values.end());
-                    CHECK(relative_error(cpu_values, out.values) <= tolerance);
+                    CHECK(relative_error(cpu_values, out.values) <= std::max(run_tolerance, cpu_tolerance));
                     CHECK(dev->validation_messages() == 0);
                     INFO(dev->last_validation_message());
                 }
@@ -103,6 +107,34 @@ TEST_CASE("Vulkan: inputs stored as f16 and bf16 agree with the reference and st
     af::testing::check_element_storage([dev](const auto& e, const af::run_options& o, const auto&... b) { return vk::run(*dev, e, o, b...); },
                                        /*fused_reads_stored=*/false);
     CHECK(dev->validation_messages() == 0);
+}
+
+TEST_CASE("run_into on Vulkan rounds the result into a bf16 output, and refuses a wrong shape", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::size_t d = 5, n_q = 7, n_k = 9, d_v = 3;
+    std::vector<float> q(d * n_q), k(d * n_k), v(n_k * d_v);
+    for (std::size_t n = 0; n < q.size(); ++n) q[n] = std::sin(0.7 * double(n));
+    for (std::size_t n = 0; n < k.size(); ++n) k[n] = std::cos(0.3 * double(n));
+    for (std::size_t n = 0; n < v.size(); ++n) v[n] = std::sin(1.1 * double(n) + 0.5);
+    const auto qb = af::bind(Q, af::row_major(q.data(), d, n_q));
+    const auto kb = af::bind(K, af::row_major(k.data(), d, n_k));
+    const auto vb = af::bind(V, af::row_major(v.data(), n_k, d_v));
+    const auto e = softmax(scale(Q^af::T*K))*V;
+    const auto ref = af::reference::evaluate(e, qb, kb, vb);
+    std::vector<af::bfloat16> out(n_q * d_v);
+    const af::report info = vk::run_into(*dev, e, af::output_row_major(out.data(), n_q, d_v), qb, kb, vb);
+    for (std::size_t n = 0; n < out.size(); ++n)
+        CHECK(std::abs(double(af::to_float(out[n])) - ref.values[n]) <= af::unit_roundoff<af::bfloat16> * std::abs(ref.values[n]) + 1e-4);
+    CHECK_THAT(info.notes.back(), Catch::Matchers::Contains("output: stored as bf16"));
+    CHECK_THROWS_WITH(vk::run_into(*dev, e, af::output_row_major(out.data(), d_v, n_q), qb, kb, vb),
+                      Catch::Matchers::Contains("output: the expression gives 1 batch x 1 heads of 7x3 but the output is 1 batch x 1 heads of 3x7"));
 }
 
 TEST_CASE("Vulkan: nn.MultiheadAttention as one expression agrees with a plain-loop module", "[vulkan]") {

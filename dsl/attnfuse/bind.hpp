@@ -108,6 +108,43 @@ struct tensor {
     }
 };
 
+// Caller-owned memory a run writes its result into, as stored: float, half
+// or bfloat16 (rounded to nearest, ties to even), at any strides, like
+// tensor_view but writable. run_into on each backend takes one.
+template <class Element>
+struct output_view {
+    Element* data = nullptr;
+    std::size_t rows = 0;
+    std::size_t cols = 0;
+    std::size_t batch = 1;
+    std::size_t heads = 1;
+    std::ptrdiff_t row_stride = 0;
+    std::ptrdiff_t col_stride = 1;
+    std::ptrdiff_t batch_stride = 0;
+    std::ptrdiff_t head_stride = 0;
+
+    Element& at(std::size_t b, std::size_t h, std::size_t r, std::size_t c) const {
+        return data[static_cast<std::ptrdiff_t>(b) * batch_stride + static_cast<std::ptrdiff_t>(h) * head_stride +
+                    static_cast<std::ptrdiff_t>(r) * row_stride + static_cast<std::ptrdiff_t>(c) * col_stride];
+    }
+    tensor_view<Element> as_input() const {
+        return {data, rows, cols, batch, heads, row_stride, col_stride, batch_stride, head_stride};
+    }
+};
+
+// Packed rows, as row_major; any layout, as strided.
+template <class Element>
+output_view<Element> output_row_major(Element* data, std::size_t rows, std::size_t cols, std::size_t batch = 1,
+                                      std::size_t heads = 1) {
+    const tensor_view<Element> v = row_major(static_cast<const Element*>(data), rows, cols, batch, heads);
+    return {data, v.rows, v.cols, v.batch, v.heads, v.row_stride, v.col_stride, v.batch_stride, v.head_stride};
+}
+template <class Element>
+output_view<Element> output_strided(Element* data, const layout& l) {
+    const tensor_view<Element> v = strided(static_cast<const Element*>(data), l);
+    return {data, v.rows, v.cols, v.batch, v.heads, v.row_stride, v.col_stride, v.batch_stride, v.head_stride};
+}
+
 // The lowest and highest element offsets a view reaches from its data
 // pointer, and how many elements lie between them. An axis of extent 1
 // reaches nothing, whatever its stride. Throws shape_error, naming `name`,
@@ -132,12 +169,37 @@ element_span checked_span(const tensor_view<Element>& v, const std::string& name
                               (reach < 0 ? __builtin_add_overflow(span.low, reach, &span.low) : __builtin_add_overflow(span.high, reach, &span.high)) ||
                               __builtin_sub_overflow(span.high, span.low, &width) || width >= limit;
         if (overflow)
-            throw shape_error("input " + name + ": " + axes[a] + " stride " + std::to_string(strides[a]) + " over " +
+            throw shape_error((name == "output" ? name : "input " + name) + ": " + axes[a] + " stride " + std::to_string(strides[a]) + " over " +
                               std::to_string(extents[a]) + " " + axes[a] + "s reaches past what an address can hold (" +
                               std::to_string(v.batch) + " batch x " + std::to_string(v.heads) + " heads of " +
                               shape_to_string(v.rows, v.cols) + ")");
     }
     return span;
+}
+
+// A run's output memory against the result's shape: a null pointer, other
+// extents or a span past what an address holds are shape_errors naming
+// "output" and both shapes.
+template <class Element>
+void check_output(const output_view<Element>& out, std::size_t batch, std::size_t heads, std::size_t rows, std::size_t cols) {
+    const auto extents = [](std::size_t b, std::size_t h, std::size_t r, std::size_t c) {
+        return std::to_string(b) + " batch x " + std::to_string(h) + " heads of " + shape_to_string(r, c);
+    };
+    if (out.data == nullptr) throw shape_error("output: a null pointer");
+    if (out.batch != batch || out.heads != heads || out.rows != rows || out.cols != cols)
+        throw shape_error("output: the expression gives " + extents(batch, heads, rows, cols) + " but the output is " +
+                          extents(out.batch, out.heads, out.rows, out.cols) + "; give an output of the result's shape");
+    (void)checked_span(out.as_input(), "output");
+}
+
+// Writes an fp32 result (any strides) into an output, each value rounded
+// to the output's element.
+template <class Element>
+void store_into(const tensor_view<float>& result, const output_view<Element>& out) {
+    for (std::size_t b = 0; b < out.batch; ++b)
+        for (std::size_t h = 0; h < out.heads; ++h)
+            for (std::size_t r = 0; r < out.rows; ++r)
+                for (std::size_t c = 0; c < out.cols; ++c) out.at(b, h, r, c) = from_float<Element>(result.at(b, h, r, c));
 }
 
 template <fixed_string Name, class Element>

@@ -33,6 +33,35 @@ using options = attnfuse::run_options;  // mode and threads
 namespace detail {
 inline namespace ATTNFUSE_CPU_ISA {
 
+// The caller's output (run_into) where the root's fused kernel writes its
+// rows as stored, rounded to f16 or bf16 or at the caller's fp32 strides,
+// with no fp32 copy of the result (exactly one pointer is set).
+struct root_output {
+    float* f32 = nullptr;
+    half* f16 = nullptr;
+    bfloat16* bf16 = nullptr;
+    std::ptrdiff_t row_stride = 0, col_stride = 0, batch_stride = 0, head_stride = 0;
+
+    void store_row(std::size_t b, std::size_t h, std::size_t r, const float* values, std::size_t count) const {
+        const std::ptrdiff_t base = static_cast<std::ptrdiff_t>(b) * batch_stride + static_cast<std::ptrdiff_t>(h) * head_stride +
+                                    static_cast<std::ptrdiff_t>(r) * row_stride;
+        for (std::size_t c = 0; c < count; ++c) {
+            const std::ptrdiff_t n = base + static_cast<std::ptrdiff_t>(c) * col_stride;
+            if (f32) f32[n] = values[c];
+            else if (f16) f16[n] = from_float<half>(values[c]);
+            else bf16[n] = from_float<bfloat16>(values[c]);
+        }
+    }
+};
+template <class El>
+root_output root_output_of(const output_view<El>& out) {
+    root_output o{nullptr, nullptr, nullptr, out.row_stride, out.col_stride, out.batch_stride, out.head_stride};
+    if constexpr (std::is_same_v<El, half>) o.f16 = out.data;
+    else if constexpr (std::is_same_v<El, bfloat16>) o.bf16 = out.data;
+    else o.f32 = out.data;
+    return o;
+}
+
 // A matrix the kernels read: a bound input, or an intermediate that the
 // arena owns (all batch entries and heads, row-major with a padded stride).
 template <class Env>
@@ -95,6 +124,14 @@ struct executor {
         return wide.view;
     }
     int threads() const { return static_cast<int>(opt.threads); }
+
+    // run_into's output, where it is not the dense fp32 root_target: a root
+    // fused attention writes there directly.
+    const root_output* direct_root = nullptr;
+    template <class E>
+    const root_output* direct_output(const E& e) const {
+        return direct_root && static_cast<const void*>(&e) == root && typeid(E) == *root_type ? direct_root : nullptr;
+    }
 };
 
 template <class E, class X> tensor_view<float> evaluate(const E& e, X& x);
@@ -420,7 +457,8 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     const std::size_t rows_per_tile = std::min(query_tile, n_q);
     const std::size_t rows_padded = kernels::round_up(rows_per_tile, kernels::panel_width);
     const std::size_t q_tiles = (n_q + rows_per_tile - 1) / rows_per_tile;
-    const tensor_view<float> out = x.destination(e, n_q, d_v);
+    const root_output* direct = x.direct_output(e);
+    const tensor_view<float> out = direct ? tensor_view<float>{nullptr, n_q, d_v, x.env.batch, x.env.heads} : x.destination(e, n_q, d_v);
     const auto items = static_cast<std::ptrdiff_t>(x.heads_total() * q_tiles);
     // the values are their own panels when rows are contiguous and 16-wide,
     // as a widened tile of 16-bit values always is
@@ -786,9 +824,9 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 }
             }
 
-            float* dst = x.matrix_of(out, b, h) + static_cast<std::ptrdiff_t>(q0) * out.row_stride;
             for (std::size_t r = 0; r < rows; ++r) {
-                float* row = dst + static_cast<std::ptrdiff_t>(r) * out.row_stride;
+                // the row in place in the accumulator, then to the output
+                float* row = acc.data() + r * dv_padded;
                 if constexpr (hard) {
                     for (std::size_t c = 0; c < d_v; ++c)
                         row[c] = nan_seen[r] ? std::numeric_limits<float>::quiet_NaN()
@@ -799,8 +837,10 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                     const float denominator = state[r].sum + static_cast<float>(ratio_offset);
                     float inverse = parts::pointwise ? 1.0f : denominator == 0.0f ? 0.0f : 1.0f / denominator;
                     if (careful && !plain_sum) inverse = state[r].sum == 0.0f ? 0.0f : 1.0f;  // normalised as it went
-                    for (std::size_t c = 0; c < d_v; ++c) row[c] = acc[r * dv_padded + c] * inverse;
+                    for (std::size_t c = 0; c < d_v; ++c) row[c] *= inverse;
                 }
+                if (direct) direct->store_row(b, h, q0 + r, row, d_v);
+                else std::copy_n(row, d_v, x.matrix_of(out, b, h) + static_cast<std::ptrdiff_t>(q0 + r) * out.row_stride);
             }
         }
     }
@@ -954,12 +994,15 @@ namespace attnfuse::cpu {
 namespace detail {
 inline namespace ATTNFUSE_CPU_ISA {
 
-template <class E, class... Bindings>
-run_result run_readable(const E& e, const options& opt, std::chrono::steady_clock::time_point start, const Bindings&... bindings) {
+// into: run_into's output (nullptr: the result goes to run_result.output).
+template <class Out, class E, class... Bindings>
+run_result run_readable(const E& e, const options& opt, std::chrono::steady_clock::time_point start, const output_view<Out>* into,
+                        const Bindings&... bindings) {
     using Env = environment<Bindings...>;
     Env env(bindings...);
     settle_heads(e, env);
     const runtime_shape shape = shape_of(e, env);  // every shape error, before any work
+    if (into) check_output(*into, env.batch, env.heads, shape.rows, shape.cols);
     run_result result;
     report& info = result.info;
     options o = opt;
@@ -977,24 +1020,57 @@ run_result run_readable(const E& e, const options& opt, std::chrono::steady_cloc
         out.heads = env.heads;
         out.rows = shape.rows;
         out.cols = shape.cols;
-        out.values.resize(env.batch * env.heads * shape.rows * shape.cols);
-        detail::executor<Env> x{env, o, info, {}, {}, &e, out.values.data(), &typeid(E), {}};
+        // where the root's kernel writes: run_result's dense fp32 tensor, a
+        // dense fp32 output of the caller's, or (root_output) the caller's
+        // output as stored
+        const auto c = static_cast<std::ptrdiff_t>(shape.cols), m = static_cast<std::ptrdiff_t>(shape.rows * shape.cols);
+        const bool dense_f32_into = [&] {
+            if constexpr (std::is_same_v<Out, float>)
+                return into && (shape.rows == 1 || into->row_stride == c) && (shape.cols == 1 || into->col_stride == 1) &&
+                       (env.heads == 1 || into->head_stride == m) &&
+                       (env.batch == 1 || into->batch_stride == static_cast<std::ptrdiff_t>(env.heads) * m);
+            else return false;
+        }();
+        float* root_target = nullptr;
+        if (!into) {
+            out.values.resize(env.batch * env.heads * shape.rows * shape.cols);
+            root_target = out.values.data();
+        } else if constexpr (std::is_same_v<Out, float>) {
+            if (dense_f32_into) root_target = into->data;
+        }
+        root_output direct;
+        if (into) direct = root_output_of(*into);
+        detail::executor<Env> x{env, o, info, {}, {}, &e, root_target, &typeid(E), {}};
+        if (into && !dense_f32_into) x.direct_root = &direct;
         plan::collect_score_nodes(e, x.score_nodes);
         const tensor_view<float> v = detail::evaluate(e, x);
         if (v.rows != shape.rows || v.cols != shape.cols)
             throw std::logic_error("attnfuse internal: the CPU computed " + shape_to_string(v.rows, v.cols) + " for a " +
                                    shape_to_string(shape) + " result");
-        if (v.data != out.values.data())  // the last kernel wrote elsewhere (or the output is an input): copy
-        for (std::size_t b = 0; b < env.batch; ++b)
-            for (std::size_t h = 0; h < env.heads; ++h) {
-                const float* src = detail::matrix_base(v, env, b, h);
-                float* dst = out.values.data() + (b * env.heads + h) * shape.rows * shape.cols;
-                for (std::size_t r = 0; r < shape.rows; ++r)
-                    for (std::size_t c = 0; c < shape.cols; ++c)
-                        dst[r * shape.cols + c] = src[static_cast<std::ptrdiff_t>(r) * v.row_stride + static_cast<std::ptrdiff_t>(c) * v.col_stride];
-            }
+        if (v.data == nullptr) {
+            // the root's fused kernel wrote the caller's output as stored
+        } else if (into && v.data != root_target) {
+            // the last kernel wrote fp32 elsewhere (an intermediate, or the output is an input)
+            store_into(v, *into);
+            if (!dense_f32_into)
+                info.notes.push_back(std::is_same_v<Out, float>
+                                         ? std::string("output: strided; the last kernel wrote a dense fp32 result, copied into it")
+                                         : "output: stored as " + std::string(element<Out>::name) +
+                                               "; the last kernel wrote an fp32 result, rounded into it");
+        } else if (v.data != root_target) {  // the last kernel wrote elsewhere (or the output is an input): copy
+            for (std::size_t b = 0; b < env.batch; ++b)
+                for (std::size_t h = 0; h < env.heads; ++h) {
+                    const float* src = detail::matrix_base(v, env, b, h);
+                    float* dst = root_target + (b * env.heads + h) * shape.rows * shape.cols;
+                    for (std::size_t r = 0; r < shape.rows; ++r)
+                        for (std::size_t col = 0; col < shape.cols; ++col)
+                            dst[r * shape.cols + col] =
+                                src[static_cast<std::ptrdiff_t>(r) * v.row_stride + static_cast<std::ptrdiff_t>(col) * v.col_stride];
+                }
+        }
         // the last kernel's buffer held the output, not an intermediate
-        if (!x.arena.empty() && x.arena.back().data() == v.data) info.intermediate_bytes -= x.arena.back().size() * sizeof(float);
+        if (!x.arena.empty() && x.arena.back().data() == v.data && (!into || dense_f32_into))
+            info.intermediate_bytes -= x.arena.back().size() * sizeof(float);
     }
     info.dispatches = info.kernels.size();  // one launch per kernel on the CPU
     info.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -1012,13 +1088,33 @@ template <class E, class... Bindings>
 run_result run(const E& e, const options& opt, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
     const auto start = std::chrono::steady_clock::now();
-    return detail::run_readable(e, opt, start, lower::readable<detail::hooks>(bindings)...);
+    return detail::run_readable<float>(e, opt, start, nullptr, lower::readable<detail::hooks>(bindings)...);
 }
 
 template <class E, class... Bindings>
     requires expression<E> && (a_binding<Bindings> && ...)
 run_result run(const E& e, const Bindings&... bindings) {
     return run(e, options{}, bindings...);
+}
+
+// Runs `e` and writes its result into the caller's `out` as stored (f32,
+// f16 or bf16, rounded to nearest even; any strides), which must have the
+// result's batch, heads and shape (a shape_error names both otherwise). A
+// fused attention at the root writes its rows there directly, with no fp32
+// copy of the result; any other last kernel writes an fp32 result, which is
+// then rounded into `out` (report.notes says so; a dense fp32 `out` is
+// written directly by any kernel). Returns the report.
+template <class Out, class E, class... Bindings>
+    requires expression<E> && storage_element<Out> && (a_binding<Bindings> && ...)
+report run_into(const E& e, const options& opt, const output_view<Out>& out, const Bindings&... bindings) {
+    attnfuse::check::no_pending_transpose<E>();
+    const auto start = std::chrono::steady_clock::now();
+    return detail::run_readable<Out>(e, opt, start, &out, lower::readable<detail::hooks>(bindings)...).info;
+}
+template <class Out, class E, class... Bindings>
+    requires expression<E> && storage_element<Out> && (a_binding<Bindings> && ...)
+report run_into(const E& e, const output_view<Out>& out, const Bindings&... bindings) {
+    return run_into(e, options{}, out, bindings...);
 }
 
 }  // namespace attnfuse::cpu

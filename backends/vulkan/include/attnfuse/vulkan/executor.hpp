@@ -1013,4 +1013,28 @@ run_result run(device& dev, const E& e, const Bindings&... bindings) {
     return run(dev, e, options{}, bindings...);
 }
 
+// Runs `e` and writes its result into the caller's `out` as stored (f32,
+// f16 or bf16, rounded to nearest even; any strides), which must have the
+// result's batch, heads and shape (a shape_error names both otherwise, and
+// nothing is written). The device computes in fp32 and the result comes
+// back as fp32, rounded into `out` on the host (report.notes says so for a
+// 16-bit output): the kernels do not store 16-bit results yet.
+template <class Out, class E, class... Bindings>
+    requires expression<E> && storage_element<Out> && (a_vulkan_binding<Bindings> && ...)
+report run_into(device& dev, const E& e, const options& opt, const output_view<Out>& out, const Bindings&... bindings) {
+    run_result result = run(dev, e, opt, bindings...);
+    const tensor& t = result.output;
+    check_output(out, t.batch, t.heads, t.rows, t.cols);
+    store_into(row_major(t.values.data(), t.rows, t.cols, t.batch, t.heads), out);
+    if constexpr (!std::is_same_v<Out, float>)
+        result.info.notes.push_back("output: stored as " + std::string(element<Out>::name) +
+                                    "; the device wrote an fp32 result, rounded into it on the host");
+    return result.info;
+}
+template <class Out, class E, class... Bindings>
+    requires expression<E> && storage_element<Out> && (a_vulkan_binding<Bindings> && ...)
+report run_into(device& dev, const E& e, const output_view<Out>& out, const Bindings&... bindings) {
+    return run_into(dev, e, options{}, out, bindings...);
+}
+
 }  // namespace attnfuse::vulkan
