@@ -209,9 +209,24 @@ void attnfuse_vulkan_rows(benchmark::State& state, vk::device& dev, vk::executio
     state.counters["wall_ms"] = last.wall_seconds * 1e3;
 }
 
+// The same device opened with the earlier shaders: the staged-tiles fused
+// kernel and the one-element-per-invocation product (the baselines the
+// register-rows shader and the tiled product are measured against).
+vk::device* earlier_shaders_device() {
+    static std::unique_ptr<vk::device> dev = []() -> std::unique_ptr<vk::device> {
+        try {
+            return std::make_unique<vk::device>(vk::default_device(),
+                                                vk::device_options{.design = vk::fused_design::staged_tiles, .tiled_products = false});
+        } catch (const vk::error&) {
+            return nullptr;
+        }
+    }();
+    return dev.get();
+}
+
 template <family F>
-void attnfuse_vulkan(benchmark::State& state, vk::execution mode) {
-    auto* dev = bench_device();
+void attnfuse_vulkan(benchmark::State& state, vk::execution mode, bool earlier_shaders = false) {
+    auto* dev = earlier_shaders ? earlier_shaders_device() : bench_device();
     if (!dev) {
         state.SkipWithError("no Vulkan device");
         return;
@@ -499,6 +514,15 @@ void register_family(const std::vector<std::size_t>& sizes, const std::vector<st
                 b->UseManualTime();
                 if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
             }
+            // the earlier shaders on the same device: the staged-tiles fused
+            // kernel and the one-element-per-invocation product
+            if (F == family::sdpa)
+                for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
+                    auto* b = add(name + "/vulkan/" + (mode == vk::execution::fused ? "fused_staged" : "unfused_elementwise"), vargs,
+                                  [mode](benchmark::State& st) { attnfuse_vulkan<F>(st, mode, true); });
+                    b->UseManualTime();
+                    if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
+                }
         }
 }
 
@@ -549,12 +573,13 @@ void register_all() {
         add("decode/cpu/fused_f16", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa, af::half>(st, {execution::fused}); })->UseRealTime();
         add("decode/cpu/fused_bf16", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa, af::bfloat16>(st, {execution::fused}); })->UseRealTime();
         add("decode/cpu/openblas_unfused", args, openblas_unfused)->UseRealTime();
-        for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
-            auto* b = add(std::string("decode/vulkan/") + (mode == vk::execution::fused ? "fused" : "unfused"), args,
-                          [mode](benchmark::State& st) { attnfuse_vulkan<family::sdpa>(st, mode); });
-            b->UseManualTime();
-            if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
-        }
+        for (const bool earlier : {false, true})
+            for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
+                const std::string row = mode == vk::execution::fused ? (earlier ? "fused_staged" : "fused") : (earlier ? "unfused_elementwise" : "unfused");
+                auto* b = add("decode/vulkan/" + row, args, [mode, earlier](benchmark::State& st) { attnfuse_vulkan<family::sdpa>(st, mode, earlier); });
+                b->UseManualTime();
+                if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
+            }
     }
 }
 

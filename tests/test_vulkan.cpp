@@ -449,8 +449,10 @@ TEST_CASE("the fused shader text a static_assert reads is the text that runs", "
     af::variants::input_store in(73);
     const std::size_t n = 19, d = 5;
     const std::vector<float> slopes{0.5f};
+    vk::fused_design design = vk::fused_design::automatic;
     {
         vk::device fresh;  // compiles (or loads) and dumps what it runs
+        design = fresh.design();
         (void)vk::run(fresh, softmax(mask(scale(Q^af::T*K) - m * (i - j), af::causal))*V, af::bind(Q, af::col_major(in.random(d * n), d, n)),
                       af::bind(K, af::col_major(in.random(d * n), d, n)), af::bind(V, af::row_major(in.random(n * d), n, d)),
                       af::bind(m, af::row_major(slopes.data(), 1, 1)));
@@ -461,7 +463,7 @@ TEST_CASE("the fused shader text a static_assert reads is the text that runs", "
         if (entry.path().extension() != ".comp" || entry.path().filename().string().rfind("fused_attention", 0) != 0) continue;
         std::ifstream in_file(entry.path());
         const std::string text((std::istreambuf_iterator<char>(in_file)), std::istreambuf_iterator<char>());
-        CHECK(text == vk::fused_shader_source<alibi>());
+        CHECK(text == vk::fused_shader_source<alibi>(design));
         found = true;
     }
     CHECK(found);
@@ -523,8 +525,9 @@ TEST_CASE("Vulkan: the fused kernel runs the tile shape its device was opened wi
     // queries resident up to depth 24 only
     const vk::fused_tile small{.queries = 8, .keys = 16, .lanes = 2, .depth_step = 7, .value_columns = 32, .resident_depth = 24};
     REQUIRE(small.violation().empty());
-    vk::device dev(shared->info(), vk::device_options{.validation = true, .tile = small});
+    vk::device dev(shared->info(), vk::device_options{.validation = true, .tile = small, .design = vk::fused_design::staged_tiles});
     REQUIRE(dev.tile() == small);
+    REQUIRE(dev.design() == vk::fused_design::staged_tiles);
     SECTION("variants of every normaliser, against the reference") {
         const std::set<std::string> chosen = {"scaled dot product", "causal", "hard (one-hot argmax)",
                                               "masked softmax (lengths, one batch fully masked)",
@@ -565,6 +568,138 @@ TEST_CASE("Vulkan: the fused kernel runs the tile shape its device was opened wi
         }
         CHECK(dev.validation_messages() == 0);
     }
+}
+
+TEST_CASE("Vulkan: the register-rows fused shader at shapes unlike its default, with and without the subgroup broadcast", "[vulkan]") {
+    vk::device* shared = shared_device();
+    if (!shared) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    if (!shared->limits().subgroup_broadcast) {
+        WARN("SKIP: no subgroup ballot operations: the register-rows shader does not run here");
+        return;
+    }
+    const std::uint32_t sub = shared->limits().subgroup_size;
+    // 3 rows of 5 invocations and 7-key tiles: every key read by every
+    // invocation; a subgroup of invocations and tiles of twice as many keys:
+    // each invocation loads two keys of a tile and broadcasts them
+    for (const vk::register_rows_shape shape : {vk::register_rows_shape{3, 5, 7}, vk::register_rows_shape{2, sub, 2 * sub}}) {
+        vk::device dev(shared->info(), vk::device_options{.validation = true, .design = vk::fused_design::register_rows, .rows = shape});
+        REQUIRE(dev.design() == vk::fused_design::register_rows);
+        REQUIRE(dev.rows() == shape);
+        const bool broadcast = shape.invocations == sub;
+        INFO(shape.rows << " rows x " << shape.invocations << " invocations, " << shape.keys << "-key tiles");
+        const std::set<std::string> chosen = {"scaled dot product", "additive (Bahdanau)", "causal", "hard (one-hot argmax)",
+                                              "masked softmax (lengths, one batch fully masked)", "ALiBi", "soft-capping (c = 5)",
+                                              "sigmoid attention (causal, b = -log n_k)", "dropout (p = 0.25)", "grouped-query (GQA)",
+                                              "weighted softmax (w^T (q . k))", "local-p (predictive, Gaussian)"};
+        af::variants::for_each({2, 2, 19, 37, 13, 11}, [&](const af::variants::variant& v, const auto& e, const auto&... bindings) {
+            if (!chosen.count(v.name)) return;
+            using E = std::remove_cvref_t<decltype(e)>;
+            const auto ref = af::reference::evaluate(e, bindings...);
+            const auto [out, info] = vk::run(dev, e, af::run_options{af::execution::fused}, bindings...);
+            INFO(v.name << " | " << af::to_string(e) << " | " << Catch::Detail::stringify(info.kernels));
+            CHECK(relative_error(ref.values, out.values) <= 1e-4);
+            CHECK(info.notes.empty());
+            CHECK(planned_kernels_run(info) == af::plan::kernel_count<E, af::plan::mode::fused>);
+            if constexpr (af::plan::fuses_as_attention_v<E>) {
+                const bool named = std::any_of(info.kernels.begin(), info.kernels.end(), [&](const std::string& k) {
+                    return k.find("[register rows") != std::string::npos &&
+                           (k.find("keys broadcast over the subgroup") != std::string::npos) == broadcast;
+                });
+                CHECK(named);
+            }
+        });
+        // key shares, and windows: a device told a small loop limit plans
+        // several dispatches of the same row, each resuming the last's state
+        af::matrix<"Q"> Q;
+        af::matrix<"K"> K;
+        af::matrix<"V"> V;
+        // 13 queries: rows over the invocations; 3: keys over them (decode's shape)
+        for (const std::size_t n_q : {std::size_t{13}, std::size_t{3}}) {
+        const std::size_t d = 21, n_k = 1001, d_v = 9;
+        af::variants::input_store in(6);
+        const auto q = af::bind(Q, af::col_major(in.random(d * n_q), d, n_q));
+        const auto k = af::bind(K, af::col_major(in.random(d * n_k), d, n_k));
+        const auto v = af::bind(V, af::row_major(in.random(n_k * d_v), n_k, d_v));
+        const auto e = softmax(scale(Q^af::T*K))*V;
+        const auto ref = af::reference::evaluate(e, q, k, v);
+        vk::device tight(shared->info(), vk::device_options{.max_loop_iterations = 4000, .design = vk::fused_design::register_rows, .rows = shape});
+        for (const std::size_t shares : {std::size_t{1}, std::size_t{3}}) {
+            const auto [out, info] = vk::run(tight, e, af::run_options{.mode = af::execution::fused, .key_splits = shares}, q, k, v);
+            INFO(shares << " shares: " << Catch::Detail::stringify(info.kernels));
+            CHECK(relative_error(ref.values, out.values) <= 1e-4);
+            CHECK(info.notes.empty());
+            CHECK(info.dispatches > 2);  // several windows, then the merge
+            if (broadcast && shared->limits().subgroup_reduce)
+                CHECK((info.kernels.front().find("keys spread over the subgroup") != std::string::npos) == (n_q < sub));
+        }
+        }
+        CHECK(dev.validation_messages() == 0);
+        INFO(dev.last_validation_message());
+    }
+}
+
+TEST_CASE("Vulkan: a NaN or inf value under a weight other than 0 reaches the output exactly; under a weight of 0 it reaches nothing", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::size_t d = 5, n = 37, d_v = 3;
+    af::variants::input_store in(8);
+    const auto q = af::bind(Q, af::col_major(in.random(d * n), d, n));
+    const auto k = af::bind(K, af::col_major(in.random(d * n), d, n));
+    const float* drawn = in.random(n * d_v);
+    std::vector<float> values(drawn, drawn + n * d_v);
+    const std::size_t bad_key = 20;
+    values[bad_key * d_v + 1] = std::numeric_limits<float>::infinity();
+    values[bad_key * d_v + 2] = std::numeric_limits<float>::quiet_NaN();
+    const auto v = af::bind(V, af::row_major(values.data(), n, d_v));
+    // causal: rows before the bad key weigh it 0 and stay finite; the rest
+    // have +inf in column 1 and NaN in column 2, and column 0 as usual
+    const auto e = softmax(mask(scale(Q^af::T*K), af::causal))*V;
+    const auto ref = af::reference::evaluate(e, q, k, v);
+    for (const auto mode : {af::execution::fused, af::execution::unfused}) {
+    const auto [out, info] = vk::run(*dev, e, af::run_options{mode}, q, k, v);
+    INFO((mode == af::execution::fused ? "fused" : "unfused") << ": " << Catch::Detail::stringify(info.kernels));
+    for (std::size_t i = 0; i < n; ++i) {
+        INFO("row " << i);
+        CHECK(out.values[i * d_v] == Approx(ref.values[i * d_v]).epsilon(1e-4));
+        if (i < bad_key) {
+            CHECK(std::isfinite(out.values[i * d_v + 1]));
+            CHECK(std::isfinite(out.values[i * d_v + 2]));
+        } else {
+            CHECK(std::isinf(out.values[i * d_v + 1]));
+            CHECK(out.values[i * d_v + 1] > 0);
+            CHECK(std::isnan(out.values[i * d_v + 2]));
+        }
+        CHECK(std::isinf(ref.values[i * d_v + 1]) == std::isinf(out.values[i * d_v + 1]));
+    }
+    // the register-rows shader and the tiled product add such values as 0, and say so
+    if ((mode == af::execution::fused && dev->design() == vk::fused_design::register_rows) ||
+        (mode == af::execution::unfused && dev->limits().subgroup_broadcast && dev->limits().subgroup_size <= 32))
+        CHECK(Catch::Detail::stringify(info.notes).find("ran again with the staged-tiles fused shader") != std::string::npos);
+    }
+    // keys from 30 on masked for every row: the bad key weighs 0 everywhere,
+    // nothing is lost and nothing is run again
+    std::vector<float> masked_values(drawn, drawn + n * d_v);
+    masked_values[33 * d_v + 1] = std::numeric_limits<float>::infinity();
+    masked_values[33 * d_v + 2] = std::numeric_limits<float>::quiet_NaN();
+    const auto masked_v = af::bind(V, af::row_major(masked_values.data(), n, d_v));
+    const auto masked = softmax(mask(scale(Q^af::T*K), af::j < 30))*V;
+    const auto masked_ref = af::reference::evaluate(masked, q, k, masked_v);
+    for (const auto mode : {af::execution::fused, af::execution::unfused}) {
+        const auto [clean, clean_info] = vk::run(*dev, masked, af::run_options{mode}, q, k, masked_v);
+        CHECK(relative_error(masked_ref.values, clean.values) <= 1e-4);
+        CHECK(std::all_of(clean.values.begin(), clean.values.end(), [](float x) { return std::isfinite(x); }));
+        CHECK(clean_info.notes.empty());
+    }
+    CHECK(dev->validation_messages() == 0);
 }
 
 TEST_CASE("Vulkan: a tile shape the fused kernel cannot run is an error when the device opens", "[vulkan]") {

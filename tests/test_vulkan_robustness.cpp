@@ -115,7 +115,9 @@ TEST_CASE("Vulkan: long key rows are not cut short by a driver's loop limit", "[
         vk::device_options optimistic{true};
         optimistic.max_loop_iterations = 400000;
         vk::device overconfident(vk::default_device(), optimistic);
-        const std::size_t n_k = 100000, d = 4, dv = 2;  // the unfused product's one loop is longer than 65535 too
+        // depth and d_v 64: loops a driver keeps (its short ones it unrolls and
+        // does not count); the unfused product's one loop is longer than 65535 too
+        const std::size_t n_k = 100000, d = 64, dv = 64;
         std::vector<float> qs(d, 0.0f), ks(d * n_k, 0.1f), values(n_k * dv, 1.0f);
         for (std::size_t r = 0; r < n_k; ++r) values[r * dv + 1] = static_cast<float>(r);
         auto q = af::bind(Q, af::col_major(qs.data(), d, 1));

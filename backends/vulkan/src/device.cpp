@@ -141,6 +141,9 @@ struct device::impl {
     device_info info;
     device_limits limits;
     fused_tile tile;
+    fused_design design = fused_design::staged_tiles;
+    register_rows_shape rows;
+    bool tiled_products = true;
     std::vector<std::string> notes;  // for the next run's report
     std::atomic<std::size_t> messages{0};
     std::mutex message_mutex;
@@ -341,7 +344,13 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
         d.limits.max_shared_memory = props.limits.maxComputeSharedMemorySize;
         d.limits.max_push_constants = props.limits.maxPushConstantsSize;
         const auto sub = d.physical.getProperties2<vk::PhysicalDeviceProperties2, vk::PhysicalDeviceSubgroupProperties>();
-        d.limits.subgroup_size = sub.get<vk::PhysicalDeviceSubgroupProperties>().subgroupSize;
+        const auto& subgroups = sub.get<vk::PhysicalDeviceSubgroupProperties>();
+        d.limits.subgroup_size = subgroups.subgroupSize;
+        d.limits.subgroup_broadcast = (subgroups.supportedStages & vk::ShaderStageFlagBits::eCompute) &&
+                                      (subgroups.supportedOperations & vk::SubgroupFeatureFlagBits::eBallot);
+        d.limits.subgroup_reduce = (subgroups.supportedStages & vk::ShaderStageFlagBits::eCompute) &&
+                                   (subgroups.supportedOperations & vk::SubgroupFeatureFlagBits::eArithmetic) &&
+                                   (subgroups.supportedOperations & vk::SubgroupFeatureFlagBits::eVote);
         // llvmpipe ends every shader loop once an invocation has run 65535
         // iterations of its loops in all (LP_MAX_TGSI_LOOP_ITERATIONS), silently
         const auto driver_id = d.physical.getProperties2<vk::PhysicalDeviceProperties2, vk::PhysicalDeviceDriverProperties>()
@@ -356,6 +365,21 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
                         " invocations per workgroup (queries x lanes), more than " + std::string(props.deviceName.data()) + " runs (" +
                         std::to_string(std::min(d.limits.max_workgroup_invocations, props.limits.maxComputeWorkGroupSize[0])) + ")");
         d.tile = options.tile;
+        d.design = options.design != fused_design::automatic ? options.design
+                   : props.deviceType == vk::PhysicalDeviceType::eCpu && d.limits.subgroup_broadcast ? fused_design::register_rows
+                                                                                                     : fused_design::staged_tiles;
+        if (d.design == fused_design::register_rows && !d.limits.subgroup_broadcast)
+            throw error("attnfuse: device_options::design register_rows needs subgroup ballot operations in compute shaders, which " +
+                        std::string(props.deviceName.data()) + " does not report");
+        d.rows = options.rows;
+        d.tiled_products = options.tiled_products;
+        if (d.rows.invocations == 0) d.rows.invocations = std::max(d.limits.subgroup_size, 1u);
+        if (d.rows.rows == 0 || d.rows.keys == 0)
+            throw error("attnfuse: device_options::rows cannot run: rows and keys must be at least 1");
+        if (d.rows.invocations > d.limits.max_workgroup_invocations || d.rows.invocations > props.limits.maxComputeWorkGroupSize[0])
+            throw error("attnfuse: device_options::rows has " + std::to_string(d.rows.invocations) +
+                        " invocations per workgroup, more than " + std::string(props.deviceName.data()) + " runs (" +
+                        std::to_string(std::min(d.limits.max_workgroup_invocations, props.limits.maxComputeWorkGroupSize[0])) + ")");
         d.unified_memory = props.deviceType == vk::PhysicalDeviceType::eCpu ||
                            props.deviceType == vk::PhysicalDeviceType::eIntegratedGpu;
 
@@ -411,6 +435,9 @@ std::size_t device::buffer_slots() const {
 const device_info& device::info() const { return impl_->info; }
 const device_limits& device::limits() const { return impl_->limits; }
 const fused_tile& device::tile() const { return impl_->tile; }
+fused_design device::design() const { return impl_->design; }
+const register_rows_shape& device::rows() const { return impl_->rows; }
+bool device::tiled_products() const { return impl_->tiled_products; }
 std::size_t device::validation_messages() const { return impl_->messages.load(); }
 std::string device::last_validation_message() const {
     std::lock_guard lock(impl_->message_mutex);

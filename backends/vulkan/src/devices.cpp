@@ -18,6 +18,15 @@ std::string_view to_string(device_kind kind) {
     return "other";
 }
 
+std::string_view to_string(fused_design design) {
+    switch (design) {
+        case fused_design::automatic: return "automatic";
+        case fused_design::staged_tiles: return "staged tiles";
+        case fused_design::register_rows: return "register rows";
+    }
+    return "unknown";
+}
+
 std::string api_version_to_string(std::uint32_t v) {
     return std::to_string(VK_API_VERSION_MAJOR(v)) + "." + std::to_string(VK_API_VERSION_MINOR(v)) + "." +
            std::to_string(VK_API_VERSION_PATCH(v));

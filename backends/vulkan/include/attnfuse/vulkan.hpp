@@ -101,6 +101,34 @@ struct fused_tile {
     }
 };
 
+// Which fused attention shader a device runs.
+enum class fused_design {
+    // register_rows on CPU devices (lavapipe) that have subgroup ballot
+    // operations, staged_tiles elsewhere (the shape measured on an H200;
+    // register rows there are unmeasured)
+    automatic,
+    // shaders/flash_attention.glsl: key and value tiles staged in shared
+    // memory, several invocations per query row; device_options::tile
+    staged_tiles,
+    // shaders/flash_rows.glsl: each invocation owns whole query rows in
+    // registers, and every key and value element is read once per workgroup
+    // as a broadcast (no shared memory, no barrier); device_options::rows.
+    // Up to a depth and d_v of 256; deeper attentions take staged_tiles.
+    // Its SPIR-V declares subgroup ballot operations: a device without them
+    // cannot open with it.
+    register_rows,
+};
+std::string_view to_string(fused_design design);
+
+// The shape of shaders/flash_rows.glsl, given to its pipeline as
+// specialization constants.
+struct register_rows_shape {
+    std::uint32_t rows = 8;         // query rows per invocation, at most (fewer for deep rows or few queries)
+    std::uint32_t invocations = 0;  // per workgroup; 0: the device's subgroup size
+    std::uint32_t keys = 16;        // keys per tile: the granularity of mask skipping
+    friend bool operator==(const register_rows_shape&, const register_rows_shape&) = default;
+};
+
 struct device_options {
     // Enable VK_LAYER_KHRONOS_validation (also on when VK_INSTANCE_LAYERS or
     // ATTNFUSE_VK_VALIDATION=1 ask for it); every message is counted.
@@ -115,6 +143,12 @@ struct device_options {
     // The fused attention kernel's tile; a shape its code cannot run, or
     // one past the device's workgroup size, is an error when the device opens.
     fused_tile tile = {};
+    fused_design design = fused_design::automatic;
+    register_rows_shape rows = {};
+    // Unfused products by shaders/product_tiled.glsl where the device has
+    // subgroup ballot operations; false: one invocation per output element
+    // (shaders/product.glsl), the earlier baseline, kept for comparison.
+    bool tiled_products = true;
 };
 
 struct device_limits {
@@ -124,6 +158,8 @@ struct device_limits {
     std::uint32_t max_shared_memory = 0;
     std::uint32_t max_push_constants = 0;  // bytes (maxPushConstantsSize, at least 128)
     std::uint32_t subgroup_size = 0;
+    bool subgroup_broadcast = false;  // subgroup ballot operations in compute shaders (subgroupBroadcast)
+    bool subgroup_reduce = false;     // subgroup arithmetic and vote operations in compute shaders (subgroupAdd, subgroupAny)
     // Loop iterations a shader invocation may run, all its loops together,
     // before the driver silently ends its loops: 65535 on Mesa's llvmpipe
     // (lavapipe); 0 where no such limit is known. Every kernel attnfuse
@@ -152,6 +188,9 @@ public:
     const device_info& info() const;
     const device_limits& limits() const;
     const fused_tile& tile() const;  // the fused attention kernel's, as opened
+    fused_design design() const;     // the fused attention shader it runs: never automatic
+    const register_rows_shape& rows() const;  // flash_rows.glsl's shape, invocations resolved
+    bool tiled_products() const;               // device_options::tiled_products, as opened
 
     using buffer_id = std::uint32_t;
     using kernel_id = std::uint32_t;

@@ -180,6 +180,66 @@ inline std::size_t loop_steps_fixed(const fused_tile& tile, std::size_t d_v) {
     return 64 + (std::size_t{tile.queries} * tile.resident_depth + tile.invocations() - 1) / tile.invocations() + 4 * chunks * per_row;
 }
 inline constexpr std::size_t merge_steps_per_share = 4;  // combine_splits.glsl's loops over the shares
+
+// shaders/flash_rows.glsl keeps R rows of depth + d_v floats per invocation:
+// R is chosen so that R (depth + d_v) stays within this many registers' worth
+inline constexpr std::size_t rows_register_budget = 2048;
+inline constexpr std::size_t rows_max_depth = 256;
+
+// The fused kernel a run dispatches and the tiles the host plans it with.
+struct kernel_shape {
+    bool register_rows = false;         // flash_rows.glsl, else flash_attention.glsl
+    std::size_t queries = 0;            // per workgroup: the query tile
+    std::size_t keys = 0;               // per key tile
+    std::size_t rows_per_invocation = 1;
+    std::size_t invocations = 0;        // per workgroup
+    bool broadcast = false;             // register rows: keys shared over the subgroup
+    bool key_lanes = false;             // register rows, few queries: keys spread over the invocations
+};
+inline kernel_shape shape_for(const device& dev, std::size_t depth, std::size_t d_v, std::size_t n_q, bool staged_only) {
+    if (!staged_only && dev.design() == fused_design::register_rows && depth <= rows_max_depth && d_v <= max_fused_dv) {
+        const register_rows_shape& shape = dev.rows();
+        const std::size_t wg = shape.invocations;
+        const bool broadcast = dev.limits().subgroup_broadcast && wg == dev.limits().subgroup_size && shape.keys % wg == 0 &&
+                               shape.keys <= 32;
+        std::size_t r = std::min<std::size_t>(shape.rows, std::max<std::size_t>(1, rows_register_budget / (depth + d_v)));
+        // fewer queries than a workgroup's invocations (decode): the keys go
+        // over the invocations, each holding every row
+        if (broadcast && dev.limits().subgroup_reduce && n_q < wg) {
+            r = std::min(r, n_q);
+            return {true, r, shape.keys, r, wg, true, true};
+        }
+        r = std::max<std::size_t>(1, std::min(r, (n_q + wg - 1) / wg));  // few queries: no idle row blocks
+        return {true, r * wg, shape.keys, r, wg, broadcast, false};
+    }
+    const fused_tile& tile = dev.tile();
+    return {false, tile.queries, tile.keys, 1, tile.invocations()};
+}
+// flash_rows.glsl's specialization constants: D, DV, SHARES, R, BK, the local size, BROADCAST, KEY_LANES.
+inline std::vector<std::uint32_t> rows_specialization(const kernel_shape& shape, std::size_t depth, std::size_t d_v, bool shares) {
+    return {static_cast<std::uint32_t>(depth), static_cast<std::uint32_t>(d_v), shares ? 1u : 0u,
+            static_cast<std::uint32_t>(shape.rows_per_invocation), static_cast<std::uint32_t>(shape.keys),
+            static_cast<std::uint32_t>(shape.invocations), shape.broadcast ? 1u : 0u, shape.key_lanes ? 1u : 0u};
+}
+// Loop steps of flash_rows.glsl per key tile and besides, as llvmpipe
+// (Mesa 22.3) counts them: its loops over rows and keys are unrolled
+// ([[unroll]]), those over depth and value columns are not. Calibrated with
+// af_check_loops on long key rows at depths 3 to 256 and 1 to 8 rows per
+// invocation (a window of 426 tiles ran at depth = d_v = 64, one of 490 was
+// cut short), with a margin; a miss is caught and redone in smaller windows.
+inline std::size_t rows_loop_steps_per_tile(std::size_t depth, std::size_t d_v) { return depth + d_v + 16; }
+inline std::size_t rows_loop_steps_fixed(const kernel_shape& shape, std::size_t depth, std::size_t d_v) {
+    return shape.rows_per_invocation * (depth + 4 * d_v) + 64;  // queries, context and resumed state in, the merge, results out
+}
+static_assert(shader_sources::flash_rows.find("layout(constant_id = 0) const uint D ") != std::string_view::npos &&
+                  shader_sources::flash_rows.find("layout(constant_id = 1) const uint DV ") != std::string_view::npos &&
+                  shader_sources::flash_rows.find("layout(constant_id = 2) const bool SHARES") != std::string_view::npos &&
+                  shader_sources::flash_rows.find("layout(constant_id = 3) const uint R ") != std::string_view::npos &&
+                  shader_sources::flash_rows.find("layout(constant_id = 4) const uint BK ") != std::string_view::npos &&
+                  shader_sources::flash_rows.find("layout(local_size_x_id = 5) in;") != std::string_view::npos &&
+                  shader_sources::flash_rows.find("layout(constant_id = 6) const bool BROADCAST") != std::string_view::npos &&
+                  shader_sources::flash_rows.find("layout(constant_id = 7) const bool KEY_LANES") != std::string_view::npos,
+              "attnfuse internal: shaders/flash_rows.glsl and vulkan::detail::flash disagree on the specialization constants");
 // The shader's constants are the ones specialization() gives, in its order.
 static_assert(shader_sources::flash_attention.find("layout(constant_id = 0) const uint ACC") != std::string_view::npos &&
                   shader_sources::flash_attention.find("layout(constant_id = 1) const bool SHARES") != std::string_view::npos &&
@@ -231,6 +291,9 @@ struct executor {
     // the driver ended its loops early (af_check_loops): the run is redone.
     std::size_t halvings = 0;
     std::optional<device::buffer_id> status;            // the run's status word, host-visible
+    // flash_rows.glsl found a NaN or inf value under a weight other than 0
+    // (status bit 2): the run is redone with flash_attention.glsl, exact there
+    bool staged_only = false;
 
     // Also on the way out of an exception: release submits recorded work and
     // may throw itself, which must not escape a destructor.
@@ -485,6 +548,45 @@ void chunked_launch(X& x, const std::string& kernel, const std::string& descript
     }
 }
 
+// C = A * B by shaders/product_tiled.glsl where the device shares values
+// over a subgroup (at most 32 wide): R rows x a subgroup of columns per
+// invocation, the inner extent chunked as chunked_launch does. Returns false
+// where it does not apply (then shaders/product.glsl runs).
+template <class X>
+bool tiled_product(X& x, const std::string& description, bool weighted_sum, const std::vector<operand>& operands, device::buffer_id out,
+                   std::size_t rows, std::size_t cols, std::size_t extent) {
+    const device_limits& limits = x.dev.limits();
+    if (x.staged_only || !x.dev.tiled_products() || !limits.subgroup_broadcast || limits.subgroup_size == 0 || limits.subgroup_size > 32)
+        return false;
+    const std::size_t wg = limits.subgroup_size, r = std::max<std::size_t>(1, 32 / wg);
+    const std::array<std::size_t, 3> grid{(cols + wg - 1) / wg, (rows + wg * r - 1) / (wg * r), x.env.batch * x.env.heads};
+    for (int a = 0; a < 3; ++a)
+        if (grid[a] > limits.max_workgroup_count[a]) return false;
+    // the loop over the inner extent is the only one a driver keeps
+    const std::size_t window = x.loop_window(2, 64 + 2 * r * wg);
+    const std::size_t pieces = (extent + window - 1) / window;
+    std::vector<std::uint32_t> numbers(3);
+    const std::size_t words = x.parameter_words(operands.size(), numbers.size());
+    const bool push = words * 4 <= limits.max_push_constants;
+    const std::string source = glsl::prelude(operands.size(), numbers.size(), 0, push ? words : 0) + "#define AF_CHUNK 0u\n" +
+                               (weighted_sum ? "#define AF_WEIGHTED_SUM\n" : "") + std::string(shader_sources::product_tiled);
+    const std::vector<std::uint32_t> specialization{static_cast<std::uint32_t>(r), static_cast<std::uint32_t>(wg)};
+    for (std::size_t piece = 0, k0 = 0; piece < std::max<std::size_t>(pieces, 1); ++piece, k0 += window) {
+        numbers[0] = static_cast<std::uint32_t>(k0);
+        numbers[1] = static_cast<std::uint32_t>(std::min(extent, k0 + window));
+        numbers[2] = piece > 0 ? 1u : 0u;
+        x.launch("product_tiled",
+                 piece == 0 ? description + " [tiled: " + std::to_string(r) + " x " + std::to_string(wg) + " per invocation]" +
+                                  (pieces > 1 ? " (in " + std::to_string(pieces) + " dispatches)" : "")
+                            : "",
+                 source, operands, numbers, out, rows, cols, grid, {}, specialization, push);
+    }
+    return true;
+}
+static_assert(shader_sources::product_tiled.find("layout(constant_id = 0) const uint R ") != std::string_view::npos &&
+                  shader_sources::product_tiled.find("layout(local_size_x_id = 1) in;") != std::string_view::npos,
+              "attnfuse internal: shaders/product_tiled.glsl and tiled_product disagree on the specialization constants");
+
 template <class E, class X>
 operand node_kernel(const E& e, X& x) {
     const runtime_shape shape = shape_of(e, x.env);
@@ -497,7 +599,8 @@ operand node_kernel(const E& e, X& x) {
     if constexpr (has_kind_v<E, kind::product>) {
         // weights x values: a zero weight skips its value row (plan::is_weighted_sum)
         const std::string mode = plan::is_weighted_sum_v<E> ? "#define AF_WEIGHTED_SUM\n" : "";
-        chunked_launch(x, "product", name, mode + element_prologue() + std::string(shader_sources::product), operands, {}, out,
+        if (!tiled_product(x, name, plan::is_weighted_sum_v<E>, operands, out, shape.rows, shape.cols, operands[0].cols()))
+            chunked_launch(x, "product", name, mode + element_prologue() + std::string(shader_sources::product), operands, {}, out,
                        shape.rows, shape.cols, elements, operands[0].cols(), 1);
     } else if constexpr (has_kind_v<E, kind::softmax> || has_kind_v<E, kind::hard>) {
         // three passes, each bounded: the row maxima, then the sums (softmax)
@@ -546,8 +649,7 @@ operand node_kernel(const E& e, X& x) {
 // Returns {vary by batch x head, query tiles, then per query tile the first
 // and end live key tile and the first and end of its full ones}.
 template <bool Ratio, class S, class X>
-std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q, std::size_t n_k) {
-    const std::size_t bq = x.dev.tile().queries, bk = x.dev.tile().keys;
+std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q, std::size_t n_k, std::size_t bq, std::size_t bk) {
     const std::size_t qtiles = (n_q + bq - 1) / bq, ktiles = (n_k + bk - 1) / bk;
     bool reads_vectors = false;  // then the bounds depend on the batch and head
     std::size_t b = 0, h = 0;
@@ -669,7 +771,7 @@ struct fused_shader {
     // The source; with `given`, also its parameter numbers into `numbers`
     // and the prepared operands' indices, as the text reads them, into `slots`.
     static constexpr std::string text(const values* given = nullptr, std::vector<std::uint32_t>* numbers = nullptr,
-                                      std::vector<std::size_t>* slots = nullptr) {
+                                      std::vector<std::size_t>* slots = nullptr, bool register_rows = false) {
         glsl::emitter emit{0, first_operand, {}, false, numbers, slots};
         std::string modes, functions;
         if constexpr (holds_mask<Tree>::value) {
@@ -714,13 +816,13 @@ struct fused_shader {
         if (emit.next_operand != operands) throw error("attnfuse internal: the fused epilogue's operand slots are miscounted");
         functions = modes + emit.definitions + functions;  // the operations' GLSL functions before their first use
         return glsl::prelude(operands, emit.next_number, 0) + functions +  // the shader sets its local size
-               std::string(shader_sources::flash_attention);
+               std::string(register_rows ? shader_sources::flash_rows : shader_sources::flash_attention);
     }
 };
 
 template <class E>
-constexpr std::string fused_attention_source() {
-    return fused_shader<E>::text();
+constexpr std::string fused_attention_source(bool register_rows) {
+    return fused_shader<E>::text(nullptr, nullptr, nullptr, register_rows);
 }
 
 // FlashAttention-style (shaders/flash_attention.glsl): a workgroup per (query
@@ -766,27 +868,37 @@ operand fused_attention(const E& e, X& x) {
     given.query_factor = query_factor;
     std::vector<std::uint32_t> numbers;
     std::vector<std::size_t> slots;
-    const std::string source = fused_shader<E>::text(&given, &numbers, &slots);
+    const std::size_t depth = operands[0].rows();
+    const flash::kernel_shape shape = flash::shape_for(x.dev, depth, d_v, n_q, x.staged_only);
+    const std::string source = fused_shader<E>::text(&given, &numbers, &slots, shape.register_rows);
     operands = in_text_order(operands, fused_shader<E>::first_operand, slots);
     // the window of key tiles a dispatch covers, then whether it resumes, then the live tiles
     std::vector<std::uint32_t> extra{0u, 0u, 0u};
-    const std::vector<std::uint32_t> live = live_key_tiles<parts::plain_sum>(parts::score(e), x, n_q, n_k);
+    const std::vector<std::uint32_t> live = live_key_tiles<parts::plain_sum>(parts::score(e), x, n_q, n_k, shape.queries, shape.keys);
     extra.insert(extra.end(), live.begin(), live.end());
     const fused_tile& tile = x.dev.tile();
     const auto out = output_buffer(x, n_q, d_v, "the result of " + to_string(e));
-    const std::size_t qtiles = (n_q + tile.queries - 1) / tile.queries;
+    const std::size_t qtiles = (n_q + shape.queries - 1) / shape.queries;
     const std::size_t bh = x.env.batch * x.env.heads;
-    const std::size_t key_tiles = (n_k + tile.keys - 1) / tile.keys;
+    const std::size_t key_tiles = (n_k + shape.keys - 1) / shape.keys;
     // Within the device's loop limit an invocation runs `window` key tiles; a
     // longer row runs as several dispatches over consecutive windows, each
     // resuming the state the one before left (the merge reads the last).
-    const std::size_t window = x.loop_window(flash::loop_steps_per_tile(tile, operands[0].rows(), d_v), flash::loop_steps_fixed(tile, d_v));
+    const std::size_t window = shape.register_rows
+                                   ? x.loop_window(flash::rows_loop_steps_per_tile(depth, d_v), flash::rows_loop_steps_fixed(shape, depth, d_v))
+                                   : x.loop_window(flash::loop_steps_per_tile(tile, depth, d_v), flash::loop_steps_fixed(tile, d_v));
     const std::size_t passes = (key_tiles + window - 1) / window;
     const std::size_t splits =
         std::min(key_splits(x.dev, x.opt.key_splits, qtiles * bh, key_tiles), x.loop_window(flash::merge_steps_per_share));
     const bool shared_state = splits > 1 || passes > 1;
-    const std::vector<std::uint32_t> specialization = flash::specialization(tile, d_v, shared_state);
-    const std::string name = plan::kernel_name<plan::fused_attention_kernel<E>>::get(e);
+    const std::vector<std::uint32_t> specialization = shape.register_rows ? flash::rows_specialization(shape, depth, d_v, shared_state)
+                                                                          : flash::specialization(tile, d_v, shared_state);
+    const std::string name = plan::kernel_name<plan::fused_attention_kernel<E>>::get(e) +
+                             (shape.key_lanes ? " [register rows: " + std::to_string(shape.rows_per_invocation) +
+                                                    " in every invocation, keys spread over the subgroup]"
+                              : shape.register_rows ? " [register rows: " + std::to_string(shape.rows_per_invocation) + " per invocation" +
+                                                          (shape.broadcast ? ", keys broadcast over the subgroup]" : "]")
+                                                  : std::string(" [staged tiles]"));
     if (!shared_state) {
         extra[1] = static_cast<std::uint32_t>(key_tiles);
         x.launch("fused_attention", name, source, operands, numbers, out, n_q, d_v, {qtiles, bh, 1}, extra, specialization);
@@ -898,11 +1010,12 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
     // recorded work, buffers and the submission stay this run's own.
     const auto hold = dev.exclusive();
     std::vector<std::string> retries;
-    for (std::size_t halvings = 0;; ++halvings) {
+    bool staged_only = false;
+    for (std::size_t halvings = 0;;) {
         result.info = {};
-        bool cut_short = false;
+        bool cut_short = false, values_lost = false;
         {
-            executor<Env> x{dev, env, opt, result.info, {}, {}, resident, true, {}, halvings, {}};
+            executor<Env> x{dev, env, opt, result.info, {}, {}, resident, true, {}, halvings, {}, staged_only};
             plan::collect_score_nodes(e, x.score_nodes);
             operand out = evaluate(e, x);
             // the answer, dense and owned by this run: a last copy kernel when the
@@ -923,9 +1036,10 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
             if (x.status) {  // did the driver end a loop early (af_check_loops)?
                 std::uint32_t flags = 0;
                 dev.download(*x.status, &flags, sizeof flags);
-                cut_short = flags != 0;
+                cut_short = (flags & 1u) != 0;
+                values_lost = (flags & 2u) != 0;
             }
-            if (!cut_short) {
+            if (!cut_short && !values_lost) {
                 if constexpr (OnDevice) {
                     x.owned.erase(std::find(x.owned.begin(), x.owned.end(), out.buffer));  // the result's now
                     result.output = device_tensor(dev, out.buffer, env.batch, env.heads, shape.rows, shape.cols);
@@ -941,11 +1055,19 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
                 result.info.spirv_from_disk_cache = x.all_from_disk;
             }
         }
+        if (values_lost && !cut_short) {
+            if (staged_only) throw error("attnfuse internal: the staged fused shader reported values lost");
+            staged_only = true;
+            retries.push_back("values held NaN or infinity under weights other than 0: ran again with the staged-tiles fused shader "
+                              "and the one-element-per-invocation product, which add them exactly");
+            continue;
+        }
         if (!cut_short) break;
+        ++halvings;
         // every loop window is sized from the device's limit with a margin; a
         // driver that still ended one early gets the run again in pieces half
         // as large, and an error rather than an answer if that never suffices
-        if (halvings == 4)
+        if (halvings == 5)
             throw error("attnfuse: running `" + to_string(e) + "`, a shader was cut short by " + dev.info().name +
                         "'s limit on loop iterations even in pieces 16 times smaller than planned; no result is returned");
         retries.push_back("a shader's loops were ended early by the driver's limit on loop iterations: ran again in pieces half as large");
@@ -984,11 +1106,12 @@ auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bi
 // a constant expression of the type: static_assert(fused_shader_source<
 // decltype(e)>().find("tanh") != std::string::npos) holds for a soft-capped
 // score. Every number of the expression is a parameter, so one text serves
-// every value.
+// every value. `design` picks the shader (device::design() says which a
+// device runs).
 template <class E>
     requires plan::fuses_as_attention_v<E>
-constexpr std::string fused_shader_source() {
-    return detail::fused_attention_source<E>();
+constexpr std::string fused_shader_source(fused_design design = fused_design::staged_tiles) {
+    return detail::fused_attention_source<E>(design == fused_design::register_rows);
 }
 
 // Runs `e` on a Vulkan device: host inputs go up once (inputs bound with

@@ -60,7 +60,10 @@ constexpr bool listed(op::op_list<Ops...>) {
 // The parameters are `push_words` of push constants, or with 0 a buffer at
 // binding 0 (then unused in the push-constant form).
 constexpr std::string prelude(std::size_t operands, std::size_t numbers, std::size_t local_size, std::size_t push_words = 0) {
-    std::string s = "#version 450\n";
+    // [[unroll]]; subgroup ballot, arithmetic and vote operations (shaders/flash_rows.glsl and
+    // product_tiled.glsl, run only where the device has them)
+    std::string s = "#version 450\n#extension GL_EXT_control_flow_attributes : enable\n#extension GL_KHR_shader_subgroup_ballot : enable\n"
+                    "#extension GL_KHR_shader_subgroup_arithmetic : enable\n#extension GL_KHR_shader_subgroup_vote : enable\n";
     s += "#define NUM_OPERANDS " + decimal(operands) + "u\n";
     s += "#define NUM_NUMBERS " + decimal(numbers) + "u\n";
     s += "#define GEOMETRY_WORDS " + decimal(geometry_words) + "u\n";
