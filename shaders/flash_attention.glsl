@@ -49,18 +49,7 @@ shared float row_scale[BQ];             // per row: rescale of the context
 shared uint row_best[BQ];               // per row (hard): the chosen key
 shared uint bad_keys[2];                // keys of the staged values holding NaN or inf, by step parity
 
-uint WINDOW() { return 4u + GEOMETRY_WORDS * NUM_OPERANDS + NUM_NUMBERS; }
 
-// scale(core) folded onto the queries as they are staged (as FlashAttention
-// scales Q): the epilogue then reads the scaled score as it is.
-float QUERY_SCALE() {
-#if defined(AF_QUERY_SCALE)
-    return NUM(AF_QUERY_SCALE);
-#else
-    return 1.0;
-#endif
-}
-uint RANGES() { return WINDOW() + 3u; }
 
 void main() {
     uint t = gl_LocalInvocationID.x;
@@ -74,25 +63,15 @@ void main() {
     // where this (batch, head)'s queries, keys and values start, and their
     // strides (0 along an extent of 1, which broadcasts): read once here
     // rather than per element
-    int q_at = at_of(0u, b, h, 0u, 0u), q_rs = G(0u, 0u) == 1u ? 0 : GI(0u, 4u), q_cs = G(0u, 1u) == 1u ? 0 : GI(0u, 5u);
-    int k_at = at_of(1u, b, h, 0u, 0u), k_rs = G(1u, 0u) == 1u ? 0 : GI(1u, 4u), k_cs = G(1u, 1u) == 1u ? 0 : GI(1u, 5u);
-    int v_at = at_of(2u, b, h, 0u, 0u), v_rs = G(2u, 0u) == 1u ? 0 : GI(2u, 4u), v_cs = G(2u, 1u) == 1u ? 0 : GI(2u, 5u);
+    af_layout ql = af_layout_of(0u, b, h), kl = af_layout_of(1u, b, h), vl = af_layout_of(2u, b, h);
+    int q_at = ql.base, q_rs = ql.row_stride, q_cs = ql.col_stride;
+    int k_at = kl.base, k_rs = kl.row_stride, k_cs = kl.col_stride;
+    int v_at = vl.base, v_rs = vl.row_stride, v_cs = vl.col_stride;
 
-    uint qtiles = P.u[RANGES() + 1u];
-    uint range_at = RANGES() + 2u + 4u * ((P.u[RANGES()] != 0u ? bh * qtiles : 0u) + gl_WorkGroupID.x);
-    uint live_first = P.u[range_at], live_end = P.u[range_at + 1u];
-    // key tiles whose every mask keeps every score: the epilogue runs without them
-    uint full_first = P.u[range_at + 2u], full_end = P.u[range_at + 3u];
-    // with the keys split over workgroups (z), this workgroup's share of the
-    // live tiles; shaders/combine_splits.glsl merges the shares
-    uint splits = SHARES ? gl_NumWorkGroups.z : 1u, split = SHARES ? gl_WorkGroupID.z : 0u;
-    uint per_split = (live_end - live_first + splits - 1u) / splits;
-    uint first_tile = min(live_end, live_first + split * per_split);
-    uint end_tile = min(live_end, first_tile + per_split);
-    // this dispatch's window of the key tiles
-    first_tile = max(first_tile, P.u[WINDOW()]);
-    end_tile = min(end_tile, P.u[WINDOW() + 1u]);
-    bool resume = SHARES && P.u[WINDOW() + 2u] != 0u;
+    af_key_range range = af_key_tiles(bh, gl_WorkGroupID.x, SHARES);
+    uint first_tile = range.first, end_tile = range.end, full_first = range.full_first, full_end = range.full_end;
+    uint splits = range.splits, split = range.split;
+    bool resume = range.resume;
     uint share_at = ((bh * n_q + min(i, n_q - 1u)) * splits + split) * (dv + 3u);
 
     float acc[ACC];

@@ -50,16 +50,7 @@ layout(constant_id = 7) const bool KEY_LANES = false;
 const uint GROUPS = (BROADCAST || KEY_LANES) ? BK / gl_WorkGroupSize.x : 1u;  // keys each invocation loads per tile
 const uint KT = KEY_LANES ? GROUPS : BK;  // keys of the invocation's score tile
 
-uint WINDOW() { return 4u + GEOMETRY_WORDS * NUM_OPERANDS + NUM_NUMBERS; }
-uint RANGES() { return WINDOW() + 3u; }
 
-float QUERY_SCALE() {
-#if defined(AF_QUERY_SCALE)
-    return NUM(AF_QUERY_SCALE);
-#else
-    return 1.0;
-#endif
-}
 
 // Key u of an invocation's score tile: of the tile's own keys, or (key
 // lanes) of the invocation's GROUPS of them.
@@ -78,21 +69,15 @@ void main() {
     uint n_q = G(0u, 1u), keys = G(1u, 1u);
     // where this (batch, head)'s queries, keys and values start, and their
     // strides (0 along an extent of 1, which broadcasts): uniform, read once
-    int q_at = at_of(0u, b, h, 0u, 0u), q_rs = G(0u, 0u) == 1u ? 0 : GI(0u, 4u), q_cs = G(0u, 1u) == 1u ? 0 : GI(0u, 5u);
-    int k_at = at_of(1u, b, h, 0u, 0u), k_rs = G(1u, 0u) == 1u ? 0 : GI(1u, 4u), k_cs = G(1u, 1u) == 1u ? 0 : GI(1u, 5u);
-    int v_at = at_of(2u, b, h, 0u, 0u), v_rs = G(2u, 0u) == 1u ? 0 : GI(2u, 4u), v_cs = G(2u, 1u) == 1u ? 0 : GI(2u, 5u);
+    af_layout ql = af_layout_of(0u, b, h), kl = af_layout_of(1u, b, h), vl = af_layout_of(2u, b, h);
+    int q_at = ql.base, q_rs = ql.row_stride, q_cs = ql.col_stride;
+    int k_at = kl.base, k_rs = kl.row_stride, k_cs = kl.col_stride;
+    int v_at = vl.base, v_rs = vl.row_stride, v_cs = vl.col_stride;
 
-    uint qtiles = P.u[RANGES() + 1u];
-    uint range_at = RANGES() + 2u + 4u * ((P.u[RANGES()] != 0u ? bh * qtiles : 0u) + gl_WorkGroupID.x);
-    uint live_first = P.u[range_at], live_end = P.u[range_at + 1u];
-    uint full_first = P.u[range_at + 2u], full_end = P.u[range_at + 3u];
-    uint splits = SHARES ? gl_NumWorkGroups.z : 1u, split = SHARES ? gl_WorkGroupID.z : 0u;
-    uint per_split = (live_end - live_first + splits - 1u) / splits;
-    uint first_tile = min(live_end, live_first + split * per_split);
-    uint end_tile = min(live_end, first_tile + per_split);
-    first_tile = max(first_tile, P.u[WINDOW()]);
-    end_tile = min(end_tile, P.u[WINDOW() + 1u]);
-    bool resume = SHARES && P.u[WINDOW() + 2u] != 0u;
+    af_key_range range = af_key_tiles(bh, gl_WorkGroupID.x, SHARES);
+    uint first_tile = range.first, end_tile = range.end, full_first = range.full_first, full_end = range.full_end;
+    uint splits = range.splits, split = range.split;
+    bool resume = range.resume;
 
     // the invocation's rows: q0 + row_lane + row_step * r
     float q[R * D];

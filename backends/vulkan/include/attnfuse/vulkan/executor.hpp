@@ -816,6 +816,7 @@ struct fused_shader {
         if (emit.next_operand != operands) throw error("attnfuse internal: the fused epilogue's operand slots are miscounted");
         functions = modes + emit.definitions + functions;  // the operations' GLSL functions before their first use
         return glsl::prelude(operands, emit.next_number, 0) + functions +  // the shader sets its local size
+               std::string(shader_sources::fused_common) +
                std::string(register_rows ? shader_sources::flash_rows : shader_sources::flash_attention);
     }
 };
