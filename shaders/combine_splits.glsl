@@ -9,43 +9,43 @@
     uint splits = NUMU(0u), stride = cols + 3u, keys = G(1u, 0u);
     uint base = (bh * rows + i) * splits * stride;
     bool nan_row = false;
-    for (uint s = 0u; s < splits; ++s) nan_row = nan_row || OP0.d[base + s * stride + 2u] != 0.0;
+    for (uint s = 0u; s < splits; ++s) nan_row = nan_row || rd0(base + s * stride + 2u) != 0.0;
 #if defined(AF_HARD)
     // the earliest share wins a tie, as the earliest key does within one
     float best = -1.0 / 0.0;
     uint best_at = keys;
     for (uint s = 0u; s < splits; ++s) {
-        float v = OP0.d[base + s * stride];
-        if (v > best) { best = v; best_at = uint(OP0.d[base + s * stride + 1u]) * 4096u + uint(OP0.d[base + s * stride + 3u]); }
+        float v = rd0(base + s * stride);
+        if (v > best) { best = v; best_at = uint(rd0(base + s * stride + 1u)) * 4096u + uint(rd0(base + s * stride + 3u)); }
     }
     OUT.d[idx] = nan_row ? 0.0 / 0.0 : (best_at < keys ? ld1(b, h, best_at, j) : 0.0);
 #elif defined(AF_POINTWISE)
     float acc = 0.0;  // plain sums of weighted values
-    for (uint s = 0u; s < splits; ++s) acc += OP0.d[base + s * stride + 3u + j];
+    for (uint s = 0u; s < splits; ++s) acc += rd0(base + s * stride + 3u + j);
     OUT.d[idx] = acc;
 #elif defined(AF_RATIO)
     float l = 0.0, acc = 0.0;
     for (uint s = 0u; s < splits; ++s) {
-        l += OP0.d[base + s * stride + 1u];
-        acc += OP0.d[base + s * stride + 3u + j];
+        l += rd0(base + s * stride + 1u);
+        acc += rd0(base + s * stride + 3u + j);
     }
     float denominator = l + NUM(1u);
     OUT.d[idx] = denominator == 0.0 ? 0.0 : acc / denominator;
 #else
     float m = -1.0 / 0.0;
-    for (uint s = 0u; s < splits; ++s) m = max(m, OP0.d[base + s * stride]);
+    for (uint s = 0u; s < splits; ++s) m = max(m, rd0(base + s * stride));
     // each share's context is already a convex combination of value rows: the
     // merge weighs them by their sums, so it cannot overflow either
     float l = 0.0;
     for (uint s = 0u; s < splits; ++s) {
-        float ms = OP0.d[base + s * stride];
-        l += isinf(ms) ? 0.0 : OP0.d[base + s * stride + 1u] * exp(ms - m);  // a share with every key masked weighs 0
+        float ms = rd0(base + s * stride);
+        l += isinf(ms) ? 0.0 : rd0(base + s * stride + 1u) * exp(ms - m);  // a share with every key masked weighs 0
     }
     float acc = 0.0;
     for (uint s = 0u; s < splits && l > 0.0; ++s) {
-        float ms = OP0.d[base + s * stride];
-        float weight = isinf(ms) ? 0.0 : OP0.d[base + s * stride + 1u] * exp(ms - m) / l;
-        if (weight != 0.0) acc += OP0.d[base + s * stride + 3u + j] * weight;
+        float ms = rd0(base + s * stride);
+        float weight = isinf(ms) ? 0.0 : rd0(base + s * stride + 1u) * exp(ms - m) / l;
+        if (weight != 0.0) acc += rd0(base + s * stride + 3u + j) * weight;
     }
     OUT.d[idx] = nan_row ? 0.0 / 0.0 : acc;
 #endif

@@ -106,7 +106,7 @@ void main() {
     if (queries_resident) {
         for (uint e = t; e < QMAX * BQ; e += BQ * LANES) {
             uint a = e % QMAX, q = e / QMAX;
-            query_tile[a * BQ + q] = (a < depth && q0 + q < n_q) ? OP0.d[q_at + int(a) * q_rs + int(q0 + q) * q_cs] * query_scale : 0.0;
+            query_tile[a * BQ + q] = (a < depth && q0 + q < n_q) ? rd0(q_at + int(a) * q_rs + int(q0 + q) * q_cs) * query_scale : 0.0;
         }
     }
 
@@ -120,11 +120,11 @@ void main() {
             // depth runs fastest: rows of row-major Q and K are read in order
             for (uint e = t; e < DC * BQ && !queries_resident; e += BQ * LANES) {
                 uint a = e % DC, q = e / DC;
-                stage[a * BQ + q] = (a0 + a < depth && q0 + q < n_q) ? OP0.d[q_at + int(a0 + a) * q_rs + int(q0 + q) * q_cs] * query_scale : 0.0;
+                stage[a * BQ + q] = (a0 + a < depth && q0 + q < n_q) ? rd0(q_at + int(a0 + a) * q_rs + int(q0 + q) * q_cs) * query_scale : 0.0;
             }
             for (uint e = t; e < DC * BK; e += BQ * LANES) {
                 uint a = e % DC, k = e / DC;
-                stage[DC * BQ + a * BK + k] = (a0 + a < depth && k0 + k < keys) ? OP1.d[k_at + int(a0 + a) * k_rs + int(k0 + k) * k_cs] : 0.0;
+                stage[DC * BQ + a * BK + k] = (a0 + a < depth && k0 + k < keys) ? rd1(k_at + int(a0 + a) * k_rs + int(k0 + k) * k_cs) : 0.0;
             }
             barrier();
             uint steps = min(DC, depth - a0);
@@ -216,7 +216,7 @@ void main() {
             barrier();
             for (uint e = t; e < BK * VC; e += BQ * LANES) {
                 uint k = e / VC, c = e % VC;
-                float v = (k0 + k < keys && c0 + c < dv) ? OP2.d[v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs] : 0.0;
+                float v = (k0 + k < keys && c0 + c < dv) ? rd2(v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs) : 0.0;
                 if (!(abs(v) <= 3.40282347e38)) {  // NaN or inf: left out of the product, added back below where its weight is not 0
                     atomicOr(bad_keys[step & 1u], 1u << k);
                     v = 0.0;
@@ -239,7 +239,7 @@ void main() {
                     for (uint k = 0u; k < BK; ++k) {
                         float weight = weights[r * (BK + 1u) + k];
                         if (((bad >> k) & 1u) != 0u && weight != 0.0 && c0 + c < dv) {
-                            float v = OP2.d[v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs];
+                            float v = rd2(v_at + int(k0 + k) * v_rs + int(c0 + c) * v_cs);
                             if (!(abs(v) <= 3.40282347e38)) acc[chunk * (VC / LANES) + w] += weight * v;
                         }
                     }

@@ -93,7 +93,7 @@ void main() {
     [[unroll]] for (uint r = 0u; r < R; ++r) {
         uint i = q0 + row_lane + row_step * r;
         uint row = min(i, n_q - 1u);  // a row past the end computes row n_q - 1 and writes nothing
-        for (uint a = 0u; a < D; ++a) q[r * D + a] = OP0.d[q_at + int(a) * q_rs + int(row) * q_cs] * query_scale;
+        for (uint a = 0u; a < D; ++a) q[r * D + a] = rd0(q_at + int(a) * q_rs + int(row) * q_cs) * query_scale;
         for (uint c = 0u; c < DV; ++c) acc[r * DV + c] = 0.0;
         m[r] = NEG_INF;
         l[r] = 0.0;
@@ -127,21 +127,21 @@ void main() {
         for (uint a = 0u; a < D; ++a) {
             if (KEY_LANES) {
                 [[unroll]] for (uint g = 0u; g < GROUPS; ++g) {
-                    float kv = OP1.d[k_at + int(a) * k_rs + int(own_keys[g]) * k_cs];
+                    float kv = rd1(k_at + int(a) * k_rs + int(own_keys[g]) * k_cs);
                     [[unroll]] for (uint r = 0u; r < R; ++r) s[r * KT + g] += score_term(b, h, a, q[r * D + a], kv);
                 }
             } else if (BROADCAST) {
                 // each invocation loads its own key's element, and the subgroup
                 // shares them: one load per invocation serves the tile's BK keys
                 [[unroll]] for (uint g = 0u; g < GROUPS; ++g) {
-                    float mine = OP1.d[k_at + int(a) * k_rs + int(own_keys[g]) * k_cs];
+                    float mine = rd1(k_at + int(a) * k_rs + int(own_keys[g]) * k_cs);
 #define AF_SCORE(l) if (l < wg) { float kv = subgroupBroadcast(mine, l); [[unroll]] for (uint r = 0u; r < R; ++r) s[r * KT + g * wg + l] += score_term(b, h, a, q[r * D + a], kv); }
                     AF_EACH_LANE(AF_SCORE)
                 }
             } else {
                 [[unroll]] for (uint u = 0u; u < KT; ++u) {
                     uint j = min(k0 + u, keys - 1u);
-                    float kv = OP1.d[k_at + int(a) * k_rs + int(j) * k_cs];
+                    float kv = rd1(k_at + int(a) * k_rs + int(j) * k_cs);
                     [[unroll]] for (uint r = 0u; r < R; ++r) s[r * KT + u] += score_term(b, h, a, q[r * D + a], kv);
                 }
             }
@@ -244,7 +244,7 @@ void main() {
             }
             if (KEY_LANES) {
                 [[unroll]] for (uint g = 0u; g < GROUPS; ++g) {
-                    float vv = OP2.d[v_at + int(own_keys[g]) * v_rs + int(c) * v_cs];
+                    float vv = rd2(v_at + int(own_keys[g]) * v_rs + int(c) * v_cs);
                     bool finite = abs(vv) <= MAX_FLOAT;
                     my_value_bad[g] = my_value_bad[g] || !finite;
                     vv = finite ? vv : 0.0;
@@ -252,7 +252,7 @@ void main() {
                 }
             } else if (BROADCAST) {
                 [[unroll]] for (uint g = 0u; g < GROUPS; ++g) {
-                    float mine = OP2.d[v_at + int(own_keys[g]) * v_rs + int(c) * v_cs];
+                    float mine = rd2(v_at + int(own_keys[g]) * v_rs + int(c) * v_cs);
                     bool finite = abs(mine) <= MAX_FLOAT;
                     my_value_bad[g] = my_value_bad[g] || !finite;
                     mine = finite ? mine : 0.0;
@@ -261,7 +261,7 @@ void main() {
                 }
             } else {
                 [[unroll]] for (uint u = 0u; u < KT; ++u) {
-                    float vv = OP2.d[v_at + int(min(k0 + u, keys - 1u)) * v_rs + int(c) * v_cs];
+                    float vv = rd2(v_at + int(min(k0 + u, keys - 1u)) * v_rs + int(c) * v_cs);
                     bool finite = abs(vv) <= MAX_FLOAT;
                     bad_keys |= finite ? 0u : 1u << u;
                     vv = finite ? vv : 0.0;

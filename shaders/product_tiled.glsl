@@ -48,8 +48,8 @@ void main() {
     uint k_end = NUMU(AF_CHUNK + 1u);
     for (uint k = NUMU(AF_CHUNK); k < k_end; ++k) {
         float a[R];
-        [[unroll]] for (uint r = 0u; r < R; ++r) a[r] = OP0.d[a_row[r] + int(k) * a_cs];
-        float mine = OP1.d[b_at + int(k) * b_rs + int(my_col) * b_cs];
+        [[unroll]] for (uint r = 0u; r < R; ++r) a[r] = rd0(a_row[r] + int(k) * a_cs);
+        float mine = rd1(b_at + int(k) * b_rs + int(my_col) * b_cs);
 #if defined(AF_WEIGHTED_SUM)
         bool finite = abs(mine) <= 3.40282347e38;
         mine = finite ? mine : 0.0;

@@ -11,8 +11,9 @@
 //     softmax row's weights by at most e^(2 delta) - 1 in their 1-norm, and
 //     the output by that times max|v|, plus u max|v| from V's own rounding.
 // Sizes are odd and GQA shares K and V over pairs of query heads.
-// `fused_reads_stored`: the backend's fused kernel reads 16-bit Q, K and V
-// as stored (no widened copy, no note); anything else is widened per run.
+// `reads` says which kernels of the backend read 16-bit inputs as stored
+// (no widened copy, no note about widening); any other is widened per run,
+// with a note naming the input and "widened".
 #pragma once
 #include <attnfuse/dsl.hpp>
 #include <catch2/catch.hpp>
@@ -35,9 +36,17 @@ std::vector<El> stored(const float* values, std::size_t count) {
 inline bool notes_name(const report& info, const std::string& text) {
     return std::any_of(info.notes.begin(), info.notes.end(), [&](const std::string& n) { return n.find(text) != std::string::npos; });
 }
+// A note that `input` (e.g. "K: stored as f16") was widened to f32 for the run.
+inline bool widened(const report& info, const std::string& input) {
+    return std::any_of(info.notes.begin(), info.notes.end(), [&](const std::string& n) {
+        return n.find("input " + input) != std::string::npos && n.find("widened") != std::string::npos;
+    });
+}
+
+enum class stored_reads { fused_attention_inputs, every_kernel };
 
 template <class Run>
-void check_element_storage(const Run& run, bool fused_reads_stored) {
+void check_element_storage(const Run& run, stored_reads reads) {
     const std::size_t B = 2, H = 4, H_kv = 2, n_q = 37, n_k = 45, d = 19, d_v = 13;
     variants::input_store in(77);
     const float* q = in.random(B * H * d * n_q);
@@ -68,11 +77,13 @@ void check_element_storage(const Run& run, bool fused_reads_stored) {
             INFO((mode == execution::fused ? "fused" : "unfused"));
             const auto [out, info] = run(e, run_options{mode}, qb, kb, vb, tb, mb);
             CHECK(variants::relative_error(ref.values, out.values) <= 1e-4);
-            const bool as_stored = fused_reads_stored && mode == execution::fused;
-            CHECK(notes_name(info, "input K: stored as f16") == !as_stored);
-            CHECK(notes_name(info, "input V: stored as f16") == !as_stored);
-            CHECK(notes_name(info, "input Q: stored as bf16") == !as_stored);
-            CHECK(notes_name(info, "input Bt: stored as bf16"));  // a table the epilogue reads
+            const bool every = reads == stored_reads::every_kernel;
+            const bool as_stored = every || mode == execution::fused;
+            CHECK(widened(info, "K: stored as f16") == !as_stored);
+            CHECK(widened(info, "V: stored as f16") == !as_stored);
+            CHECK(widened(info, "Q: stored as bf16") == !as_stored);
+            CHECK(widened(info, "Bt: stored as bf16") == !every);  // a table the epilogue reads
+            CHECK(widened(info, "m: stored as f16") == !every);
             // widened copies are memory the run allocated
             if (!as_stored) CHECK(info.intermediate_bytes >= (q16.size() + k16.size() + v16.size()) * sizeof(float));
         }
@@ -96,7 +107,8 @@ void check_element_storage(const Run& run, bool fused_reads_stored) {
         for (const execution mode : {execution::fused, execution::unfused}) {
             const auto [out, info] = run(e, run_options{mode}, wb, xb, bb);
             CHECK(variants::relative_error(ref.values, out.values) <= 1e-4);
-            CHECK(notes_name(info, "input X: stored as f16"));
+            CHECK(widened(info, "X: stored as f16") == (reads != stored_reads::every_kernel));
+            CHECK(widened(info, "W: stored as bf16") == (reads != stored_reads::every_kernel));
             CHECK_FALSE(notes_name(info, "input b:"));  // f32 is read as it is
         }
     }

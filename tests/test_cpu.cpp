@@ -85,7 +85,7 @@ TEST_CASE("nn.MultiheadAttention as one expression (concat_heads, W_o, biases, m
 
 TEST_CASE("inputs stored as f16 and bf16 agree with the reference and stay within their format's error", "[cpu]") {
     af::testing::check_element_storage([](const auto& e, const af::run_options& o, const auto&... b) { return af::cpu::run(e, o, b...); },
-                                       /*fused_reads_stored=*/true);
+                                       af::testing::stored_reads::fused_attention_inputs);
 }
 
 TEST_CASE("scaled dot-product and causal attention at every awkward size", "[cpu]") {

@@ -105,7 +105,7 @@ TEST_CASE("Vulkan: inputs stored as f16 and bf16 agree with the reference and st
         return;
     }
     af::testing::check_element_storage([dev](const auto& e, const af::run_options& o, const auto&... b) { return vk::run(*dev, e, o, b...); },
-                                       /*fused_reads_stored=*/false);
+                                       af::testing::stored_reads::every_kernel);
     CHECK(dev->validation_messages() == 0);
 }
 

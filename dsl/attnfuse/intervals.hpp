@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <limits>
 
+#include "element.hpp"
 #include "expr.hpp"
 #include "interval.hpp"
 
@@ -35,15 +36,17 @@ template <class Op, class... I> interval apply_bounds(I... kids) {
 
 // Bounds of a vector leaf over the tile of rows [row0, row1) and columns
 // [col0, col1): a column (rows > 1) is read at the tile's rows, a row
-// (cols > 1) at its columns, a single value as it is. A NaN bounds nothing.
-inline interval vector_bounds(const float* base, std::size_t rows, std::size_t cols, std::ptrdiff_t row_stride,
+// (cols > 1) at its columns, a single value as it is, each as its element
+// type widens it. A NaN bounds nothing.
+template <storage_element El>
+interval vector_bounds(const El* base, std::size_t rows, std::size_t cols, std::ptrdiff_t row_stride,
                               std::ptrdiff_t col_stride, std::size_t row0, std::size_t row1, std::size_t col0, std::size_t col1) {
     const std::size_t from = rows > 1 ? row0 : (cols > 1 ? col0 : 0);
     const std::size_t to = rows > 1 ? std::min(row1, rows) : (cols > 1 ? std::min(col1, cols) : 1);
     const std::ptrdiff_t stride = rows > 1 ? row_stride : col_stride;
     interval out{std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity()};
     for (std::size_t n = from; n < to; ++n) {
-        const double value = base[static_cast<std::ptrdiff_t>(n) * stride];
+        const double value = to_float(base[static_cast<std::ptrdiff_t>(n) * stride]);
         if (value != value) return interval::everything();
         out.lo = std::min(out.lo, value);
         out.hi = std::max(out.hi, value);

@@ -383,9 +383,20 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
         d.unified_memory = props.deviceType == vk::PhysicalDeviceType::eCpu ||
                            props.deviceType == vk::PhysicalDeviceType::eIntegratedGpu;
 
+        // 16-bit storage buffers are core in Vulkan 1.1, a feature to ask for
+        vk::PhysicalDevice16BitStorageFeatures sixteen_bit;
+        if (props.apiVersion >= VK_API_VERSION_1_1) {
+            const auto features = d.physical.getFeatures2<vk::PhysicalDeviceFeatures2, vk::PhysicalDevice16BitStorageFeatures>();
+            d.limits.storage_16bit_supported = features.get<vk::PhysicalDevice16BitStorageFeatures>().storageBuffer16BitAccess;
+        }
+        d.limits.storage_16bit = d.limits.storage_16bit_supported && options.sixteen_bit_storage;
+        sixteen_bit.storageBuffer16BitAccess = d.limits.storage_16bit;
+
         const float priority = 1.0f;
         const vk::DeviceQueueCreateInfo queue_info({}, d.family, 1, &priority);
-        d.dev = vk::raii::Device(d.physical, vk::DeviceCreateInfo({}, queue_info));
+        vk::DeviceCreateInfo create({}, queue_info);
+        if (d.limits.storage_16bit) create.pNext = &sixteen_bit;
+        d.dev = vk::raii::Device(d.physical, create);
         d.queue = vk::raii::Queue(d.dev, d.family, 0);
         d.pool = vk::raii::CommandPool(d.dev, vk::CommandPoolCreateInfo(vk::CommandPoolCreateFlagBits::eResetCommandBuffer, d.family));
         d.commands = std::move(vk::raii::CommandBuffers(d.dev, vk::CommandBufferAllocateInfo(*d.pool, vk::CommandBufferLevel::ePrimary, 1))[0]);

@@ -149,6 +149,11 @@ struct device_options {
     // subgroup ballot operations; false: one invocation per output element
     // (shaders/product.glsl), the earlier baseline, kept for comparison.
     bool tiled_products = true;
+    // Read 16-bit inputs (f16, bf16) through 16-bit storage buffers where the
+    // device has them (storageBuffer16BitAccess); false, or a device without
+    // them: the shaders read such inputs as halves of 32-bit words, the same
+    // values (tests use this to run that path on every device).
+    bool sixteen_bit_storage = true;
 };
 
 struct device_limits {
@@ -165,6 +170,11 @@ struct device_limits {
     // (lavapipe); 0 where no such limit is known. Every kernel attnfuse
     // dispatches stays within it.
     std::uint32_t max_loop_iterations = 0;
+    // storageBuffer16BitAccess: the device can read float16_t and uint16_t
+    // members of storage buffers; `storage_16bit` whether this device was
+    // opened with it (device_options::sixteen_bit_storage).
+    bool storage_16bit_supported = false;
+    bool storage_16bit = false;
 };
 
 // An open Vulkan device with a compute queue. The executor drives it through

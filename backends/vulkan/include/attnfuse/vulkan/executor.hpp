@@ -32,39 +32,50 @@ using attnfuse::run_result;
 
 using options = attnfuse::run_options;  // mode and key_splits
 
-// A dense [batch][heads][rows][cols] fp32 array in a device's memory: an
-// input that stays there across runs (bind_resident), or a run's output left
-// there. Owns its buffer; the device must outlive it.
+using glsl::storage_kind;
+
+// A dense [batch][heads][rows][cols] array of f32, f16 or bf16 in a device's
+// memory (16-bit elements two to a 32-bit word, the buffer rounded up to
+// whole words): an input that stays there across runs (bind_resident), or a
+// run's output left there (run_on_device). Owns its buffer; the device must
+// outlive it.
 class device_tensor {
 public:
     device_tensor() = default;
-    // Copies `host` (any layout) up, densely.
-    device_tensor(device& dev, const tensor_view<float>& host, std::string_view what = "a device tensor")
-        : owner_(&dev), batch_(host.batch), heads_(host.heads), rows_(host.rows), cols_(host.cols) {
+    // Copies `host` (any layout) up, densely, in its own element type.
+    template <storage_element El>
+    device_tensor(device& dev, const tensor_view<El>& host, std::string_view what = "a device tensor")
+        : owner_(&dev), storage_(glsl::storage_of<El>()), batch_(host.batch), heads_(host.heads), rows_(host.rows), cols_(host.cols) {
         (void)checked_span(host, std::string(what));  // strides that overflow are an error, not a read out of bounds
-        std::vector<float> dense(batch_ * heads_ * rows_ * cols_);
+        std::vector<El> dense(batch_ * heads_ * rows_ * cols_);
         std::size_t n = 0;
         for (std::size_t b = 0; b < batch_; ++b)
             for (std::size_t h = 0; h < heads_; ++h)
                 for (std::size_t r = 0; r < rows_; ++r)
                     for (std::size_t c = 0; c < cols_; ++c) dense[n++] = host.at(b, h, r, c);
-        id_ = dev.create_buffer(std::max<std::size_t>(dense.size(), 1) * sizeof(float), what);
+        id_ = dev.create_buffer(stored_bytes(storage_, dense.size()), what);
         try {
-            dev.upload(id_, dense.data(), dense.size() * sizeof(float));
+            dev.upload(id_, dense.data(), dense.size() * sizeof(El));
         } catch (...) {
             reset();
             throw;
         }
     }
-    // Adopts a dense buffer of `dev`.
-    device_tensor(device& dev, device::buffer_id id, std::size_t batch, std::size_t heads, std::size_t rows, std::size_t cols)
-        : owner_(&dev), id_(id), batch_(batch), heads_(heads), rows_(rows), cols_(cols) {}
+    // Adopts a dense buffer of `dev` holding `storage` elements.
+    device_tensor(device& dev, device::buffer_id id, std::size_t batch, std::size_t heads, std::size_t rows, std::size_t cols,
+                  storage_kind storage = storage_kind::f32)
+        : owner_(&dev), id_(id), storage_(storage), batch_(batch), heads_(heads), rows_(rows), cols_(cols) {}
+    // The bytes of a buffer of `count` such elements: whole 32-bit words.
+    static std::size_t stored_bytes(storage_kind storage, std::size_t count) {
+        return std::max<std::size_t>((count * glsl::bytes_of(storage) + 3) / 4 * 4, 4);
+    }
     device_tensor(device_tensor&& o) noexcept { *this = std::move(o); }
     device_tensor& operator=(device_tensor&& o) noexcept {
         if (this != &o) {
             reset();
             owner_ = std::exchange(o.owner_, nullptr);
             id_ = o.id_;
+            storage_ = o.storage_;
             batch_ = o.batch_, heads_ = o.heads_, rows_ = o.rows_, cols_ = o.cols_;
         }
         return *this;
@@ -73,17 +84,34 @@ public:
     device_tensor& operator=(const device_tensor&) = delete;
     ~device_tensor() { reset(); }
 
+    // The values, widened to f32 (exactly) whatever the tensor stores.
     tensor download() const {
-        if (!owner_) throw error("attnfuse: download() of an empty device_tensor");
         tensor t;
         t.batch = batch_, t.heads = heads_, t.rows = rows_, t.cols = cols_;
-        t.values.resize(batch_ * heads_ * rows_ * cols_);
-        owner_->download(id_, t.values.data(), t.values.size() * sizeof(float));
+        switch (storage_) {
+        case storage_kind::f16: t.values = widened(download_stored<half>()); break;
+        case storage_kind::bf16: t.values = widened(download_stored<bfloat16>()); break;
+        case storage_kind::f32: t.values = download_stored<float>(); break;
+        }
         return t;
     }
-    // The shape as a dense row-major view (its data pointer is not host memory).
-    tensor_view<float> shape_view() const {
-        tensor_view<float> v = row_major(reinterpret_cast<const float*>(this), rows_, cols_);
+    // The values as stored, dense [batch][heads][rows][cols]; El must be the
+    // stored element.
+    template <storage_element El>
+    std::vector<El> download_stored() const {
+        if (!owner_) throw error("attnfuse: download of an empty device_tensor");
+        if (glsl::storage_of<El>() != storage_)
+            throw error("attnfuse: download_stored<" + std::string(element<El>::name) + ">() of a device_tensor that holds " +
+                        std::string(glsl::name_of(storage_)));
+        std::vector<El> values(batch_ * heads_ * rows_ * cols_);
+        owner_->download(id_, values.data(), values.size() * sizeof(El));
+        return values;
+    }
+    // The shape as a dense row-major view of element El (its data pointer is
+    // not host memory).
+    template <storage_element El = float>
+    tensor_view<El> shape_view() const {
+        tensor_view<El> v = row_major(reinterpret_cast<const El*>(this), rows_, cols_);
         v.batch = batch_, v.heads = heads_;
         v.head_stride = static_cast<std::ptrdiff_t>(rows_ * cols_);
         v.batch_stride = static_cast<std::ptrdiff_t>(heads_ * rows_ * cols_);
@@ -91,12 +119,19 @@ public:
     }
     device* owner() const { return owner_; }
     device::buffer_id buffer() const { return id_; }
+    storage_kind storage() const { return storage_; }
     std::size_t batch() const { return batch_; }
     std::size_t heads() const { return heads_; }
     std::size_t rows() const { return rows_; }
     std::size_t cols() const { return cols_; }
 
 private:
+    template <class El>
+    static std::vector<float> widened(const std::vector<El>& stored) {
+        std::vector<float> out(stored.size());
+        for (std::size_t n = 0; n < stored.size(); ++n) out[n] = to_float(stored[n]);
+        return out;
+    }
     void reset() {
         if (owner_) try {
                 owner_->release(id_);
@@ -106,25 +141,31 @@ private:
     }
     device* owner_ = nullptr;
     device::buffer_id id_ = 0;
+    storage_kind storage_ = storage_kind::f32;
     std::size_t batch_ = 0, heads_ = 0, rows_ = 0, cols_ = 0;
 };
 
-// An input already on the device, for vulkan::run: bind_resident(Q, t).
-template <fixed_string Name, std::size_t R, std::size_t C>
+// An input already on the device, for vulkan::run: bind_resident(Q, t). The
+// tensor must hold the matrix's declared element (a shape_error says so
+// when the run starts otherwise).
+template <fixed_string Name, std::size_t R, std::size_t C, class El>
 struct resident_binding {
     static constexpr auto name = Name;
     static constexpr std::size_t rows_static = R, cols_static = C;
+    using element_type = El;
     const device_tensor* tensor = nullptr;
 };
 
 template <fixed_string Name, std::size_t R, std::size_t C, class El>
-resident_binding<Name, R, C> bind_resident(const matrix<Name, R, C, El>&, const device_tensor& t) {
-    static_assert(std::is_same_v<El, float>, "attnfuse: a device_tensor holds f32; declare the matrix bound resident with element float");
+resident_binding<Name, R, C, El> bind_resident(const matrix<Name, R, C, El>&, const device_tensor& t) {
+    static_assert(std::is_same_v<El, float> || std::is_same_v<El, half> || std::is_same_v<El, bfloat16>,
+                  "attnfuse: a device_tensor holds f32, f16 or bf16; declare the matrix bound resident with one of them");
     return {&t};
 }
 
 template <class X> struct is_resident_binding : std::false_type {};
-template <fixed_string N, std::size_t R, std::size_t C> struct is_resident_binding<resident_binding<N, R, C>> : std::true_type {};
+template <fixed_string N, std::size_t R, std::size_t C, class El>
+struct is_resident_binding<resident_binding<N, R, C, El>> : std::true_type {};
 template <class X>
 concept a_vulkan_binding = a_binding<X> || is_resident_binding<std::remove_cvref_t<X>>::value;
 
@@ -256,14 +297,17 @@ static_assert(shader_sources::flash_attention.find("layout(constant_id = 0) cons
 // A matrix on the device: a buffer and how to read it.
 struct operand {
     device::buffer_id buffer = 0;
-    std::uint32_t geometry[glsl::geometry_words] = {};  // rows, cols, batch, heads, strides, base
+    std::uint32_t geometry[glsl::geometry_words] = {};  // rows, cols, batch, heads, strides, base (in elements)
+    storage_kind storage = storage_kind::f32;           // how the kernel reads its elements (glsl::operand_declaration)
     std::size_t rows() const { return geometry[0]; }
     std::size_t cols() const { return geometry[1]; }
 };
 
-inline operand dense_operand(device::buffer_id id, std::size_t rows, std::size_t cols, std::size_t batch, std::size_t heads) {
+inline operand dense_operand(device::buffer_id id, std::size_t rows, std::size_t cols, std::size_t batch, std::size_t heads,
+                             storage_kind storage = storage_kind::f32) {
     operand o;
     o.buffer = id;
+    o.storage = storage;
     const auto m = static_cast<std::uint32_t>(rows * cols);
     const std::uint32_t g[] = {static_cast<std::uint32_t>(rows), static_cast<std::uint32_t>(cols), static_cast<std::uint32_t>(batch),
                                static_cast<std::uint32_t>(heads), static_cast<std::uint32_t>(cols), 1u,
@@ -351,12 +395,16 @@ struct executor {
         const upload_key key{v.data, v.rows, v.cols, v.batch, v.heads, rs, cs, bs, hs};
         if (auto found = uploaded.find(key); found != uploaded.end()) return found->second;
         const std::size_t count = span.count();
-        if (count > dev.limits().max_storage_buffer_range / sizeof(float))
-            throw out_of_memory_error("attnfuse: input " + name + " spans " + std::to_string(count) + " elements, more than this device's "
-                                      "maxStorageBufferRange (" + std::to_string(dev.limits().max_storage_buffer_range) + " bytes) for one binding");
+        if (count > dev.limits().max_storage_buffer_range / sizeof(El))
+            throw out_of_memory_error("attnfuse: input " + name + " spans " + std::to_string(count) + " elements of " +
+                                      std::to_string(sizeof(El)) + " bytes, more than this device's maxStorageBufferRange (" +
+                                      std::to_string(dev.limits().max_storage_buffer_range) + " bytes) for one binding");
         operand o;
-        o.buffer = buffer(count * sizeof(float), "input " + name, false);
-        dev.upload(o.buffer, v.data + span.low, count * sizeof(float));
+        o.storage = glsl::storage_of<El>();
+        // as stored: 16-bit elements go up as they are, read by every kernel
+        o.buffer = buffer(device_tensor::stored_bytes(o.storage, count), "input " + name, false);
+        dev.upload(o.buffer, v.data + span.low, count * sizeof(El));
+        if (o.storage != storage_kind::f32 && !dev.limits().storage_16bit) note_word_reads(name, o.storage);
         // within one binding every offset fits the shader's 32-bit int
         const std::uint32_t g[] = {static_cast<std::uint32_t>(v.rows), static_cast<std::uint32_t>(v.cols),
                                    static_cast<std::uint32_t>(v.batch), static_cast<std::uint32_t>(v.heads),
@@ -366,6 +414,15 @@ struct executor {
         std::memcpy(o.geometry, g, sizeof g);
         uploaded.emplace(key, o);
         return o;
+    }
+
+    // A 16-bit input on a device opened without 16-bit storage buffers.
+    void note_word_reads(const std::string& name, storage_kind storage) {
+        const std::string note = "input " + name + ": stored as " + std::string(glsl::name_of(storage)) +
+                                 ", read in place as halves of 32-bit words (" + dev.info().name +
+                                 (dev.limits().storage_16bit_supported ? " was opened without 16-bit storage buffers)"
+                                                                       : " has no 16-bit storage buffers)");
+        if (std::find(info.notes.begin(), info.notes.end(), note) == info.notes.end()) info.notes.push_back(note);
     }
 
     // The words a kernel's P.u holds (as the second launch builds them): the
@@ -409,8 +466,11 @@ struct executor {
         params.insert(params.end(), extra.begin(), extra.end());
         const std::size_t push_bytes = push ? params.size() * 4 : 0;
 
+        std::vector<storage_kind> kinds;
+        for (const auto& o : operands) kinds.push_back(o.storage);
+        const bool all_f32 = std::all_of(kinds.begin(), kinds.end(), [](storage_kind k) { return k == storage_kind::f32; });
         const auto built = std::chrono::steady_clock::now();
-        const auto kernel = dev.kernel(source, name, static_cast<std::uint32_t>(3 + operands.size()), static_cast<std::uint32_t>(push_bytes),
+        const auto kernel = dev.kernel(all_f32 ? source : glsl::with_operand_storage(source, kinds, dev.limits().storage_16bit), name, static_cast<std::uint32_t>(3 + operands.size()), static_cast<std::uint32_t>(push_bytes),
                                        specialization);
         info.build_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - built).count();
         all_from_disk = all_from_disk && dev.kernel_from_disk_cache(kernel);
@@ -661,7 +721,7 @@ std::vector<std::uint32_t> live_key_tiles(const S& score, X& x, std::size_t n_q,
             const auto v = x.env.template view<N::name>();
             if (v.rows > 1 && v.cols > 1) return interval::everything();
             reads_vectors = true;
-            const float* base = v.data + (v.batch == 1 ? 0 : static_cast<std::ptrdiff_t>(b) * v.batch_stride) +
+            const auto* base = v.data + (v.batch == 1 ? 0 : static_cast<std::ptrdiff_t>(b) * v.batch_stride) +
                                 static_cast<std::ptrdiff_t>(h / (x.env.heads / v.heads)) * v.head_stride;
             return vector_bounds(base, v.rows, v.cols, v.row_stride, v.col_stride, tile_q0, tile_q1, tile_k0, tile_k1);
         } else {
@@ -942,7 +1002,7 @@ operand concat_heads_kernel(const E& e, const operand& per_head, X& x) {
     const std::string body = element_prologue() +
                              "    uint d = NUMU(0u), head = j / d, c = j % d;\n"
                              "    uint sb = G(0u, 2u) == 1u ? 0u : b, sh = head / (NUMU(1u) / G(0u, 3u));\n"
-                             "    OUT.d[idx] = OP0.d[GI(0u, 8u) + int(sb) * GI(0u, 6u) + int(sh) * GI(0u, 7u) + int(i) * GI(0u, 4u) + int(c) * GI(0u, 5u)];\n"
+                             "    OUT.d[idx] = rd0(GI(0u, 8u) + int(sb) * GI(0u, 6u) + int(sh) * GI(0u, 7u) + int(i) * GI(0u, 4u) + int(c) * GI(0u, 5u));\n"
                              "}\n";
     x.launch("concat_heads", plan::kernel_name<plan::node_kernel<E>>::get(e), body, {per_head},
              {static_cast<std::uint32_t>(cols), static_cast<std::uint32_t>(heads)}, out, rows, heads * cols,
@@ -971,8 +1031,9 @@ struct hooks {
     template <class E, class X> static void result(const E& e, const operand& o, X& x) {
         if (x.score_nodes.count(static_cast<const void*>(&e))) x.info.score_bytes += x.dev.buffer_bytes(o.buffer);
     }
-    // the shaders read fp32 buffers; other elements are widened once per run (lower::readable)
-    template <class El> static constexpr bool reads = std::is_same_v<El, float>;
+    // every kernel reads f32, f16 and bf16 buffers as they are (glsl::operand_declaration)
+    template <class El>
+    static constexpr bool reads = std::is_same_v<El, float> || std::is_same_v<El, half> || std::is_same_v<El, bfloat16>;
     // the context of a row lives in registers (up to max_fused_dv), its tiles in shared memory
     template <class X> static lower::capabilities capabilities(const X& x) {
         return {max_fused_dv, x.dev.limits().max_shared_memory, x.dev.tile().shared_bytes()};
@@ -992,16 +1053,40 @@ namespace detail {
 template <class B>
 auto host_face(const B& b) {
     if constexpr (is_resident_binding<B>::value) {
+        using El = typename B::element_type;
         if (!b.tensor || !b.tensor->owner()) throw shape_error("input " + std::string(B::name.view()) + ": bound to an empty device_tensor");
-        return attnfuse::bind(matrix<B::name, B::rows_static, B::cols_static, float>{}, b.tensor->shape_view());
+        if (b.tensor->storage() != glsl::storage_of<El>())
+            throw shape_error("input " + std::string(B::name.view()) + ": declared " + std::string(element<El>::name) +
+                              " but bound to a device_tensor that holds " + std::string(glsl::name_of(b.tensor->storage())) +
+                              "; declare the matrix with the tensor's element, or make the tensor from " + std::string(element<El>::name) + " values");
+        return attnfuse::bind(matrix<B::name, B::rows_static, B::cols_static, El>{}, b.tensor->template shape_view<El>());
     } else {
         return b;
     }
 }
 
-template <bool OnDevice, class E, class... Bindings>
+// A dense f32 result rounded on the device into a buffer of `storage`
+// elements (shaders/narrow.glsl).
+template <class X>
+device::buffer_id narrowed_output(X& x, const operand& out, std::size_t count, storage_kind storage) {
+    const auto narrow = x.buffer(device_tensor::stored_bytes(storage, count), "the output", false);
+    const std::size_t words = (count + 1) / 2, groups = (words + local_size - 1) / local_size;
+    const std::size_t max_x = std::min<std::size_t>(x.dev.limits().max_workgroup_count[0], 65535);
+    const std::size_t parameter_words = x.parameter_words(1, 0);
+    const bool push = parameter_words * 4 <= x.dev.limits().max_push_constants;
+    std::string source = glsl::prelude(1, 0, local_size, push ? parameter_words : 0);
+    const std::string f32_output = "buffer Output { float d[]; } OUT;";
+    source.replace(source.find(f32_output), f32_output.size(), "buffer Output { uint d[]; } OUT;");
+    source += (storage == storage_kind::f16 ? "#define AF_F16\n" : "#define AF_BF16\n") + std::string(shader_sources::narrow);
+    x.launch("narrow", "rounding of the output to " + std::string(glsl::name_of(storage)), source, {out}, {}, narrow, count, 1,
+             {std::min(groups, max_x), (groups + max_x - 1) / max_x, 1}, {}, {}, push);
+    return narrow;
+}
+
+template <bool OnDevice, class Out, class E, class... Bindings>
 auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::string, operand>& resident,
                std::chrono::steady_clock::time_point start, const Bindings&... bindings) {
+    static_assert(OnDevice || std::is_same_v<Out, float>, "attnfuse internal: a host result is f32");
     using Env = environment<Bindings...>;
     Env env(bindings...);
     settle_heads(e, env);
@@ -1033,6 +1118,13 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
             } else if (result.info.intermediate_bytes >= dev.buffer_bytes(out.buffer)) {
                 result.info.intermediate_bytes -= dev.buffer_bytes(out.buffer);  // the output is no intermediate
             }
+            constexpr storage_kind out_storage = glsl::storage_of<Out>();
+            if constexpr (out_storage != storage_kind::f32) {
+                const std::size_t count = env.batch * env.heads * shape.rows * shape.cols;
+                result.info.intermediate_bytes += dev.buffer_bytes(out.buffer);  // the f32 result is one now
+                out = dense_operand(narrowed_output(x, out, count, out_storage), shape.rows, shape.cols, env.batch, env.heads, out_storage);
+                result.info.notes.push_back("output: stored as " + std::string(glsl::name_of(out_storage)) + ", rounded on the device");
+            }
             result.info.device_seconds = dev.submit_and_wait();
             if (x.status) {  // did the driver end a loop early (af_check_loops)?
                 std::uint32_t flags = 0;
@@ -1043,7 +1135,7 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
             if (!cut_short && !values_lost) {
                 if constexpr (OnDevice) {
                     x.owned.erase(std::find(x.owned.begin(), x.owned.end(), out.buffer));  // the result's now
-                    result.output = device_tensor(dev, out.buffer, env.batch, env.heads, shape.rows, shape.cols);
+                    result.output = device_tensor(dev, out.buffer, env.batch, env.heads, shape.rows, shape.cols, out.storage);
                 } else {
                     tensor& t = result.output;
                     t.batch = env.batch;
@@ -1083,7 +1175,7 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
 }  // namespace detail
 
 namespace detail {
-template <bool OnDevice, class E, class... Bindings>
+template <bool OnDevice, class Out, class E, class... Bindings>
 auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
     const auto start = std::chrono::steady_clock::now();
@@ -1094,12 +1186,12 @@ auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bi
             if (b.tensor && b.tensor->owner() && b.tensor->owner() != &dev)
                 throw error("attnfuse: input " + std::string(B::name.view()) + " lives on another Vulkan device than this run's");
             if (b.tensor && b.tensor->owner())
-                resident.emplace(std::string(B::name.view()),
-                                 dense_operand(b.tensor->buffer(), b.tensor->rows(), b.tensor->cols(), b.tensor->batch(), b.tensor->heads()));
+                resident.emplace(std::string(B::name.view()), dense_operand(b.tensor->buffer(), b.tensor->rows(), b.tensor->cols(),
+                                                                            b.tensor->batch(), b.tensor->heads(), b.tensor->storage()));
         }
     };
     (note(bindings), ...);
-    return run_bound<OnDevice>(dev, e, opt, resident, start, lower::readable<hooks>(host_face(bindings))...);
+    return run_bound<OnDevice, Out>(dev, e, opt, resident, start, lower::readable<hooks>(host_face(bindings))...);
 }
 }  // namespace detail
 
@@ -1121,14 +1213,16 @@ constexpr std::string fused_shader_source(fused_design design = fused_design::st
 template <class E, class... Bindings>
     requires expression<E> && (a_vulkan_binding<Bindings> && ...)
 run_result run(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
-    return detail::run_with<false>(dev, e, opt, bindings...);
+    return detail::run_with<false, float>(dev, e, opt, bindings...);
 }
 
-// The same, with the output left in device memory.
-template <class E, class... Bindings>
-    requires expression<E> && (a_vulkan_binding<Bindings> && ...)
+// The same, with the output left in device memory, stored as Out (f32; f16
+// or bf16 rounded on the device, to nearest even as element<Out>::narrow).
+template <class Out = float, class E, class... Bindings>
+    requires expression<E> && (std::is_same_v<Out, float> || std::is_same_v<Out, half> || std::is_same_v<Out, bfloat16>) &&
+             (a_vulkan_binding<Bindings> && ...)
 device_run_result run_on_device(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
-    return detail::run_with<true>(dev, e, opt, bindings...);
+    return detail::run_with<true, Out>(dev, e, opt, bindings...);
 }
 
 template <class E, class... Bindings>
@@ -1140,20 +1234,29 @@ run_result run(device& dev, const E& e, const Bindings&... bindings) {
 // Runs `e` and writes its result into the caller's `out` as stored (f32,
 // f16 or bf16, rounded to nearest even; any strides), which must have the
 // result's batch, heads and shape (a shape_error names both otherwise, and
-// nothing is written). The device computes in fp32 and the result comes
-// back as fp32, rounded into `out` on the host (report.notes says so for a
-// 16-bit output): the kernels do not store 16-bit results yet.
+// nothing is written). The device computes in fp32; a 16-bit result is
+// rounded there and comes back at 2 bytes an element (report.notes says so).
 template <class Out, class E, class... Bindings>
     requires expression<E> && storage_element<Out> && (a_vulkan_binding<Bindings> && ...)
 report run_into(device& dev, const E& e, const options& opt, const output_view<Out>& out, const Bindings&... bindings) {
-    run_result result = run(dev, e, opt, bindings...);
-    const tensor& t = result.output;
-    check_output(out, t.batch, t.heads, t.rows, t.cols);
-    store_into(row_major(t.values.data(), t.rows, t.cols, t.batch, t.heads), out);
-    if constexpr (!std::is_same_v<Out, float>)
-        result.info.notes.push_back("output: stored as " + std::string(element<Out>::name) +
-                                    "; the device wrote an fp32 result, rounded into it on the host");
-    return result.info;
+    if constexpr (std::is_same_v<Out, float>) {
+        run_result result = run(dev, e, opt, bindings...);
+        const tensor& t = result.output;
+        check_output(out, t.batch, t.heads, t.rows, t.cols);
+        store_into(row_major(t.values.data(), t.rows, t.cols, t.batch, t.heads), out);
+        return result.info;
+    } else {
+        device_run_result result = run_on_device<Out>(dev, e, opt, bindings...);
+        const device_tensor& t = result.output;
+        check_output(out, t.batch(), t.heads(), t.rows(), t.cols());
+        const std::vector<Out> stored = t.template download_stored<Out>();
+        std::size_t n = 0;
+        for (std::size_t b = 0; b < t.batch(); ++b)
+            for (std::size_t h = 0; h < t.heads(); ++h)
+                for (std::size_t r = 0; r < t.rows(); ++r)
+                    for (std::size_t c = 0; c < t.cols(); ++c) out.at(b, h, r, c) = stored[n++];
+        return result.info;
+    }
 }
 template <class Out, class E, class... Bindings>
     requires expression<E> && storage_element<Out> && (a_vulkan_binding<Bindings> && ...)

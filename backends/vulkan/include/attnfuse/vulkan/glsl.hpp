@@ -14,12 +14,14 @@
 #pragma once
 #include <bit>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include <attnfuse/element.hpp>
 #include <attnfuse/epilogue.hpp>
 #include <attnfuse/expr.hpp>
 #include <attnfuse/vulkan/shader_sources.hpp>
@@ -55,6 +57,63 @@ constexpr bool listed(op::op_list<Ops...>) {
     return (std::is_same_v<Op, Ops> || ...);
 }
 
+// How an operand's elements lie in its buffer (attnfuse/element.hpp): f32,
+// or 16 bits each, little-endian, two to a 32-bit word.
+enum class storage_kind : char { f32 = 'f', f16 = 'h', bf16 = 'b' };
+
+template <class El>
+constexpr storage_kind storage_of() {
+    if constexpr (std::is_same_v<El, half>) return storage_kind::f16;
+    else if constexpr (std::is_same_v<El, bfloat16>) return storage_kind::bf16;
+    else {
+        static_assert(std::is_same_v<El, float>, "attnfuse: a Vulkan buffer holds f32, f16 or bf16");
+        return storage_kind::f32;
+    }
+}
+constexpr std::string_view name_of(storage_kind k) { return k == storage_kind::f16 ? "f16" : k == storage_kind::bf16 ? "bf16" : "f32"; }
+constexpr std::size_t bytes_of(storage_kind k) { return k == storage_kind::f32 ? 4 : 2; }
+
+// Operand k's buffer and its reader rd<k>(element index), which widens a
+// 16-bit element exactly. With `storage16` the device reads 16-bit members
+// (storageBuffer16BitAccess: float16_t, uint16_t bf16 bits shifted up);
+// without, the buffer is read as 32-bit words, each holding elements 2w and
+// 2w + 1 in its low and high halves.
+constexpr std::string operand_declaration(std::size_t k, storage_kind kind = storage_kind::f32, bool storage16 = false) {
+    const std::string n = decimal(k), buffer = "layout(std430, binding = " + decimal(2 + k) + ") readonly buffer Operand" + n + " { ";
+    const std::string block = "; } OP" + n + ";\n";
+    if (kind == storage_kind::f32) return buffer + "float d[]" + block + "float rd" + n + "(int at) { return OP" + n + ".d[at]; }\n" +
+                                          "float rd" + n + "(uint at) { return OP" + n + ".d[at]; }\n";
+    std::string s;
+    if (storage16 && kind == storage_kind::f16) s = buffer + "float16_t d[]" + block + "float rd" + n + "(int at) { return float(OP" + n + ".d[at]); }\n";
+    else if (storage16) s = buffer + "uint16_t d[]" + block + "float rd" + n + "(int at) { return uintBitsToFloat(uint(OP" + n + ".d[at]) << 16u); }\n";
+    else if (kind == storage_kind::f16)
+        s = buffer + "uint d[]" + block + "float rd" + n + "(int at) { return unpackHalf2x16(OP" + n + ".d[at >> 1])[at & 1]; }\n";
+    else
+        s = buffer + "uint d[]" + block + "float rd" + n + "(int at) { uint w = OP" + n +
+            ".d[at >> 1]; return uintBitsToFloat((at & 1) != 0 ? (w & 0xffff0000u) : (w << 16u)); }\n";
+    return s + "float rd" + n + "(uint at) { return rd" + n + "(int(at)); }\n";
+}
+
+// `source` (a kernel with f32 operand declarations, as prelude() writes
+// them) with operand k read as `kinds[k]`.
+inline std::string with_operand_storage(std::string source, const std::vector<storage_kind>& kinds, bool storage16) {
+    bool narrow = false;
+    for (std::size_t k = 0; k < kinds.size(); ++k) {
+        if (kinds[k] == storage_kind::f32) continue;
+        const std::string f32 = operand_declaration(k);
+        const std::size_t at = source.find(f32);
+        if (at == std::string::npos) throw std::logic_error("attnfuse internal: a kernel without operand " + decimal(k) + "'s declaration");
+        source.replace(at, f32.size(), operand_declaration(k, kinds[k], storage16));
+        narrow = true;
+    }
+    if (narrow && storage16) {
+        const std::string version = "#version 450\n";
+        if (source.rfind(version, 0) != 0) throw std::logic_error("attnfuse internal: a kernel that does not start with #version 450");
+        source.insert(version.size(), "#extension GL_EXT_shader_16bit_storage : require\n");
+    }
+    return source;
+}
+
 // The start of every generated kernel: the bindings, the shared helpers of
 // shaders/prelude.glsl, and one accessor per operand.
 // The parameters are `push_words` of push constants, or with 0 a buffer at
@@ -71,13 +130,12 @@ constexpr std::string prelude(std::size_t operands, std::size_t numbers, std::si
     if (push_words > 0) s += "layout(push_constant, std430) uniform Params { uint u[" + decimal(push_words) + "]; } P;\n";
     else s += "layout(std430, binding = 0) readonly buffer Params { uint u[]; } P;\n";
     s += "layout(std430, binding = 1) buffer Output { float d[]; } OUT;\n";
-    for (std::size_t k = 0; k < operands; ++k)
-        s += "layout(std430, binding = " + decimal(2 + k) + ") readonly buffer Operand" + decimal(k) + " { float d[]; } OP" + decimal(k) + ";\n";
+    for (std::size_t k = 0; k < operands; ++k) s += operand_declaration(k);
     s += "layout(std430, binding = " + decimal(2 + operands) + ") buffer Status { uint flags; } AF_STATUS;\n";
     s += std::string(shader_sources::prelude);
     for (std::size_t k = 0; k < operands; ++k) {
         const std::string n = decimal(k);
-        s += "float ld" + n + "(uint b, uint h, uint r, uint c) { return OP" + n + ".d[at_of(" + n + "u, b, h, r, c)]; }\n";
+        s += "float ld" + n + "(uint b, uint h, uint r, uint c) { return rd" + n + "(at_of(" + n + "u, b, h, r, c)); }\n";
         // a one-row or one-column table, indexed by a rounded, clamped number (NaN reads entry 0)
         s += "float lookup" + n + "(uint b, uint h, float index) { uint len = max(G(" + n + "u, 0u), G(" + n +
              "u, 1u)); float at = isnan(index) ? 0.0 : clamp(round(index), 0.0, float(len - 1u)); return G(" + n +
