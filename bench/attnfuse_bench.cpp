@@ -184,20 +184,27 @@ vk::device* bench_device() {
 
 // Vulkan: Q, K and V stay on the device, so the time of each iteration is
 // the device's own (timestamps around the submissions); the wall time of a
-// run is a counter.
-template <family F>
+// run is a counter. El: Q, K and V stored as f32, f16 or bf16 there (the
+// output stays f32).
+template <family F, class El = float>
 void attnfuse_vulkan_rows(benchmark::State& state, vk::device& dev, vk::execution mode) {
     const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
-    const auto [hq, hk, hv] = host_qkv(p);
+    std::vector<El> q16, k16, v16;
+    if constexpr (!std::is_same_v<El, float>) q16 = stored_as<El>(p.q), k16 = stored_as<El>(p.k), v16 = stored_as<El>(p.v);
+    const auto [hq, hk, hv] = [&] {
+        if constexpr (std::is_same_v<El, float>) return host_qkv(p);
+        else return host_qkv(q16.data(), k16.data(), v16.data(), p);
+    }();
     const vk::device_tensor q(dev, hq.view, "Q"), k(dev, hk.view, "K"), v(dev, hv.view, "V");
-    const auto resident = std::tuple{vk::bind_resident(af::matrix<"Q">{}, q), vk::bind_resident(af::matrix<"K">{}, k),
-                                     vk::bind_resident(af::matrix<"V">{}, v)};
+    const auto resident = std::tuple{vk::bind_resident(af::matrix<"Q", af::dyn, af::dyn, El>{}, q),
+                                     vk::bind_resident(af::matrix<"K", af::dyn, af::dyn, El>{}, k),
+                                     vk::bind_resident(af::matrix<"V", af::dyn, af::dyn, El>{}, v)};
     vk::report last;
     // one untimed run first: compilation (glslang, and the driver's own, which
     // lavapipe may do at the first dispatch)
-    with_family<F>(p, resident, [&](const auto& e, const auto&... b) { return vk::run_on_device(dev, e, {mode}, b...).info.dispatches; });
+    with_family<F, El>(p, resident, [&](const auto& e, const auto&... b) { return vk::run_on_device(dev, e, {mode}, b...).info.dispatches; });
     for (auto _ : state) {
-        with_family<F>(p, resident, [&](const auto& e, const auto&... b) {
+        with_family<F, El>(p, resident, [&](const auto& e, const auto&... b) {
             auto r = vk::run_on_device(dev, e, {mode}, b...);
             state.SetIterationTime(std::max(r.info.device_seconds, 1e-9));
             last = r.info;
@@ -224,7 +231,7 @@ vk::device* earlier_shaders_device() {
     return dev.get();
 }
 
-template <family F>
+template <family F, class El = float>
 void attnfuse_vulkan(benchmark::State& state, vk::execution mode, bool earlier_shaders = false) {
     auto* dev = earlier_shaders ? earlier_shaders_device() : bench_device();
     if (!dev) {
@@ -232,7 +239,7 @@ void attnfuse_vulkan(benchmark::State& state, vk::execution mode, bool earlier_s
         return;
     }
     try {
-        attnfuse_vulkan_rows<F>(state, *dev, mode);
+        attnfuse_vulkan_rows<F, El>(state, *dev, mode);
     } catch (const vk::error& e) {  // beyond this device's limits (lavapipe's 128 MiB per binding): a row with its reason
         state.SkipWithError(e.what());
     }
@@ -514,6 +521,15 @@ void register_family(const std::vector<std::size_t>& sizes, const std::vector<st
                 b->UseManualTime();
                 if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
             }
+            // Q, K and V stored 16-bit on the device, read as stored
+            if constexpr (F == family::sdpa)
+                for (const auto& [row, run] : {std::pair<std::string, void (*)(benchmark::State&)>{
+                                                   "fused_f16", [](benchmark::State& st) { attnfuse_vulkan<F, af::half>(st, vk::execution::fused); }},
+                                               {"fused_bf16", [](benchmark::State& st) { attnfuse_vulkan<F, af::bfloat16>(st, vk::execution::fused); }}}) {
+                    auto* b = add(name + "/vulkan/" + row, vargs, run);
+                    b->UseManualTime();
+                    if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
+                }
             // the earlier shaders on the same device: the staged-tiles fused
             // kernel and the one-element-per-invocation product
             if (F == family::sdpa)
@@ -573,6 +589,11 @@ void register_all() {
         add("decode/cpu/fused_f16", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa, af::half>(st, {execution::fused}); })->UseRealTime();
         add("decode/cpu/fused_bf16", args, [](benchmark::State& st) { attnfuse_cpu<family::sdpa, af::bfloat16>(st, {execution::fused}); })->UseRealTime();
         add("decode/cpu/openblas_unfused", args, openblas_unfused)->UseRealTime();
+        {
+            auto* b = add("decode/vulkan/fused_f16", args, [](benchmark::State& st) { attnfuse_vulkan<family::sdpa, af::half>(st, vk::execution::fused); });
+            b->UseManualTime();
+            if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
+        }
         for (const bool earlier : {false, true})
             for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
                 const std::string row = mode == vk::execution::fused ? (earlier ? "fused_staged" : "fused") : (earlier ? "unfused_elementwise" : "unfused");

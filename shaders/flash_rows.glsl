@@ -1,6 +1,7 @@
 // Fused attention with the rows in registers: each invocation owns R query
 // rows whole (their queries, running maximum, sum and context), so that a
-// row's softmax needs no other invocation, no shared memory and no barrier.
+// row's softmax needs no other invocation and no barrier (shared memory
+// only as an epilogue's scratch, each invocation its own: AF_ROLLED_EPILOGUE).
 // Every invocation of a workgroup walks the same keys: each key and value
 // element is read at an address uniform over the workgroup (a broadcast,
 // which a CPU device such as llvmpipe does with one scalar load) and meets
@@ -51,6 +52,22 @@ const uint GROUPS = (BROADCAST || KEY_LANES) ? BK / gl_WorkGroupSize.x : 1u;  //
 const uint KT = KEY_LANES ? GROUPS : BK;  // keys of the invocation's score tile
 
 
+
+// What a key past the end weighs: nothing.
+#if defined(AF_RATIO) || defined(AF_POINTWISE)
+#define AF_PAST_THE_END 0.0
+#else
+#define AF_PAST_THE_END NEG_INF
+#endif
+
+// An epilogue that reads memory (a bias table, ALiBi slopes, key lengths)
+// is evaluated in a loop over the score tile rather than unrolled R x KT
+// times, twice (masked and mask-free): llvmpipe's compile of the unrolled
+// form took minutes. The host defines AF_ROLLED_EPILOGUE for those and
+// counts the loop's R KT steps per tile against the driver's loop limit.
+#if defined(AF_ROLLED_EPILOGUE)
+shared float af_epilogue_scratch[R * KT * gl_WorkGroupSize.x];
+#endif
 
 // Key u of an invocation's score tile: of the tile's own keys, or (key
 // lanes) of the invocation's GROUPS of them.
@@ -150,6 +167,22 @@ void main() {
 #if defined(AF_UNMASKED)
         unmasked = tile >= full_first && tile < full_end;  // uniform
 #endif
+#if defined(AF_ROLLED_EPILOGUE)
+        // the scores through shared memory, the epilogue once in a loop
+        [[unroll]] for (uint e = 0u; e < R * KT; ++e) af_epilogue_scratch[e * wg + t] = s[e];
+        [[dont_unroll]] for (uint e = 0u; e < R * KT; ++e) {
+            uint i = q0 + row_lane + row_step * (e / KT), j = key_at(k0, e % KT);
+            float x = af_epilogue_scratch[e * wg + t];
+#if defined(AF_UNMASKED)
+            if (unmasked) x = epilogue_unmasked(x, b, h, bh, i, j);
+            else x = epilogue(x, b, h, bh, i, j);
+#else
+            x = epilogue(x, b, h, bh, i, j);
+#endif
+            af_epilogue_scratch[e * wg + t] = j < keys ? x : AF_PAST_THE_END;
+        }
+        [[unroll]] for (uint e = 0u; e < R * KT; ++e) s[e] = af_epilogue_scratch[e * wg + t];
+#else
         [[unroll]] for (uint r = 0u; r < R; ++r) {
             uint i = q0 + row_lane + row_step * r;
             [[unroll]] for (uint u = 0u; u < KT; ++u) {
@@ -159,13 +192,10 @@ void main() {
 #else
                 float x = epilogue(s[r * KT + u], b, h, bh, i, j);
 #endif
-#if defined(AF_RATIO) || defined(AF_POINTWISE)
-                s[r * KT + u] = j < keys ? x : 0.0;
-#else
-                s[r * KT + u] = j < keys ? x : NEG_INF;
-#endif
+                s[r * KT + u] = j < keys ? x : AF_PAST_THE_END;
             }
         }
+#endif
 
         // ---- each row's running state; scores become weights ----
         float scale[R];  // of what came before: l_old alpha / l_new, which is 1 - share

@@ -1,7 +1,8 @@
 // 16-bit storage on Vulkan: f16 and bf16 inputs read as stored by every
 // kernel (through 16-bit storage buffers, and as halves of 32-bit words on a
 // device opened without them), device_tensor of each element, and 16-bit
-// outputs rounded on the device exactly as element<T>::narrow rounds.
+// outputs rounded on the device exactly as element<T>::narrow rounds; and
+// the shaders' mapping of query heads to shared heads.
 #include <attnfuse/dsl.hpp>
 #include <attnfuse/reference.hpp>
 #include <attnfuse/vulkan/executor.hpp>
@@ -133,7 +134,7 @@ TEST_CASE("Vulkan: device_tensor holds f32, f16 or bf16; bind_resident checks th
     CHECK_THROWS_WITH(h16.download_stored<float>(), Contains("download_stored<f32>() of a device_tensor that holds f16"));
 
     // resident K and V in f16 give what host bindings of the same values give
-    const std::size_t d = rows, n_k = cols, n_q = 4;
+    const std::size_t d = rows, n_q = 4;  // n_k = cols
     std::vector<float> qv(H * d * n_q);
     for (std::size_t n = 0; n < qv.size(); ++n) qv[n] = std::cos(0.21 * double(n));
     af::matrix<"Q"> Q;
@@ -218,4 +219,36 @@ TEST_CASE("Vulkan: attention on f16 and bf16 inputs within each format's storage
     af::testing::check_element_storage([words](const auto& e, const af::run_options& o, const auto&... b) { return vk::run(*words, e, o, b...); },
                                        af::testing::stored_reads::every_kernel);
     CHECK(words->validation_messages() == 0);
+}
+
+TEST_CASE("Vulkan: grouped-query heads at groups of 1, 3, 4 and 12 (the shaders' head mapping)", "[vulkan]") {
+    vk::device* dev = shared_device();
+    if (!dev) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    const std::size_t H = 12, n_q = 9, n_k = 11, d = 5;
+    af::variants::input_store in(12);
+    const float* q = in.random(H * d * n_q);
+    const float* k = in.random(H * d * n_k);
+    const float* v = in.random(H * n_k * d);
+    const float* slopes = in.random(H);
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"m"> M;
+    for (const std::size_t kv_heads : {std::size_t{12}, std::size_t{4}, std::size_t{3}, std::size_t{1}}) {
+        INFO(kv_heads << " key and value heads for " << H << " query heads");
+        const auto qb = af::bind(Q, af::col_major(q, d, n_q, 1, H));
+        const auto kb = af::bind(K, af::col_major(k, d, n_k, 1, kv_heads));
+        const auto vb = af::bind(V, af::row_major(v, n_k, d, 1, kv_heads));
+        const auto mb = af::bind(M, af::row_major(slopes, 1, 1, 1, kv_heads));  // an epilogue operand with its own heads
+        const auto e = softmax(mask(scale(Q^af::T*K) - M * (i - j), af::causal))*V;
+        const auto ref = af::reference::evaluate(e, qb, kb, vb, mb);
+        for (const af::execution mode : {af::execution::fused, af::execution::unfused}) {
+            INFO((mode == af::execution::fused ? "fused" : "unfused"));
+            CHECK(af::variants::relative_error(ref.values, vk::run(*dev, e, vk::options{mode}, qb, kb, vb, mb).output.values) <= 1e-4);
+        }
+    }
+    CHECK(dev->validation_messages() == 0);
 }

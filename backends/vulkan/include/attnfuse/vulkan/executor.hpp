@@ -817,6 +817,8 @@ struct fused_shader {
     }())::type;
     static constexpr std::size_t first_operand = traits::pairwise ? 4 : 3;
     static constexpr std::size_t operands = first_operand + glsl::operands_in<Tree>() + glsl::operands_in<Post>();
+    // flash_rows.glsl runs such an epilogue in a loop (AF_ROLLED_EPILOGUE)
+    static constexpr bool epilogue_reads_memory = glsl::operands_in<Tree>() > 0;
 
     // What a run reads the numbers from.
     struct values {
@@ -831,7 +833,8 @@ struct fused_shader {
     // The source; with `given`, also its parameter numbers into `numbers`
     // and the prepared operands' indices, as the text reads them, into `slots`.
     static constexpr std::string text(const values* given = nullptr, std::vector<std::uint32_t>* numbers = nullptr,
-                                      std::vector<std::size_t>* slots = nullptr, bool register_rows = false) {
+                                      std::vector<std::size_t>* slots = nullptr, bool register_rows = false,
+                                      bool rolled_epilogue = epilogue_reads_memory) {
         glsl::emitter emit{0, first_operand, {}, false, numbers, slots};
         std::string modes, functions;
         if constexpr (holds_mask<Tree>::value) {
@@ -858,6 +861,7 @@ struct fused_shader {
             modes += "#define AF_SOFTMAX\n";
         }
         if constexpr (parts::post_weighted) modes += "#define AF_POST\n";
+        if (register_rows && rolled_epilogue) modes += "#define AF_ROLLED_EPILOGUE\n";
         if constexpr (traits::pairwise)
             functions += "float score_term(uint b, uint h, uint a, float qv, float kv) { return ld3(b, h, a, 0u) * " +
                          emit.template emit<Combine>(given ? given->combine : nullptr) + "; }\n";
@@ -931,7 +935,12 @@ operand fused_attention(const E& e, X& x) {
     std::vector<std::size_t> slots;
     const std::size_t depth = operands[0].rows();
     const flash::kernel_shape shape = flash::shape_for(x.dev, depth, d_v, n_q, x.staged_only);
-    const std::string source = fused_shader<E>::text(&given, &numbers, &slots, shape.register_rows);
+    // an epilogue that reads memory runs in a loop through shared memory, where that fits
+    const std::size_t tile_keys = shape.key_lanes ? shape.keys / shape.invocations : shape.keys;
+    const std::size_t epilogue_steps = shape.rows_per_invocation * tile_keys;
+    const bool rolled_epilogue = shape.register_rows && fused_shader<E>::epilogue_reads_memory &&
+                                 epilogue_steps * shape.invocations * sizeof(float) <= x.dev.limits().max_shared_memory;
+    const std::string source = fused_shader<E>::text(&given, &numbers, &slots, shape.register_rows, rolled_epilogue);
     operands = in_text_order(operands, fused_shader<E>::first_operand, slots);
     // the window of key tiles a dispatch covers, then whether it resumes, then the live tiles
     std::vector<std::uint32_t> extra{0u, 0u, 0u};
@@ -946,7 +955,8 @@ operand fused_attention(const E& e, X& x) {
     // longer row runs as several dispatches over consecutive windows, each
     // resuming the state the one before left (the merge reads the last).
     const std::size_t window = shape.register_rows
-                                   ? x.loop_window(flash::rows_loop_steps_per_tile(depth, d_v), flash::rows_loop_steps_fixed(shape, depth, d_v))
+                                   ? x.loop_window(flash::rows_loop_steps_per_tile(depth, d_v) + (rolled_epilogue ? epilogue_steps : 0),
+                                                   flash::rows_loop_steps_fixed(shape, depth, d_v))
                                    : x.loop_window(flash::loop_steps_per_tile(tile, depth, d_v), flash::loop_steps_fixed(tile, d_v));
     const std::size_t passes = (key_tiles + window - 1) / window;
     const std::size_t splits =
@@ -958,7 +968,8 @@ operand fused_attention(const E& e, X& x) {
                              (shape.key_lanes ? " [register rows: " + std::to_string(shape.rows_per_invocation) +
                                                     " in every invocation, keys spread over the subgroup]"
                               : shape.register_rows ? " [register rows: " + std::to_string(shape.rows_per_invocation) + " per invocation" +
-                                                          (shape.broadcast ? ", keys broadcast over the subgroup]" : "]")
+                                                          (shape.broadcast ? ", keys broadcast over the subgroup" : "") +
+                                                          (rolled_epilogue ? ", the epilogue in a loop]" : "]")
                                                   : std::string(" [staged tiles]"));
     if (!shared_state) {
         extra[1] = static_cast<std::uint32_t>(key_tiles);
