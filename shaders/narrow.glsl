@@ -1,5 +1,6 @@
 // attnfuse: a dense f32 result rounded to 16-bit elements, two to each
-// 32-bit word of OUT (element 2w in the low half), as attnfuse::element<T>::
+// 32-bit word of OUT (element 2w in the low half; the word's bits stored
+// through OUT's float array, a move that keeps them), as attnfuse::element<T>::
 // narrow rounds them on the host: to nearest, ties to even, NaN kept quiet.
 // Integer arithmetic on the bits, so every device gives the same halves.
 // P: OUT_R() is the element count; AF_F16 or AF_BF16 picks the format.
@@ -42,5 +43,5 @@ void main() {
     if (2u * w >= count) return;
     uint low = af_narrow(rd0(2u * w));
     uint high = 2u * w + 1u < count ? af_narrow(rd0(2u * w + 1u)) : 0u;
-    OUT.d[w] = low | (high << 16u);
+    OUT.d[w] = uintBitsToFloat(low | (high << 16u));
 }

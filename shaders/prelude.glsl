@@ -16,15 +16,15 @@ uint NUMU(uint n) { return P.u[2u + GEOMETRY_WORDS * NUM_OPERANDS + n]; }
 uint OUT_R() { return P.u[2u + GEOMETRY_WORDS * NUM_OPERANDS + NUM_NUMBERS]; }
 uint OUT_C() { return P.u[3u + GEOMETRY_WORDS * NUM_OPERANDS + NUM_NUMBERS]; }
 
-// The head of an operand with `heads_k` heads that query head h of HEADS()
+// The head of an operand with `heads_k` heads that query head h of `heads`
 // reads: consecutive query heads share one (grouped-query attention). Exact
 // for every count below 2^24, without an integer division: llvmpipe's
 // compile of a shader that divides integers at every operand read took
 // minutes. The float quotients are within 1 of the true ones, and the
 // integer steps correct that.
-uint af_head_of(uint h, uint heads_k) {
-    if (heads_k == HEADS()) return h;
-    uint group = uint(float(HEADS()) / float(heads_k) + 0.5);  // heads_k divides HEADS(): an exact quotient
+uint af_head_of(uint h, uint heads, uint heads_k) {
+    if (heads_k == heads) return h;
+    uint group = uint(float(heads) / float(heads_k) + 0.5);  // heads_k divides heads: an exact quotient
     uint q = uint(float(h) / float(group));
     if (q * group > h) q -= 1u;
     if ((q + 1u) * group <= h) q += 1u;
@@ -35,7 +35,7 @@ uint af_head_of(uint h, uint heads_k) {
 // broadcast, fewer heads are shared by consecutive query heads.
 int at_of(uint k, uint b, uint h, uint r, uint c) {
     uint bb = G(k, 2u) == 1u ? 0u : b;
-    uint hh = af_head_of(h, G(k, 3u));
+    uint hh = af_head_of(h, HEADS(), G(k, 3u));
     uint rr = G(k, 0u) == 1u ? 0u : r;
     uint cc = G(k, 1u) == 1u ? 0u : c;
     return GI(k, 8u) + int(bb) * GI(k, 6u) + int(hh) * GI(k, 7u) + int(rr) * GI(k, 4u) + int(cc) * GI(k, 5u);

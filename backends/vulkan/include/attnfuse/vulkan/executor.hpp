@@ -158,8 +158,7 @@ struct resident_binding {
 
 template <fixed_string Name, std::size_t R, std::size_t C, class El>
 resident_binding<Name, R, C, El> bind_resident(const matrix<Name, R, C, El>&, const device_tensor& t) {
-    static_assert(std::is_same_v<El, float> || std::is_same_v<El, half> || std::is_same_v<El, bfloat16>,
-                  "attnfuse: a device_tensor holds f32, f16 or bf16; declare the matrix bound resident with one of them");
+    static_assert(glsl::buffer_element<El>, "attnfuse: a device_tensor holds f32, f16 or bf16; declare the matrix bound resident with one of them");
     return {&t};
 }
 
@@ -1012,7 +1011,7 @@ operand concat_heads_kernel(const E& e, const operand& per_head, X& x) {
     // an operand with fewer heads (one shared by every head) serves consecutive heads
     const std::string body = element_prologue() +
                              "    uint d = NUMU(0u), head = j / d, c = j % d;\n"
-                             "    uint sb = G(0u, 2u) == 1u ? 0u : b, sh = head / (NUMU(1u) / G(0u, 3u));\n"
+                             "    uint sb = G(0u, 2u) == 1u ? 0u : b, sh = af_head_of(head, NUMU(1u), G(0u, 3u));\n"
                              "    OUT.d[idx] = rd0(GI(0u, 8u) + int(sb) * GI(0u, 6u) + int(sh) * GI(0u, 7u) + int(i) * GI(0u, 4u) + int(c) * GI(0u, 5u));\n"
                              "}\n";
     x.launch("concat_heads", plan::kernel_name<plan::node_kernel<E>>::get(e), body, {per_head},
@@ -1043,8 +1042,7 @@ struct hooks {
         if (x.score_nodes.count(static_cast<const void*>(&e))) x.info.score_bytes += x.dev.buffer_bytes(o.buffer);
     }
     // every kernel reads f32, f16 and bf16 buffers as they are (glsl::operand_declaration)
-    template <class El>
-    static constexpr bool reads = std::is_same_v<El, float> || std::is_same_v<El, half> || std::is_same_v<El, bfloat16>;
+    template <class El> static constexpr bool reads = glsl::buffer_element<El>;
     // the context of a row lives in registers (up to max_fused_dv), its tiles in shared memory
     template <class X> static lower::capabilities capabilities(const X& x) {
         return {max_fused_dv, x.dev.limits().max_shared_memory, x.dev.tile().shared_bytes()};
@@ -1081,16 +1079,9 @@ auto host_face(const B& b) {
 template <class X>
 device::buffer_id narrowed_output(X& x, const operand& out, std::size_t count, storage_kind storage) {
     const auto narrow = x.buffer(device_tensor::stored_bytes(storage, count), "the output", false);
-    const std::size_t words = (count + 1) / 2, groups = (words + local_size - 1) / local_size;
-    const std::size_t max_x = std::min<std::size_t>(x.dev.limits().max_workgroup_count[0], 65535);
-    const std::size_t parameter_words = x.parameter_words(1, 0);
-    const bool push = parameter_words * 4 <= x.dev.limits().max_push_constants;
-    std::string source = glsl::prelude(1, 0, local_size, push ? parameter_words : 0);
-    const std::string f32_output = "buffer Output { float d[]; } OUT;";
-    source.replace(source.find(f32_output), f32_output.size(), "buffer Output { uint d[]; } OUT;");
-    source += (storage == storage_kind::f16 ? "#define AF_F16\n" : "#define AF_BF16\n") + std::string(shader_sources::narrow);
-    x.launch("narrow", "rounding of the output to " + std::string(glsl::name_of(storage)), source, {out}, {}, narrow, count, 1,
-             {std::min(groups, max_x), (groups + max_x - 1) / max_x, 1}, {}, {}, push);
+    x.launch("narrow", "rounding of the output to " + std::string(glsl::name_of(storage)),
+             (storage == storage_kind::f16 ? "#define AF_F16\n" : "#define AF_BF16\n") + std::string(shader_sources::narrow), {out}, {},
+             narrow, count, 1, (count + 1) / 2);  // an invocation per word of two halves
     return narrow;
 }
 
@@ -1230,8 +1221,7 @@ run_result run(device& dev, const E& e, const options& opt, const Bindings&... b
 // The same, with the output left in device memory, stored as Out (f32; f16
 // or bf16 rounded on the device, to nearest even as element<Out>::narrow).
 template <class Out = float, class E, class... Bindings>
-    requires expression<E> && (std::is_same_v<Out, float> || std::is_same_v<Out, half> || std::is_same_v<Out, bfloat16>) &&
-             (a_vulkan_binding<Bindings> && ...)
+    requires expression<E> && glsl::buffer_element<Out> && (a_vulkan_binding<Bindings> && ...)
 device_run_result run_on_device(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
     return detail::run_with<true, Out>(dev, e, opt, bindings...);
 }

@@ -61,14 +61,15 @@ constexpr bool listed(op::op_list<Ops...>) {
 // or 16 bits each, little-endian, two to a 32-bit word.
 enum class storage_kind : char { f32 = 'f', f16 = 'h', bf16 = 'b' };
 
+// The elements a Vulkan buffer holds and every kernel reads as stored.
 template <class El>
+concept buffer_element = std::is_same_v<El, float> || std::is_same_v<El, half> || std::is_same_v<El, bfloat16>;
+
+template <buffer_element El>
 constexpr storage_kind storage_of() {
     if constexpr (std::is_same_v<El, half>) return storage_kind::f16;
     else if constexpr (std::is_same_v<El, bfloat16>) return storage_kind::bf16;
-    else {
-        static_assert(std::is_same_v<El, float>, "attnfuse: a Vulkan buffer holds f32, f16 or bf16");
-        return storage_kind::f32;
-    }
+    else return storage_kind::f32;
 }
 constexpr std::string_view name_of(storage_kind k) { return k == storage_kind::f16 ? "f16" : k == storage_kind::bf16 ? "bf16" : "f32"; }
 constexpr std::size_t bytes_of(storage_kind k) { return k == storage_kind::f32 ? 4 : 2; }
