@@ -463,7 +463,8 @@ TEST_CASE("the fused shader text a static_assert reads is the text that runs", "
         if (entry.path().extension() != ".comp" || entry.path().filename().string().rfind("fused_attention", 0) != 0) continue;
         std::ifstream in_file(entry.path());
         const std::string text((std::istreambuf_iterator<char>(in_file)), std::istreambuf_iterator<char>());
-        CHECK(text == vk::fused_shader_source<alibi>(design));
+        // f32 inputs: a device whose automatic design is matrix tiles runs them staged
+        CHECK(text == vk::fused_shader_source<alibi>(design == vk::fused_design::matrix_tiles ? vk::fused_design::staged_tiles : design));
         found = true;
     }
     CHECK(found);
@@ -741,4 +742,206 @@ TEST_CASE("Vulkan: values wider than the fused kernel holds run unfused, each op
     CHECK(info.kernels.size() == 5);  // V*W once, then the four kernels of unfused attention
     CHECK(info.dispatches == 7);      // softmax is three bounded passes: row maxima, sums, weights
     CHECK(dev->validation_messages() == 0);
+}
+
+// ---- the matrix-tiles fused kernel (shaders/flash_matrix.glsl) ----
+// Lavapipe runs its plain fragments (fragments_plain.glsl): the same tiling,
+// indexing, masking and softmax as on cooperative matrices, with the same
+// f16 operands and f32 sums. Its error against the reference is f16's:
+// queries, keys, values and weights rounded to 11 bits, so scores move by
+// about 2^-11 of sum |q k| and the output by as much of its scale.
+namespace {
+vk::device open_matrix_device(const vk::device& shared, std::uint32_t max_loop_iterations = 0) {
+    vk::device dev(shared.info(), vk::device_options{.validation = true, .max_loop_iterations = max_loop_iterations,
+                                                     .design = vk::fused_design::matrix_tiles});
+    REQUIRE(dev.design() == vk::fused_design::matrix_tiles);
+    return dev;
+}
+bool ran_matrix_tiles(const af::report& info) {
+    return std::any_of(info.kernels.begin(), info.kernels.end(), [](const std::string& k) { return k.find("[matrix tiles: ") != std::string::npos; });
+}
+}  // namespace
+
+TEST_CASE("Vulkan: the matrix-tiles fused kernel runs every variant at odd sizes, within f16's error", "[vulkan][matrix]") {
+    vk::device* shared = shared_device();
+    if (!shared) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    vk::device dev = open_matrix_device(*shared);
+    // (1, 1, 70, 150, 40, 20): several warps' query rows and key tiles, partial ones each way
+    const af::variants::shape shapes[] = {{2, 2, 7, 13, 5, 3}, {1, 2, 33, 65, 31, 7}, {2, 1, 1, 3, 1, 1}, {1, 1, 70, 150, 40, 20}};
+    std::size_t on_matrix = 0;
+    double worst = 0;
+    for (const auto& s : shapes) {
+        af::variants::for_each(s, [&](const af::variants::variant& v, const auto& e, const auto&... bindings) {
+            using E = std::remove_cvref_t<decltype(e)>;
+            // scores near 1e4: f16 operands move them by units, and softmax
+            // passes that on; such attentions need f32 (staged tiles)
+            if (v.name.find("1e4") != std::string::npos) return;
+            const auto ref = af::reference::evaluate(e, bindings...);
+            const auto [out, info] = vk::run(dev, e, af::run_options{af::execution::fused}, bindings...);
+            INFO(v.name << " | " << af::to_string(e) << " | " << Catch::Detail::stringify(info.kernels) << " | "
+                        << Catch::Detail::stringify(info.notes));
+            const double error = relative_error(ref.values, out.values);
+            CHECK(error <= 1e-2);
+            if constexpr (af::plan::fuses_as_attention_v<E>) {
+                using parts = af::plan::attention_parts<E>;
+                const bool matrix = ran_matrix_tiles(info);
+                if (parts::hard) CHECK(Catch::Detail::stringify(info.kernels).find("not matrix tiles: hard attention") != std::string::npos);
+                else if (parts::core_kind::pairwise)
+                    CHECK(Catch::Detail::stringify(info.kernels).find("not matrix tiles: a pairwise (additive) score") != std::string::npos);
+                else if (!ran_unfused(info)) CHECK(matrix);
+                if (matrix) {
+                    ++on_matrix;
+                    worst = std::max(worst, error);
+                    CHECK(Catch::Detail::stringify(info.kernels).find("plain fragments") != std::string::npos);
+                }
+            }
+            CHECK(dev.validation_messages() == 0);
+            INFO(dev.last_validation_message());
+        });
+    }
+    CHECK(on_matrix >= 40);
+    WARN("matrix tiles, plain fragments: " << on_matrix << " runs, worst error " << worst << " of the output's scale");
+}
+
+TEST_CASE("Vulkan: the matrix-tiles kernel reads f16 inputs as its operands, within the weights' rounding", "[vulkan][matrix]") {
+    vk::device* shared = shared_device();
+    if (!shared) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    vk::device dev = open_matrix_device(*shared);
+    const std::size_t B = 2, H = 2, n_q = 45, n_k = 77, d = 37, d_v = 19;
+    af::variants::input_store in(811);
+    const auto q = af::testing::stored<af::half>(in.random(B * H * d * n_q), B * H * d * n_q);
+    const auto k = af::testing::stored<af::half>(in.random(B * H * d * n_k), B * H * d * n_k);
+    const auto v = af::testing::stored<af::half>(in.random(B * H * n_k * d_v), B * H * n_k * d_v);
+    af::matrix<"Q", af::dyn, af::dyn, af::half> Q;
+    af::matrix<"K", af::dyn, af::dyn, af::half> K;
+    af::matrix<"V", af::dyn, af::dyn, af::half> V;
+    af::matrix<"m"> M;
+    const std::vector<float> slopes{0.25f, 0.0625f};
+    const auto qb = af::bind(Q, af::col_major(q.data(), d, n_q, B, H));
+    const auto kb = af::bind(K, af::col_major(k.data(), d, n_k, B, H));
+    const auto vb = af::bind(V, af::row_major(v.data(), n_k, d_v, B, H));
+    const auto mb = af::bind(M, af::row_major(slopes.data(), 1, 1, 1, H));
+    using af::i;
+    using af::j;
+    // the inputs are exact in f16; the weights (at most 1, summing to 1) are
+    // rounded to f16 before they meet the values: the output moves by at
+    // most 2^-11 of the values' scale, plus f32 sums
+    auto agree = [&](const auto& e, const auto&... b) {
+        const auto ref = af::reference::evaluate(e, b...);
+        const auto [out, info] = vk::run(dev, e, vk::options{vk::execution::fused}, b...);
+        INFO(af::to_string(e) << " | " << Catch::Detail::stringify(info.kernels));
+        CHECK(relative_error(ref.values, out.values) <= 1e-3);
+        CHECK(ran_matrix_tiles(info));
+        CHECK(info.notes.empty());
+    };
+    agree(softmax(scale(Q^af::T*K))*V, qb, kb, vb);
+    agree(softmax(mask(scale(Q^af::T*K) - M * (i - j), af::causal))*V, qb, kb, vb, mb);
+    agree(softmax(mask(scale(Q^af::T*K), af::window(9)))*V, qb, kb, vb);
+    agree(softmax(5 * tanh(scale(Q^af::T*K) / 5))*V, qb, kb, vb);
+    CHECK(dev.validation_messages() == 0);
+}
+
+TEST_CASE("Vulkan: the matrix-tiles kernel over long key rows: windows of dispatches, key shares, decode", "[vulkan][matrix]") {
+    vk::device* shared = shared_device();
+    if (!shared) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    // a small loop limit: a key row runs as several dispatches, each resuming the last one's state
+    vk::device tight = open_matrix_device(*shared, 30000);
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    for (const std::size_t n_q : {std::size_t{21}, std::size_t{1}}) {
+        const std::size_t d = 24, n_k = 1001, d_v = 9;
+        af::variants::input_store in(12);
+        const auto q = af::bind(Q, af::col_major(in.random(d * n_q), d, n_q));
+        const auto k = af::bind(K, af::col_major(in.random(d * n_k), d, n_k));
+        const auto v = af::bind(V, af::row_major(in.random(n_k * d_v), n_k, d_v));
+        const auto e = softmax(mask(scale(Q^af::T*K), af::j < 997 - af::i))*V;
+        const auto ref = af::reference::evaluate(e, q, k, v);
+        for (const std::size_t shares : {std::size_t{1}, std::size_t{3}}) {
+            const auto [out, info] = vk::run(tight, e, af::run_options{.mode = af::execution::fused, .key_splits = shares}, q, k, v);
+            INFO(n_q << " queries, " << shares << " shares: " << Catch::Detail::stringify(info.kernels));
+            CHECK(relative_error(ref.values, out.values) <= 5e-3);
+            CHECK(info.notes.empty());
+            CHECK(ran_matrix_tiles(info));
+            CHECK(info.dispatches > 2);  // several windows, then the merge
+        }
+    }
+    CHECK(tight.validation_messages() == 0);
+}
+
+TEST_CASE("Vulkan: numbers f16 cannot hold send the matrix-tiles run to the staged f32 shader, which answers exactly", "[vulkan][matrix]") {
+    vk::device* shared = shared_device();
+    if (!shared) {
+        WARN("SKIP: no Vulkan device");
+        return;
+    }
+    vk::device dev = open_matrix_device(*shared);
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::size_t d = 5, n = 37, d_v = 3;
+    af::variants::input_store in(14);
+    const float* drawn_q = in.random(d * n);
+    const float* drawn_v = in.random(n * d_v);
+    const auto k = af::bind(K, af::col_major(in.random(d * n), d, n));
+    const auto e = softmax(mask(scale(Q^af::T*K), af::j < 30))*V;
+    auto rerun = [&](const std::vector<float>& queries, const std::vector<float>& values) {
+        const auto q = af::bind(Q, af::col_major(queries.data(), d, n));
+        const auto v = af::bind(V, af::row_major(values.data(), n, d_v));
+        const auto ref = af::reference::evaluate(e, q, k, v);
+        const auto [out, info] = vk::run(dev, e, af::run_options{af::execution::fused}, q, k, v);
+        INFO(Catch::Detail::stringify(info.kernels) << " | " << Catch::Detail::stringify(info.notes));
+        CHECK(relative_error(ref.values, out.values) <= 1e-4);  // f32 throughout
+        CHECK(Catch::Detail::stringify(info.notes).find("the matrix tiles' f16 operands could not hold a number") != std::string::npos);
+        CHECK(Catch::Detail::stringify(info.kernels).find("[staged tiles") != std::string::npos);
+    };
+    std::vector<float> queries(drawn_q, drawn_q + d * n), values(drawn_v, drawn_v + n * d_v);
+    // a NaN and an infinity under weights of 0 (keys from 30 on are masked)
+    // in a key tile that is visited: nothing may reach the output
+    std::vector<float> bad_values = values;
+    bad_values[30 * d_v + 1] = std::numeric_limits<float>::infinity();
+    bad_values[31 * d_v + 2] = std::numeric_limits<float>::quiet_NaN();
+    rerun(queries, bad_values);
+    // a query beyond f16's 65504 once scaled by 1 / sqrt(5)
+    std::vector<float> huge_queries = queries;
+    huge_queries[3 * d + 1] = 2e5f;
+    rerun(huge_queries, values);
+    CHECK(dev.validation_messages() == 0);
+}
+
+TEST_CASE("Vulkan: the cooperative-matrix fused kernel compiles and passes spirv-val for every kind of epilogue", "[vulkan][matrix]") {
+    using namespace shader_text;
+    const auto dir = std::filesystem::temp_directory_path() / ("attnfuse-coop-" + std::to_string(::getpid()));
+    std::filesystem::create_directories(dir);
+    std::size_t checked = 0;
+    auto validate = [&](const std::string& source, const char* what) {
+        INFO(what);
+        REQUIRE(source.find("coopMatMulAddNV") != std::string::npos);
+        REQUIRE(source.find("#extension GL_NV_cooperative_matrix : require") != std::string::npos);
+        const std::vector<std::uint32_t> spirv = vk::compile_compute_shader(source, what);
+        const auto file = dir / (std::string("coop-") + std::to_string(checked++) + ".spv");
+        std::ofstream(file, std::ios::binary).write(reinterpret_cast<const char*>(spirv.data()), std::streamsize(spirv.size() * 4));
+        CHECK(std::system((std::string(ATTNFUSE_SPIRV_VAL) + " --target-env vulkan1.1 " + file.string()).c_str()) == 0);
+    };
+    validate(vk::fused_shader_source<sdpa>(vk::fused_design::matrix_tiles, true), "scaled dot product");
+    validate(vk::fused_shader_source<softcapped>(vk::fused_design::matrix_tiles, true), "soft-capping");
+    validate(vk::fused_shader_source<alibi>(vk::fused_design::matrix_tiles, true), "ALiBi, causal");
+    using dropped = decltype(dropout(softmax(scale(Q^af::T*K)), 0.1, 7)*V);
+    validate(vk::fused_shader_source<dropped>(vk::fused_design::matrix_tiles, true), "dropout");
+    using ratio = decltype((relu(Q^af::T*K) / (row_sum(relu(Q^af::T*K)) + 1.0))*V);
+    validate(vk::fused_shader_source<ratio>(vk::fused_design::matrix_tiles, true), "a ratio normaliser");
+    std::filesystem::remove_all(dir);
+    // the plain fragments are the same kernel: one text apart from the fragments
+    const std::string plain = vk::fused_shader_source<alibi>(vk::fused_design::matrix_tiles);
+    CHECK(plain.find("coopMat") == std::string::npos);
+    CHECK(plain.find("layout(constant_id = 4) const uint KF") != std::string::npos);
 }

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <unordered_map>
 #include <unistd.h>
 #include <vulkan/vulkan_raii.hpp>
@@ -144,6 +145,7 @@ struct device::impl {
     fused_design design = fused_design::staged_tiles;
     register_rows_shape rows;
     bool tiled_products = true;
+    bool matrix_for_f32 = false;
     std::vector<std::string> notes;  // for the next run's report
     std::atomic<std::size_t> messages{0};
     std::mutex message_mutex;
@@ -365,9 +367,46 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
                         " invocations per workgroup (queries x lanes), more than " + std::string(props.deviceName.data()) + " runs (" +
                         std::to_string(std::min(d.limits.max_workgroup_invocations, props.limits.maxComputeWorkGroupSize[0])) + ")");
         d.tile = options.tile;
+
+        // Cooperative matrices (shaders/fragments_cooperative.glsl): the NV
+        // extension with a 16x16x16 subgroup product of f16 into f32, and the
+        // features its SPIR-V declares (Float16, VulkanMemoryModel). Asked
+        // for through their KHR extensions, which stay listed on 1.2 drivers:
+        // the instance asks for Vulkan 1.1.
+        std::set<std::string, std::less<>> device_extensions;
+        for (const auto& e : d.physical.enumerateDeviceExtensionProperties()) device_extensions.insert(e.extensionName.data());
+        const bool has_nv_matrix = device_extensions.count(VK_NV_COOPERATIVE_MATRIX_EXTENSION_NAME) > 0 &&
+                                   device_extensions.count(VK_KHR_VULKAN_MEMORY_MODEL_EXTENSION_NAME) > 0 &&
+                                   device_extensions.count(VK_KHR_SHADER_FLOAT16_INT8_EXTENSION_NAME) > 0 &&
+                                   props.apiVersion >= VK_API_VERSION_1_1;
+        if (has_nv_matrix) {
+            const auto features = d.physical.getFeatures2<vk::PhysicalDeviceFeatures2, vk::PhysicalDeviceCooperativeMatrixFeaturesNV,
+                                                          vk::PhysicalDeviceVulkanMemoryModelFeatures,
+                                                          vk::PhysicalDeviceShaderFloat16Int8Features>();
+            const bool enabled = features.get<vk::PhysicalDeviceCooperativeMatrixFeaturesNV>().cooperativeMatrix &&
+                                 features.get<vk::PhysicalDeviceVulkanMemoryModelFeatures>().vulkanMemoryModel &&
+                                 features.get<vk::PhysicalDeviceShaderFloat16Int8Features>().shaderFloat16;
+            bool sixteen = false;
+            for (const auto& p : d.physical.getCooperativeMatrixPropertiesNV()) {
+                d.limits.cooperative_matrix_shapes.push_back(std::to_string(p.MSize) + "x" + std::to_string(p.NSize) + "x" +
+                                                             std::to_string(p.KSize) + " " + vk::to_string(p.AType) + "*" +
+                                                             vk::to_string(p.BType) + "+" + vk::to_string(p.CType) +
+                                                             (p.scope == vk::ScopeNV::eSubgroup ? "" : " (" + vk::to_string(p.scope) + ")"));
+                sixteen = sixteen || (p.MSize == 16 && p.NSize == 16 && p.KSize == 16 && p.AType == vk::ComponentTypeNV::eFloat16 &&
+                                      p.BType == vk::ComponentTypeNV::eFloat16 && p.CType == vk::ComponentTypeNV::eFloat32 &&
+                                      p.DType == vk::ComponentTypeNV::eFloat32 && p.scope == vk::ScopeNV::eSubgroup);
+            }
+            // the kernel's warps are subgroups of 16 to 64 invocations over 256-element fragments
+            const std::uint32_t warp = d.limits.subgroup_size;
+            d.limits.cooperative_matrix_supported = enabled && sixteen && warp >= 16 && warp <= 64 && 256 % warp == 0;
+        }
         d.design = options.design != fused_design::automatic ? options.design
+                   : d.limits.cooperative_matrix_supported && options.cooperative_matrices ? fused_design::matrix_tiles
                    : props.deviceType == vk::PhysicalDeviceType::eCpu && d.limits.subgroup_broadcast ? fused_design::register_rows
                                                                                                      : fused_design::staged_tiles;
+        d.matrix_for_f32 = options.design == fused_design::matrix_tiles;
+        d.limits.cooperative_matrix = d.design == fused_design::matrix_tiles && d.limits.cooperative_matrix_supported &&
+                                      options.cooperative_matrices;
         if (d.design == fused_design::register_rows && !d.limits.subgroup_broadcast)
             throw error("attnfuse: device_options::design register_rows needs subgroup ballot operations in compute shaders, which " +
                         std::string(props.deviceName.data()) + " does not report");
@@ -394,8 +433,26 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
 
         const float priority = 1.0f;
         const vk::DeviceQueueCreateInfo queue_info({}, d.family, 1, &priority);
+        std::vector<const char*> enabled_extensions;
         vk::DeviceCreateInfo create({}, queue_info);
-        if (d.limits.storage_16bit) create.pNext = &sixteen_bit;
+        void* chain = nullptr;
+        if (d.limits.storage_16bit) {
+            sixteen_bit.pNext = chain;
+            chain = &sixteen_bit;
+        }
+        vk::PhysicalDeviceCooperativeMatrixFeaturesNV matrix_features(true);
+        vk::PhysicalDeviceVulkanMemoryModelFeatures memory_model(true);
+        vk::PhysicalDeviceShaderFloat16Int8Features float16(true);
+        if (d.limits.cooperative_matrix) {
+            enabled_extensions = {VK_NV_COOPERATIVE_MATRIX_EXTENSION_NAME, VK_KHR_VULKAN_MEMORY_MODEL_EXTENSION_NAME,
+                                  VK_KHR_SHADER_FLOAT16_INT8_EXTENSION_NAME};
+            matrix_features.pNext = chain;
+            memory_model.pNext = &matrix_features;
+            float16.pNext = &memory_model;
+            chain = &float16;
+        }
+        create.pNext = chain;
+        create.setPEnabledExtensionNames(enabled_extensions);
         d.dev = vk::raii::Device(d.physical, create);
         d.queue = vk::raii::Queue(d.dev, d.family, 0);
         d.pool = vk::raii::CommandPool(d.dev, vk::CommandPoolCreateInfo(vk::CommandPoolCreateFlagBits::eResetCommandBuffer, d.family));
@@ -449,6 +506,7 @@ const fused_tile& device::tile() const { return impl_->tile; }
 fused_design device::design() const { return impl_->design; }
 const register_rows_shape& device::rows() const { return impl_->rows; }
 bool device::tiled_products() const { return impl_->tiled_products; }
+bool device::matrix_for_f32() const { return impl_->matrix_for_f32; }
 std::size_t device::validation_messages() const { return impl_->messages.load(); }
 std::string device::last_validation_message() const {
     std::lock_guard lock(impl_->message_mutex);

@@ -23,6 +23,7 @@ std::string_view to_string(fused_design design) {
         case fused_design::automatic: return "automatic";
         case fused_design::staged_tiles: return "staged tiles";
         case fused_design::register_rows: return "register rows";
+        case fused_design::matrix_tiles: return "matrix tiles";
     }
     return "unknown";
 }

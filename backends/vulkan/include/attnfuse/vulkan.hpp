@@ -104,7 +104,9 @@ struct fused_tile {
 // Which fused attention shader a device runs.
 enum class fused_design {
     // register_rows on CPU devices (lavapipe) that have subgroup ballot
-    // operations, staged_tiles elsewhere (the shape measured on an H200;
+    // operations; matrix_tiles for 16-bit inputs on devices with cooperative
+    // matrices (device_limits::cooperative_matrix), staged_tiles for their
+    // f32 inputs; staged_tiles elsewhere (the shape measured on an H200;
     // register rows there are unmeasured)
     automatic,
     // shaders/flash_attention.glsl: key and value tiles staged in shared
@@ -117,6 +119,15 @@ enum class fused_design {
     // Its SPIR-V declares subgroup ballot operations: a device without them
     // cannot open with it.
     register_rows,
+    // shaders/flash_matrix.glsl: both products on 16x16 matrix fragments
+    // with f16 operands and f32 sums, on cooperative matrices (tensor cores)
+    // where the device has them, in plain code elsewhere (the same kernel,
+    // which is how CI tests it on lavapipe). Chosen explicitly, it runs f32
+    // inputs too, rounded to f16 for the products (results to about 1e-3).
+    // Hard attention, pairwise (additive) scores, a depth or d_v past 256,
+    // tiles past the shared memory, and numbers f16 cannot hold (the run is
+    // then redone) take staged_tiles; the report names the reason.
+    matrix_tiles,
 };
 std::string_view to_string(fused_design design);
 
@@ -154,6 +165,9 @@ struct device_options {
     // them: the shaders read such inputs as halves of 32-bit words, the same
     // values (tests use this to run that path on every device).
     bool sixteen_bit_storage = true;
+    // The matrix_tiles design on cooperative matrices where the device has
+    // them; false: its plain fragments everywhere (for comparison).
+    bool cooperative_matrices = true;
 };
 
 struct device_limits {
@@ -175,6 +189,16 @@ struct device_limits {
     // opened with it (device_options::sixteen_bit_storage).
     bool storage_16bit_supported = false;
     bool storage_16bit = false;
+    // VK_NV_cooperative_matrix with a 16x16x16 subgroup product of f16
+    // operands into f32 (getCooperativeMatrixPropertiesNV), and the
+    // shaderFloat16 and vulkanMemoryModel features its shaders declare;
+    // `cooperative_matrix` whether this device was opened with them (the
+    // matrix_tiles design and device_options::cooperative_matrices).
+    bool cooperative_matrix_supported = false;
+    bool cooperative_matrix = false;
+    // what the device reports of cooperative matrices, for a run report:
+    // "MxNxK A*B+C" per subgroup entry (empty without the extension)
+    std::vector<std::string> cooperative_matrix_shapes;
 };
 
 // An open Vulkan device with a compute queue. The executor drives it through
@@ -201,6 +225,9 @@ public:
     fused_design design() const;     // the fused attention shader it runs: never automatic
     const register_rows_shape& rows() const;  // flash_rows.glsl's shape, invocations resolved
     bool tiled_products() const;               // device_options::tiled_products, as opened
+    // matrix_tiles runs f32 inputs too (the design was asked for), not only
+    // f16 and bf16 ones (automatic)
+    bool matrix_for_f32() const;
 
     using buffer_id = std::uint32_t;
     using kernel_id = std::uint32_t;

@@ -13,6 +13,7 @@
 #include <set>
 #include <string>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 #include <attnfuse/bind.hpp>
@@ -226,6 +227,59 @@ inline constexpr std::size_t merge_steps_per_share = 4;  // combine_splits.glsl'
 inline constexpr std::size_t rows_register_budget = 2048;
 inline constexpr std::size_t rows_max_depth = 256;
 
+// shaders/flash_matrix.glsl: WARPS warps of WARP invocations, 16 query rows
+// each, over key tiles of 16 KF keys.
+struct matrix_shape {
+    std::size_t warps = 0, key_fragments = 0, warp = 0;
+    bool cooperative = false;  // fragments_cooperative.glsl, else fragments_plain.glsl
+};
+inline constexpr std::size_t matrix_max_depth = 256;
+inline std::size_t round_up16(std::size_t n) { return (n + 15) / 16 * 16; }
+// Its shared arrays in bytes, as the shader declares them: the f16 tiles
+// (floats in the plain fragments), the f32 score tile, scratch and row scales.
+inline std::size_t matrix_shared_bytes(const matrix_shape& s, std::size_t depth, std::size_t d_v) {
+    const std::size_t element = s.cooperative ? 2 : 4, bq = 16 * s.warps, bk = 16 * s.key_fragments;
+    const std::size_t dp = round_up16(depth), vp = round_up16(d_v);
+    return element * (bq * (dp + 8) + std::max(dp * (bk + 8), bk * (vp + 8)) + bq * (bk + 8)) +
+           4 * (bq * (bk + 4) + s.warps * 16 * 20 + bq);
+}
+// Its specialization constants: D, DV, SHARES, WARPS, KF, WARP, the local size.
+inline std::vector<std::uint32_t> matrix_specialization(const matrix_shape& s, std::size_t depth, std::size_t d_v, bool shares) {
+    return {static_cast<std::uint32_t>(depth), static_cast<std::uint32_t>(d_v), shares ? 1u : 0u, static_cast<std::uint32_t>(s.warps),
+            static_cast<std::uint32_t>(s.key_fragments), static_cast<std::uint32_t>(s.warp),
+            static_cast<std::uint32_t>(s.warps * s.warp)};
+}
+// Loop steps of one invocation per key tile and besides, counted from every
+// loop of the shader as written (the plain fragments' too, which llvmpipe
+// may unroll): an over-count, so windows are smaller than they need be.
+inline std::size_t matrix_loop_steps_per_tile(const matrix_shape& s, std::size_t depth, std::size_t d_v) {
+    const std::size_t wg = s.warps * s.warp, per = 256 / s.warp, df = round_up16(depth) / 16, vf = round_up16(d_v) / 16;
+    const std::size_t bq = 16 * s.warps, bk = 16 * s.key_fragments, kf = s.key_fragments;
+    const auto over = [&](std::size_t n) { return (n + wg - 1) / wg + 1; };
+    const std::size_t product = 1 + 17 * per;  // one AF_MMA
+    return over(bk * 16 * df) + kf * (2 + 2 * per + df * product) + over(bq * bk) + 5 * bk + 5 + over(bk * 16 * vf) + vf * per +
+           kf + vf * (2 + 3 * per + kf * product) + 1;
+}
+inline std::size_t matrix_loop_steps_fixed(const matrix_shape& s, std::size_t depth, std::size_t d_v) {
+    const std::size_t wg = s.warps * s.warp, per = 256 / s.warp, df = round_up16(depth) / 16, vf = round_up16(d_v) / 16;
+    return (16 * s.warps * 16 * df + wg - 1) / wg + 1 + df + 4 * vf * per + 64;
+}
+static_assert(shader_sources::flash_matrix.find("layout(constant_id = 0) const uint D ") != std::string_view::npos &&
+                  shader_sources::flash_matrix.find("layout(constant_id = 1) const uint DV ") != std::string_view::npos &&
+                  shader_sources::flash_matrix.find("layout(constant_id = 2) const bool SHARES") != std::string_view::npos &&
+                  shader_sources::flash_matrix.find("layout(constant_id = 3) const uint WARPS ") != std::string_view::npos &&
+                  shader_sources::flash_matrix.find("layout(constant_id = 4) const uint KF ") != std::string_view::npos &&
+                  shader_sources::flash_matrix.find("layout(constant_id = 5) const uint WARP ") != std::string_view::npos &&
+                  shader_sources::flash_matrix.find("layout(local_size_x_id = 6) in;") != std::string_view::npos &&
+                  shader_sources::flash_matrix.find("//@fragments") != std::string_view::npos,
+              "attnfuse internal: shaders/flash_matrix.glsl and vulkan::detail::flash disagree on the specialization constants");
+
+// What of an attention decides whether flash_matrix.glsl can run it.
+struct matrix_request {
+    bool hard = false, pairwise = false;
+    bool sixteen_bit_inputs = false;  // queries, keys and values stored as f16 or bf16
+};
+
 // The fused kernel a run dispatches and the tiles the host plans it with.
 struct kernel_shape {
     bool register_rows = false;         // flash_rows.glsl, else flash_attention.glsl
@@ -235,8 +289,45 @@ struct kernel_shape {
     std::size_t invocations = 0;        // per workgroup
     bool broadcast = false;             // register rows: keys shared over the subgroup
     bool key_lanes = false;             // register rows, few queries: keys spread over the invocations
+    bool matrix = false;                // flash_matrix.glsl
+    matrix_shape fragments = {};
+    std::string not_matrix;             // the design is matrix_tiles, but this attention runs staged: why
 };
-inline kernel_shape shape_for(const device& dev, std::size_t depth, std::size_t d_v, std::size_t n_q, bool staged_only) {
+// The matrix kernel's shape for this attention, or why it cannot run it.
+inline std::variant<matrix_shape, std::string> matrix_shape_for(const device& dev, const matrix_request& request, std::size_t depth,
+                                                                 std::size_t d_v, std::size_t n_q) {
+    if (request.hard) return std::string("hard attention multiplies no weights by values");
+    if (request.pairwise) return std::string("a pairwise (additive) score is no product of queries and keys");
+    if (depth > matrix_max_depth || d_v > matrix_max_depth)
+        return "depth " + std::to_string(depth) + " and d_v " + std::to_string(d_v) + ": the matrix kernel runs up to 256";
+    if (!request.sixteen_bit_inputs && !dev.matrix_for_f32())
+        return std::string("f32 inputs (device_options::design = matrix_tiles runs them too, rounded to f16)");
+    const bool cooperative = dev.limits().cooperative_matrix;
+    const std::size_t warp = cooperative ? dev.limits().subgroup_size : 32;
+    const std::size_t invocations = std::min<std::size_t>(dev.limits().max_workgroup_invocations, 1024);
+    for (std::size_t warps : {4, 2, 1}) {
+        if (warps > 1 && 16 * warps / 2 >= n_q) continue;  // half the rows or more idle: fewer warps
+        if (warps * warp > invocations) continue;
+        for (std::size_t key_fragments : {2, 1}) {
+            const matrix_shape s{warps, key_fragments, warp, cooperative};
+            if (matrix_shared_bytes(s, depth, d_v) <= dev.limits().max_shared_memory) return s;
+        }
+    }
+    return "depth " + std::to_string(depth) + " and d_v " + std::to_string(d_v) + ": its smallest tiles need " +
+           std::to_string(matrix_shared_bytes({1, 1, warp, cooperative}, depth, d_v)) + " bytes of shared memory, the device has " +
+           std::to_string(dev.limits().max_shared_memory);
+}
+inline kernel_shape shape_for(const device& dev, std::size_t depth, std::size_t d_v, std::size_t n_q, bool staged_only,
+                              const matrix_request& request = {}) {
+    std::string not_matrix;
+    if (!staged_only && dev.design() == fused_design::matrix_tiles) {
+        auto m = matrix_shape_for(dev, request, depth, d_v, n_q);
+        if (const matrix_shape* s = std::get_if<matrix_shape>(&m)) {
+            return {.queries = 16 * s->warps, .keys = 16 * s->key_fragments, .invocations = s->warps * s->warp, .matrix = true,
+                    .fragments = *s, .not_matrix = {}};
+        }
+        not_matrix = std::get<std::string>(m);
+    }
     if (!staged_only && dev.design() == fused_design::register_rows && depth <= rows_max_depth && d_v <= max_fused_dv) {
         const register_rows_shape& shape = dev.rows();
         const std::size_t wg = shape.invocations;
@@ -247,13 +338,15 @@ inline kernel_shape shape_for(const device& dev, std::size_t depth, std::size_t 
         // over the invocations, each holding every row
         if (broadcast && dev.limits().subgroup_reduce && n_q < wg) {
             r = std::min(r, n_q);
-            return {true, r, shape.keys, r, wg, true, true};
+            return {.register_rows = true, .queries = r, .keys = shape.keys, .rows_per_invocation = r, .invocations = wg,
+                    .broadcast = true, .key_lanes = true, .matrix = false, .fragments = {}, .not_matrix = {}};
         }
         r = std::max<std::size_t>(1, std::min(r, (n_q + wg - 1) / wg));  // few queries: no idle row blocks
-        return {true, r * wg, shape.keys, r, wg, broadcast, false};
+        return {.register_rows = true, .queries = r * wg, .keys = shape.keys, .rows_per_invocation = r, .invocations = wg,
+                .broadcast = broadcast, .key_lanes = false, .matrix = false, .fragments = {}, .not_matrix = {}};
     }
     const fused_tile& tile = dev.tile();
-    return {false, tile.queries, tile.keys, 1, tile.invocations()};
+    return {.queries = tile.queries, .keys = tile.keys, .invocations = tile.invocations(), .not_matrix = std::move(not_matrix)};
 }
 // flash_rows.glsl's specialization constants: D, DV, SHARES, R, BK, the local size, BROADCAST, KEY_LANES.
 inline std::vector<std::uint32_t> rows_specialization(const kernel_shape& shape, std::size_t depth, std::size_t d_v, bool shares) {
@@ -793,9 +886,25 @@ inline std::size_t key_splits(const device& dev, std::size_t requested, std::siz
     return std::clamp<std::size_t>((target + workgroups - 1) / workgroups, 1, std::max<std::size_t>(1, std::min<std::size_t>(64, key_tiles / 4)));
 }
 
+// Which shader text a fused attention runs (fused_design, resolved per run).
+enum class fused_kernel { staged_tiles, register_rows, matrix_plain, matrix_cooperative };
+
+// shaders/flash_matrix.glsl with its fragment implementation in place.
+constexpr std::string matrix_kernel_text(bool cooperative) {
+    std::string text(shader_sources::flash_matrix);
+    const std::string_view marker = "//@fragments";
+    const std::string_view fragments = cooperative ? shader_sources::fragments_cooperative : shader_sources::fragments_plain;
+    text.replace(text.find(marker), marker.size(), fragments);
+    return text;
+}
+// The extensions fragments_cooperative.glsl needs, after #version.
+inline constexpr std::string_view cooperative_extensions =
+    "#extension GL_NV_cooperative_matrix : require\n#extension GL_KHR_memory_scope_semantics : require\n"
+    "#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require\n#extension GL_KHR_shader_subgroup_basic : require\n";
+
 // The fused kernel's whole GLSL source: the prelude, the mode, the generated
 // epilogue (and the epilogue without its masks), post factor and score term,
-// then shaders/flash_attention.glsl. One walk writes the text and, given the
+// then shaders/flash_attention.glsl (or the kernel's other text). One walk writes the text and, given the
 // run's prepared trees and numbers, the parameter words it reads, in order.
 // From the type alone (no values) it is a constant expression, so that a
 // static_assert can read it (tests/test_vulkan.cpp does).
@@ -832,8 +941,9 @@ struct fused_shader {
     // The source; with `given`, also its parameter numbers into `numbers`
     // and the prepared operands' indices, as the text reads them, into `slots`.
     static constexpr std::string text(const values* given = nullptr, std::vector<std::uint32_t>* numbers = nullptr,
-                                      std::vector<std::size_t>* slots = nullptr, bool register_rows = false,
+                                      std::vector<std::size_t>* slots = nullptr, fused_kernel kernel = fused_kernel::staged_tiles,
                                       bool rolled_epilogue = epilogue_reads_memory) {
+        const bool register_rows = kernel == fused_kernel::register_rows;
         glsl::emitter emit{0, first_operand, {}, false, numbers, slots};
         std::string modes, functions;
         if constexpr (holds_mask<Tree>::value) {
@@ -878,15 +988,20 @@ struct fused_shader {
         }
         if (emit.next_operand != operands) throw error("attnfuse internal: the fused epilogue's operand slots are miscounted");
         functions = modes + emit.definitions + functions;  // the operations' GLSL functions before their first use
-        return glsl::prelude(operands, emit.next_number, 0) + functions +  // the shader sets its local size
-               std::string(shader_sources::fused_common) +
-               std::string(register_rows ? shader_sources::flash_rows : shader_sources::flash_attention);
+        std::string head = glsl::prelude(operands, emit.next_number, 0);  // the shader sets its local size
+        if (kernel == fused_kernel::matrix_cooperative) head.insert(head.find('\n') + 1, cooperative_extensions);
+        // (if, not ?: over strings: g++ 12's constant evaluation frees such temporaries twice)
+        std::string body;
+        if (kernel == fused_kernel::register_rows) body = shader_sources::flash_rows;
+        else if (kernel == fused_kernel::staged_tiles) body = shader_sources::flash_attention;
+        else body = matrix_kernel_text(kernel == fused_kernel::matrix_cooperative);
+        return head + functions + std::string(shader_sources::fused_common) + body;
     }
 };
 
 template <class E>
-constexpr std::string fused_attention_source(bool register_rows) {
-    return fused_shader<E>::text(nullptr, nullptr, nullptr, register_rows);
+constexpr std::string fused_attention_source(fused_kernel kernel) {
+    return fused_shader<E>::text(nullptr, nullptr, nullptr, kernel);
 }
 
 // FlashAttention-style (shaders/flash_attention.glsl): a workgroup per (query
@@ -933,13 +1048,19 @@ operand fused_attention(const E& e, X& x) {
     std::vector<std::uint32_t> numbers;
     std::vector<std::size_t> slots;
     const std::size_t depth = operands[0].rows();
-    const flash::kernel_shape shape = flash::shape_for(x.dev, depth, d_v, n_q, x.staged_only);
+    const flash::matrix_request request{parts::hard, traits::pairwise,
+                                        operands[0].storage != storage_kind::f32 && operands[1].storage != storage_kind::f32 &&
+                                            operands[2].storage != storage_kind::f32};
+    const flash::kernel_shape shape = flash::shape_for(x.dev, depth, d_v, n_q, x.staged_only, request);
+    const fused_kernel kernel = shape.matrix ? (shape.fragments.cooperative ? fused_kernel::matrix_cooperative : fused_kernel::matrix_plain)
+                                : shape.register_rows ? fused_kernel::register_rows
+                                                      : fused_kernel::staged_tiles;
     // an epilogue that reads memory runs in a loop through shared memory, where that fits
     const std::size_t tile_keys = shape.key_lanes ? shape.keys / shape.invocations : shape.keys;
     const std::size_t epilogue_steps = shape.rows_per_invocation * tile_keys;
     const bool rolled_epilogue = shape.register_rows && fused_shader<E>::epilogue_reads_memory &&
                                  epilogue_steps * shape.invocations * sizeof(float) <= x.dev.limits().max_shared_memory;
-    const std::string source = fused_shader<E>::text(&given, &numbers, &slots, shape.register_rows, rolled_epilogue);
+    const std::string source = fused_shader<E>::text(&given, &numbers, &slots, kernel, rolled_epilogue);
     operands = in_text_order(operands, fused_shader<E>::first_operand, slots);
     // the window of key tiles a dispatch covers, then whether it resumes, then the live tiles
     std::vector<std::uint32_t> extra{0u, 0u, 0u};
@@ -953,23 +1074,35 @@ operand fused_attention(const E& e, X& x) {
     // Within the device's loop limit an invocation runs `window` key tiles; a
     // longer row runs as several dispatches over consecutive windows, each
     // resuming the state the one before left (the merge reads the last).
-    const std::size_t window = shape.register_rows
-                                   ? x.loop_window(flash::rows_loop_steps_per_tile(depth, d_v) + (rolled_epilogue ? epilogue_steps : 0),
-                                                   flash::rows_loop_steps_fixed(shape, depth, d_v))
-                                   : x.loop_window(flash::loop_steps_per_tile(tile, depth, d_v), flash::loop_steps_fixed(tile, d_v));
+    const std::size_t window =
+        shape.matrix ? x.loop_window(flash::matrix_loop_steps_per_tile(shape.fragments, depth, d_v),
+                                     flash::matrix_loop_steps_fixed(shape.fragments, depth, d_v))
+        : shape.register_rows ? x.loop_window(flash::rows_loop_steps_per_tile(depth, d_v) + (rolled_epilogue ? epilogue_steps : 0),
+                                              flash::rows_loop_steps_fixed(shape, depth, d_v))
+                              : x.loop_window(flash::loop_steps_per_tile(tile, depth, d_v), flash::loop_steps_fixed(tile, d_v));
     const std::size_t passes = (key_tiles + window - 1) / window;
     const std::size_t splits =
         std::min(key_splits(x.dev, x.opt.key_splits, qtiles * bh, key_tiles), x.loop_window(flash::merge_steps_per_share));
     const bool shared_state = splits > 1 || passes > 1;
-    const std::vector<std::uint32_t> specialization = shape.register_rows ? flash::rows_specialization(shape, depth, d_v, shared_state)
-                                                                          : flash::specialization(tile, d_v, shared_state);
+    const std::vector<std::uint32_t> specialization =
+        shape.matrix          ? flash::matrix_specialization(shape.fragments, depth, d_v, shared_state)
+        : shape.register_rows ? flash::rows_specialization(shape, depth, d_v, shared_state)
+                              : flash::specialization(tile, d_v, shared_state);
+    const std::string matrix_tiles = " [matrix tiles: " + std::to_string(shape.queries) + " queries x " + std::to_string(shape.keys) +
+                                     " keys, " +
+                                     (shape.fragments.cooperative ? "cooperative matrices 16x16x16 f16*f16+f32, subgroups of " +
+                                                                        std::to_string(shape.fragments.warp)
+                                                                  : std::string("plain fragments, f16 operands and f32 sums")) +
+                                     "]";
     const std::string name = plan::kernel_name<plan::fused_attention_kernel<E>>::get(e) +
-                             (shape.key_lanes ? " [register rows: " + std::to_string(shape.rows_per_invocation) +
+                             (shape.matrix     ? matrix_tiles
+                              : shape.key_lanes ? " [register rows: " + std::to_string(shape.rows_per_invocation) +
                                                     " in every invocation, keys spread over the subgroup]"
                               : shape.register_rows ? " [register rows: " + std::to_string(shape.rows_per_invocation) + " per invocation" +
                                                           (shape.broadcast ? ", keys broadcast over the subgroup" : "") +
                                                           (rolled_epilogue ? ", the epilogue in a loop]" : "]")
-                                                  : std::string(" [staged tiles]"));
+                              : shape.not_matrix.empty() ? std::string(" [staged tiles]")
+                                                         : " [staged tiles, not matrix tiles: " + shape.not_matrix + "]");
     if (!shared_state) {
         extra[1] = static_cast<std::uint32_t>(key_tiles);
         x.launch("fused_attention", name, source, operands, numbers, out, n_q, d_v, {qtiles, bh, 1}, extra, specialization);
@@ -1101,7 +1234,7 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
     bool staged_only = false;
     for (std::size_t halvings = 0;;) {
         result.info = {};
-        bool cut_short = false, values_lost = false;
+        bool cut_short = false, values_lost = false, f16_lost = false;
         {
             executor<Env> x{dev, env, opt, result.info, {}, {}, resident, true, {}, halvings, {}, staged_only};
             plan::collect_score_nodes(e, x.score_nodes);
@@ -1133,8 +1266,9 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
                 dev.download(*x.status, &flags, sizeof flags);
                 cut_short = (flags & 1u) != 0;
                 values_lost = (flags & 2u) != 0;
+                f16_lost = (flags & 4u) != 0;
             }
-            if (!cut_short && !values_lost) {
+            if (!cut_short && !values_lost && !f16_lost) {
                 if constexpr (OnDevice) {
                     x.owned.erase(std::find(x.owned.begin(), x.owned.end(), out.buffer));  // the result's now
                     result.output = device_tensor(dev, out.buffer, env.batch, env.heads, shape.rows, shape.cols, out.storage);
@@ -1150,11 +1284,15 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
                 result.info.spirv_from_disk_cache = x.all_from_disk;
             }
         }
-        if (values_lost && !cut_short) {
+        if ((values_lost || f16_lost) && !cut_short) {
             if (staged_only) throw error("attnfuse internal: the staged fused shader reported values lost");
             staged_only = true;
-            retries.push_back("values held NaN or infinity under weights other than 0: ran again with the staged-tiles fused shader "
-                              "and the one-element-per-invocation product, which add them exactly");
+            if (values_lost)
+                retries.push_back("values held NaN or infinity under weights other than 0: ran again with the staged-tiles fused shader "
+                                  "and the one-element-per-invocation product, which add them exactly");
+            if (f16_lost)
+                retries.push_back("the matrix tiles' f16 operands could not hold a number of this run (a query, key, weight or value "
+                                  "beyond 65504, or a NaN or infinite value): ran again with the staged-tiles f32 shader");
             continue;
         }
         if (!cut_short) break;
@@ -1202,11 +1340,16 @@ auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bi
 // decltype(e)>().find("tanh") != std::string::npos) holds for a soft-capped
 // score. Every number of the expression is a parameter, so one text serves
 // every value. `design` picks the shader (device::design() says which a
-// device runs).
+// device runs); for matrix_tiles, `cooperative_matrices` picks its fragments
+// (device_limits::cooperative_matrix says which a device runs).
 template <class E>
     requires plan::fuses_as_attention_v<E>
-constexpr std::string fused_shader_source(fused_design design = fused_design::staged_tiles) {
-    return detail::fused_attention_source<E>(design == fused_design::register_rows);
+constexpr std::string fused_shader_source(fused_design design = fused_design::staged_tiles, bool cooperative_matrices = false) {
+    using detail::fused_kernel;
+    return detail::fused_attention_source<E>(design == fused_design::register_rows  ? fused_kernel::register_rows
+                                             : design != fused_design::matrix_tiles ? fused_kernel::staged_tiles
+                                             : cooperative_matrices                 ? fused_kernel::matrix_cooperative
+                                                                                    : fused_kernel::matrix_plain);
 }
 
 // Runs `e` on a Vulkan device: host inputs go up once (inputs bound with
