@@ -70,12 +70,7 @@ void main() {
     uint n_q = G(0u, 1u), keys = G(1u, 1u);
     uint wg = gl_WorkGroupSize.x;
     af_layout ql = af_layout_of(0u, b, h), kl = af_layout_of(1u, b, h), vl = af_layout_of(2u, b, h);
-    int q_at = ql.base, q_rs = ql.row_stride, q_cs = ql.col_stride;
-    int k_at = kl.base, k_rs = kl.row_stride, k_cs = kl.col_stride;
-    int v_at = vl.base, v_rs = vl.row_stride, v_cs = vl.col_stride;
-
     af_key_range range = af_key_tiles(bh, gl_WorkGroupID.x, SHARES);
-    uint first_tile = range.first, end_tile = range.end, full_first = range.full_first, full_end = range.full_end;
     uint splits = range.splits, split = range.split;
     bool lost = false;  // a number f16 does not hold (af_to_fragment), or a NaN or inf value
 
@@ -103,20 +98,20 @@ void main() {
     float query_scale = QUERY_SCALE();
     for (uint e = t; e < BQ * DP; e += wg) {  // depth runs fastest: rows of row-major Q are read in order
         uint q = e / DP, a = e % DP;
-        float x = (a < D && q0 + q < n_q) ? rd0(q_at + int(a) * q_rs + int(q0 + q) * q_cs) * query_scale : 0.0;
+        float x = (a < D && q0 + q < n_q) ? rd0(ql.base + int(a) * ql.row_stride + int(q0 + q) * ql.col_stride) * query_scale : 0.0;
         query_tile[q * Q_STRIDE + a] = af_to_fragment(x, lost);
     }
     barrier();
     AF_OPERANDS(query_fragments, DF);
     for (uint f = 0u; f < DF; ++f) AF_LOAD(query_fragments, f, query_tile, 16u * warp * Q_STRIDE + 16u * f, Q_STRIDE);
 
-    for (uint tile = first_tile; tile < end_tile; ++tile) {
+    for (uint tile = range.first; tile < range.end; ++tile) {
         uint k0 = tile * BK;
         // ---- the keys, then S = Q^T K into the score tile ----
         barrier();  // the last tile's values are read
         for (uint e = t; e < BK * DP; e += wg) {
             uint k = e / DP, a = e % DP;
-            float x = (a < D && k0 + k < keys) ? rd1(k_at + int(a) * k_rs + int(k0 + k) * k_cs) : 0.0;
+            float x = (a < D && k0 + k < keys) ? rd1(kl.base + int(a) * kl.row_stride + int(k0 + k) * kl.col_stride) : 0.0;
             key_value_tile[a * K_STRIDE + k] = af_to_fragment(x, lost);
         }
         barrier();
@@ -136,7 +131,7 @@ void main() {
         // ---- the epilogue, element by element ----
         bool unmasked = false;
 #if defined(AF_UNMASKED)
-        unmasked = tile >= full_first && tile < full_end;  // uniform
+        unmasked = tile >= range.full_first && tile < range.full_end;  // uniform
 #endif
         for (uint e = t; e < BQ * BK; e += wg) {
             uint r = e / BK, k = e % BK, row = q0 + r, j = k0 + k;
@@ -200,7 +195,7 @@ void main() {
         // ---- the values ----
         for (uint e = t; e < BK * VP; e += wg) {
             uint k = e / VP, c = e % VP;
-            float v = (k0 + k < keys && c < DV) ? rd2(v_at + int(k0 + k) * v_rs + int(c) * v_cs) : 0.0;
+            float v = (k0 + k < keys && c < DV) ? rd2(vl.base + int(k0 + k) * vl.row_stride + int(c) * vl.col_stride) : 0.0;
             lost = lost || !(abs(v) <= MAX_FLOAT);  // NaN or inf: 0 x NaN would reach the output
             key_value_tile[k * V_STRIDE + c] = af_to_fragment(v, lost);
         }

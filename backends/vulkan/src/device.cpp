@@ -435,11 +435,7 @@ device::device(const device_info& which, device_options options) : impl_(std::ma
         const vk::DeviceQueueCreateInfo queue_info({}, d.family, 1, &priority);
         std::vector<const char*> enabled_extensions;
         vk::DeviceCreateInfo create({}, queue_info);
-        void* chain = nullptr;
-        if (d.limits.storage_16bit) {
-            sixteen_bit.pNext = chain;
-            chain = &sixteen_bit;
-        }
+        void* chain = d.limits.storage_16bit ? &sixteen_bit : nullptr;
         vk::PhysicalDeviceCooperativeMatrixFeaturesNV matrix_features(true);
         vk::PhysicalDeviceVulkanMemoryModelFeatures memory_model(true);
         vk::PhysicalDeviceShaderFloat16Int8Features float16(true);

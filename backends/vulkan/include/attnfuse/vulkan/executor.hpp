@@ -280,6 +280,12 @@ struct matrix_request {
     bool sixteen_bit_inputs = false;  // queries, keys and values stored as f16 or bf16
 };
 
+}  // namespace flash
+
+// Which shader text a fused attention runs (fused_design, resolved per run).
+enum class fused_kernel { staged_tiles, register_rows, matrix_plain, matrix_cooperative };
+
+namespace flash {
 // The fused kernel a run dispatches and the tiles the host plans it with.
 struct kernel_shape {
     bool register_rows = false;         // flash_rows.glsl, else flash_attention.glsl
@@ -292,6 +298,10 @@ struct kernel_shape {
     bool matrix = false;                // flash_matrix.glsl
     matrix_shape fragments = {};
     std::string not_matrix;             // the design is matrix_tiles, but this attention runs staged: why
+    fused_kernel kernel() const {
+        if (matrix) return fragments.cooperative ? fused_kernel::matrix_cooperative : fused_kernel::matrix_plain;
+        return register_rows ? fused_kernel::register_rows : fused_kernel::staged_tiles;
+    }
 };
 // The matrix kernel's shape for this attention, or why it cannot run it.
 inline std::variant<matrix_shape, std::string> matrix_shape_for(const device& dev, const matrix_request& request, std::size_t depth,
@@ -886,9 +896,6 @@ inline std::size_t key_splits(const device& dev, std::size_t requested, std::siz
     return std::clamp<std::size_t>((target + workgroups - 1) / workgroups, 1, std::max<std::size_t>(1, std::min<std::size_t>(64, key_tiles / 4)));
 }
 
-// Which shader text a fused attention runs (fused_design, resolved per run).
-enum class fused_kernel { staged_tiles, register_rows, matrix_plain, matrix_cooperative };
-
 // shaders/flash_matrix.glsl with its fragment implementation in place.
 constexpr std::string matrix_kernel_text(bool cooperative) {
     std::string text(shader_sources::flash_matrix);
@@ -1052,15 +1059,12 @@ operand fused_attention(const E& e, X& x) {
                                         operands[0].storage != storage_kind::f32 && operands[1].storage != storage_kind::f32 &&
                                             operands[2].storage != storage_kind::f32};
     const flash::kernel_shape shape = flash::shape_for(x.dev, depth, d_v, n_q, x.staged_only, request);
-    const fused_kernel kernel = shape.matrix ? (shape.fragments.cooperative ? fused_kernel::matrix_cooperative : fused_kernel::matrix_plain)
-                                : shape.register_rows ? fused_kernel::register_rows
-                                                      : fused_kernel::staged_tiles;
     // an epilogue that reads memory runs in a loop through shared memory, where that fits
     const std::size_t tile_keys = shape.key_lanes ? shape.keys / shape.invocations : shape.keys;
     const std::size_t epilogue_steps = shape.rows_per_invocation * tile_keys;
     const bool rolled_epilogue = shape.register_rows && fused_shader<E>::epilogue_reads_memory &&
                                  epilogue_steps * shape.invocations * sizeof(float) <= x.dev.limits().max_shared_memory;
-    const std::string source = fused_shader<E>::text(&given, &numbers, &slots, kernel, rolled_epilogue);
+    const std::string source = fused_shader<E>::text(&given, &numbers, &slots, shape.kernel(), rolled_epilogue);
     operands = in_text_order(operands, fused_shader<E>::first_operand, slots);
     // the window of key tiles a dispatch covers, then whether it resumes, then the live tiles
     std::vector<std::uint32_t> extra{0u, 0u, 0u};
@@ -1088,14 +1092,13 @@ operand fused_attention(const E& e, X& x) {
         shape.matrix          ? flash::matrix_specialization(shape.fragments, depth, d_v, shared_state)
         : shape.register_rows ? flash::rows_specialization(shape, depth, d_v, shared_state)
                               : flash::specialization(tile, d_v, shared_state);
-    const std::string matrix_tiles = " [matrix tiles: " + std::to_string(shape.queries) + " queries x " + std::to_string(shape.keys) +
-                                     " keys, " +
-                                     (shape.fragments.cooperative ? "cooperative matrices 16x16x16 f16*f16+f32, subgroups of " +
-                                                                        std::to_string(shape.fragments.warp)
-                                                                  : std::string("plain fragments, f16 operands and f32 sums")) +
-                                     "]";
     const std::string name = plan::kernel_name<plan::fused_attention_kernel<E>>::get(e) +
-                             (shape.matrix     ? matrix_tiles
+                             (shape.matrix ? " [matrix tiles: " + std::to_string(shape.queries) + " queries x " + std::to_string(shape.keys) +
+                                                 " keys, " +
+                                                 (shape.fragments.cooperative ? "cooperative matrices 16x16x16 f16*f16+f32, subgroups of " +
+                                                                                    std::to_string(shape.fragments.warp)
+                                                                              : std::string("plain fragments, f16 operands and f32 sums")) +
+                                                 "]"
                               : shape.key_lanes ? " [register rows: " + std::to_string(shape.rows_per_invocation) +
                                                     " in every invocation, keys spread over the subgroup]"
                               : shape.register_rows ? " [register rows: " + std::to_string(shape.rows_per_invocation) + " per invocation" +
