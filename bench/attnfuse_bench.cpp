@@ -15,6 +15,7 @@
 #include <omp.h>
 
 #include <attnfuse/cpu.hpp>
+#include <attnfuse/cpu/backward.hpp>
 #include <attnfuse/cpu/kernels.hpp>
 #include <attnfuse/cpu/simd.hpp>
 #include <attnfuse/vulkan/executor.hpp>
@@ -169,6 +170,29 @@ void attnfuse_cpu(benchmark::State& state, af::run_options options) {
         });
     }
     set_counters(state, p.flops(), intermediate);
+}
+
+// The backward pass (cpu::backward: the gradients of Q, K and V) after one
+// untimed forward and one untimed backward; dO is the forward's output, a
+// fixed gradient of the output's shape. GFLOPS count 2.5 times the forward's
+// FLOPs (the five products against the forward's two), as FlashAttention does.
+template <family F>
+void attnfuse_cpu_backward(benchmark::State& state, af::run_options options) {
+    const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
+    const auto qkv = host_qkv(p);
+    std::size_t intermediate = 0;
+    with_family<F>(p, qkv, [&](const auto& e, const auto&... b) {
+        const af::run_result forward = af::cpu::run(e, b...);
+        const af::tensor& d_output = forward.output;
+        (void)af::cpu::backward(e, forward.output, d_output, options, b...);
+        for (auto _ : state) {
+            const af::backward_result g = af::cpu::backward(e, forward.output, d_output, options, b...);
+            benchmark::DoNotOptimize(g.inputs.data());
+            intermediate = g.info.intermediate_bytes;
+        }
+        return 0;
+    });
+    set_counters(state, 2.5 * p.flops(), intermediate);
 }
 
 vk::device* bench_device() {
@@ -578,6 +602,15 @@ void register_all() {
                 add("sdpa/cpu/openblas_skylakex_unfused", arguments(bh, n, n, d),
                     [](benchmark::State& st) { openblas_core_unfused(st, "SkylakeX"); })->UseManualTime()->Iterations(1);
             if (n <= 512) add("sdpa/cpu/naive_loops", arguments(1, n, n, d), naive_loops)->UseRealTime();
+        }
+    // the backward pass, fused against unfused, at the reference shape and a shorter one
+    for (const std::size_t d : depths)
+        for (const std::size_t n : smoke ? std::vector<std::size_t>{33} : std::vector<std::size_t>{512, 2048}) {
+            const auto args = arguments(smoke ? 2 : 8, n, n, d);
+            add("sdpa_backward/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu_backward<family::sdpa>(st, {execution::fused}); })->UseRealTime();
+            add("sdpa_backward/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu_backward<family::sdpa>(st, {execution::unfused}); })->UseRealTime();
+            add("sdpa_causal_backward/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu_backward<family::causal>(st, {execution::fused}); })->UseRealTime();
+            add("sdpa_causal_backward/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu_backward<family::causal>(st, {execution::unfused}); })->UseRealTime();
         }
     // decode: one query per head against a growing cache, 32 heads, d 128
     std::vector<std::size_t> caches{1024, 4096, 16384};

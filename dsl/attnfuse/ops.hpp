@@ -10,17 +10,26 @@
 //   glsl, glsl_infix,             its GLSL spelling, and the GLSL function it
 //   glsl_definition               calls when GLSL has no such builtin;
 //   bounds(interval...)           how it maps value ranges (its monotonicity,
-//                                 stated, never assumed), for tile skipping.
+//                                 stated, never assumed), for tile skipping;
+//   partials<F>(x...)             the derivative face: the partial derivative
+//                                 of the result in each operand, at x, which
+//                                 the backward pass chains (the reference in
+//                                 double);
+//   carries_gradient              per operand, whether a gradient flows to it
+//                                 at all: false where the result is piecewise
+//                                 constant in it (comparisons, logic, a
+//                                 where's condition), so that an input read
+//                                 only there gets no gradient.
 //
 // A stage that needs a face an operation lacks stops the build with a
-// static_assert naming the stage and the operation. A derivative face (for
-// the backward pass) belongs here too.
+// static_assert naming the stage and the operation.
 //
 // The lane algebra L: L::vec is a vector of floats with + - * / (also with a
 // float) and comparisons giving lane masks; L::splat(x), L::pick(mask, a, b),
 // L::truth(mask) (1 or 0 per lane), L::is_nan(a), L::max, L::min, L::fma,
 // L::exp, L::tanh, and L::each<Op>(a...) (lane by lane through Op::apply).
 #pragma once
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -43,6 +52,8 @@ struct negate {
     template <class F> static constexpr F apply(F x) { return -x; }
     template <class L> static typename L::vec lanes(typename L::vec a) { return -a; }
     static interval bounds(interval a) { return {-a.hi, -a.lo}; }
+    static constexpr std::array<bool, 1> carries_gradient{true};
+    template <class F> static constexpr std::array<F, 1> partials(F) { return {F(-1)}; }
 };
 struct logical_not {
     static constexpr std::string_view name = "!";
@@ -53,6 +64,8 @@ struct logical_not {
     template <class F> static constexpr F apply(F x) { return x != F(0) ? F(0) : F(1); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::truth(a == 0.0f); }
     static interval bounds(interval a) { return detail::truth(a.surely_zero(), a.surely_nonzero()); }
+    static constexpr std::array<bool, 1> carries_gradient{false};
+    template <class F> static constexpr std::array<F, 1> partials(F) { return {F(0)}; }
 };
 
 // A function f(x): printed as name(x), GLSL spelling Glsl (defined by
@@ -63,32 +76,38 @@ struct logical_not {
         static constexpr bool prefix = false;                              \
         static constexpr std::string_view glsl = Glsl;                     \
         static constexpr bool glsl_infix = false;                          \
-        static constexpr std::string_view glsl_definition = GlslDefinition;
+        static constexpr std::string_view glsl_definition = GlslDefinition; \
+        static constexpr std::array<bool, 1> carries_gradient{true};
 
 ATTNFUSE_UNARY_FUNCTION(exp_, "exp", "exp", "")
     template <class F> static F apply(F x) { using std::exp; return exp(x); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::exp(a); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return std::exp(v); }); }
+    template <class F> static std::array<F, 1> partials(F x) { using std::exp; return {exp(x)}; }
 };
 ATTNFUSE_UNARY_FUNCTION(log_, "log", "log", "")
     template <class F> static F apply(F x) { using std::log; return log(x); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::template each<log_>(a); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return std::log(v); }); }
+    template <class F> static std::array<F, 1> partials(F x) { return {F(1) / x}; }
 };
 ATTNFUSE_UNARY_FUNCTION(tanh_, "tanh", "af_tanh", "float af_tanh(float x) { return x > 15.0 ? 1.0 : (x < -15.0 ? -1.0 : tanh(x)); }")
     template <class F> static F apply(F x) { using std::tanh; return tanh(x); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::tanh(a); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return std::tanh(v); }); }
+    template <class F> static std::array<F, 1> partials(F x) { using std::tanh; const F t = tanh(x); return {F(1) - t * t}; }
 };
 ATTNFUSE_UNARY_FUNCTION(sigmoid, "sigmoid", "af_sigmoid", "float af_sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }")
     template <class F> static F apply(F x) { using std::exp; return F(1) / (F(1) + exp(-x)); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return 1.0f / (1.0f + L::exp(-a)); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return apply(v); }); }
+    template <class F> static std::array<F, 1> partials(F x) { const F s = apply(x); return {s * (F(1) - s)}; }
 };
 ATTNFUSE_UNARY_FUNCTION(relu, "relu", "af_relu", "float af_relu(float x) { return x > 0.0 ? x : 0.0; }")
     template <class F> static F apply(F x) { return x > F(0) ? x : F(0); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::pick(a > 0.0f, a, L::splat(0.0f)); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return apply(v); }); }
+    template <class F> static std::array<F, 1> partials(F x) { return {x > F(0) ? F(1) : F(0)}; }
 };
 ATTNFUSE_UNARY_FUNCTION(abs_, "abs", "abs", "")
     template <class F> static F apply(F x) { using std::abs; return abs(x); }
@@ -99,11 +118,13 @@ ATTNFUSE_UNARY_FUNCTION(abs_, "abs", "abs", "")
         if (a.hi <= 0) return {-a.hi, -a.lo};
         return {0, std::max(-a.lo, a.hi)};
     }
+    template <class F> static std::array<F, 1> partials(F x) { return {x > F(0) ? F(1) : (x < F(0) ? F(-1) : F(0))}; }
 };
 ATTNFUSE_UNARY_FUNCTION(sqrt_, "sqrt", "sqrt", "")
     template <class F> static F apply(F x) { using std::sqrt; return sqrt(x); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::template each<sqrt_>(a); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return std::sqrt(v); }); }
+    template <class F> static std::array<F, 1> partials(F x) { using std::sqrt; return {F(0.5) / sqrt(x)}; }
 };
 ATTNFUSE_UNARY_FUNCTION(square, "square", "af_square", "float af_square(float x) { return x * x; }")
     template <class F> static F apply(F x) { return x * x; }
@@ -112,6 +133,7 @@ ATTNFUSE_UNARY_FUNCTION(square, "square", "af_square", "float af_square(float x)
         const interval m = abs_::bounds(a);
         return {m.lo * m.lo, m.hi * m.hi};
     }
+    template <class F> static std::array<F, 1> partials(F x) { return {F(2) * x}; }
 };
 // softplus(x) = log(1 + e^x), written so that neither e^x overflows nor
 // 1 + e^-|x| loses a small term: max(x, 0) + log1p(e^-|x|), with log1p(e)
@@ -132,6 +154,7 @@ ATTNFUSE_UNARY_FUNCTION(softplus, "softplus", "af_softplus",
         return L::pick(L::is_nan(a), a, L::max(a, L::splat(0.0f)) + tail);
     }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return apply(v); }); }
+    template <class F> static std::array<F, 1> partials(F x) { return {sigmoid::apply(x)}; }  // d softplus = sigmoid
 };
 // erf on every backend by one formula (GLSL has no erf): below |x| = 0.5 its
 // odd Taylor series, so that erf(0) is 0 and small x keep their sign and
@@ -164,67 +187,78 @@ ATTNFUSE_UNARY_FUNCTION(erf_, "erf", "af_erf",
         return L::pick(L::is_nan(x), x, L::pick(magnitude < 0.5f, series, L::pick(x < 0.0f, -y, y)));
     }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return std::erf(v); }); }
+    template <class F> static std::array<F, 1> partials(F x) { using std::exp; return {F(1.1283791670955126) * exp(-x * x)}; }
 };
 #undef ATTNFUSE_UNARY_FUNCTION
 
 // ---- binary ------------------------------------------------------------
-// `symbol` empty means the operation prints as a function call name(a, b).
-#define ATTNFUSE_BINARY(Tag, Name, Symbol, Prec, Glsl, GlslInfix, GlslDefinition) \
+// `symbol` empty means the operation prints as a function call name(a, b);
+// Carries is whether a gradient flows to the operands.
+#define ATTNFUSE_BINARY(Tag, Name, Symbol, Prec, Glsl, GlslInfix, GlslDefinition, Carries) \
     struct Tag {                                                                 \
         static constexpr std::string_view name = Name;                           \
         static constexpr std::string_view symbol = Symbol;                       \
         static constexpr int prec = Prec;                                        \
         static constexpr std::string_view glsl = Glsl;                           \
         static constexpr bool glsl_infix = GlslInfix;                            \
-        static constexpr std::string_view glsl_definition = GlslDefinition;
+        static constexpr std::string_view glsl_definition = GlslDefinition;      \
+        static constexpr std::array<bool, 2> carries_gradient{Carries, Carries};
 
-ATTNFUSE_BINARY(add, "add", "+", prec_additive, "+", true, "")
+ATTNFUSE_BINARY(add, "add", "+", prec_additive, "+", true, "", true)
     template <class F> static constexpr F apply(F a, F b) { return a + b; }
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return a + b; }
     static interval bounds(interval a, interval b) { return detail::checked(a.lo + b.lo, a.hi + b.hi); }
+    template <class F> static constexpr std::array<F, 2> partials(F, F) { return {F(1), F(1)}; }
 };
-ATTNFUSE_BINARY(subtract, "subtract", "-", prec_additive, "-", true, "")
+ATTNFUSE_BINARY(subtract, "subtract", "-", prec_additive, "-", true, "", true)
     template <class F> static constexpr F apply(F a, F b) { return a - b; }
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return a - b; }
     static interval bounds(interval a, interval b) { return detail::checked(a.lo - b.hi, a.hi - b.lo); }
+    template <class F> static constexpr std::array<F, 2> partials(F, F) { return {F(1), F(-1)}; }
 };
-ATTNFUSE_BINARY(multiply, "hadamard", "%", prec_multiplicative, "*", true, "")
+ATTNFUSE_BINARY(multiply, "hadamard", "%", prec_multiplicative, "*", true, "", true)
     template <class F> static constexpr F apply(F a, F b) { return a * b; }
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return a * b; }
     static interval bounds(interval a, interval b) { return detail::product_bounds(a, b); }
+    template <class F> static constexpr std::array<F, 2> partials(F a, F b) { return {b, a}; }
 };
-ATTNFUSE_BINARY(divide, "divide", "/", prec_multiplicative, "/", true, "")
+ATTNFUSE_BINARY(divide, "divide", "/", prec_multiplicative, "/", true, "", true)
     template <class F> static constexpr F apply(F a, F b) { return a / b; }
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return a / b; }
     static interval bounds(interval a, interval b) {
         if (b.lo > 0 || b.hi < 0) return detail::product_bounds(a, {1 / b.hi, 1 / b.lo});
         return interval::everything();
     }
+    template <class F> static constexpr std::array<F, 2> partials(F a, F b) { return {F(1) / b, -a / (b * b)}; }
 };
 // max/min propagate NaN from either side, so a NaN input never hides.
 ATTNFUSE_BINARY(maximum, "max", "", prec_atom, "af_max", false,
-                "float af_max(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : max(a, b); }")
+                "float af_max(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : max(a, b); }", true)
     template <class F> static constexpr F apply(F a, F b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) {
         return L::pick(L::is_nan(a) | L::is_nan(b), a + b, L::max(a, b));
     }
     static interval bounds(interval a, interval b) { return {std::max(a.lo, b.lo), std::max(a.hi, b.hi)}; }
+    // the gradient goes to the side taken, to a on a tie (as max's subgradient may)
+    template <class F> static constexpr std::array<F, 2> partials(F a, F b) { return b > a ? std::array<F, 2>{F(0), F(1)} : std::array<F, 2>{F(1), F(0)}; }
 };
 ATTNFUSE_BINARY(minimum, "min", "", prec_atom, "af_min", false,
-                "float af_min(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : min(a, b); }")
+                "float af_min(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : min(a, b); }", true)
     template <class F> static constexpr F apply(F a, F b) { return (a != a || b != b) ? a + b : (a < b ? a : b); }
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) {
         return L::pick(L::is_nan(a) | L::is_nan(b), a + b, L::min(a, b));
     }
     static interval bounds(interval a, interval b) { return {std::min(a.lo, b.lo), std::min(a.hi, b.hi)}; }
+    template <class F> static constexpr std::array<F, 2> partials(F a, F b) { return b < a ? std::array<F, 2>{F(0), F(1)} : std::array<F, 2>{F(1), F(0)}; }
 };
 // Comparisons and logic give 1 or 0.
 #define ATTNFUSE_COMPARISON(Tag, Name, Symbol, Prec, Glsl, Test, SurelyTrue, SurelyFalse)                              \
     ATTNFUSE_BINARY(Tag, Name, Symbol, Prec, Glsl, false,                                                               \
-                    "float " Glsl "(float a, float b) { return (" #Test ") ? 1.0 : 0.0; }")                             \
+                    "float " Glsl "(float a, float b) { return (" #Test ") ? 1.0 : 0.0; }", false)                      \
         template <class F> static constexpr F apply(F a, F b) { return (Test) ? F(1) : F(0); }                           \
         template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return L::truth(Test); } \
         static interval bounds(interval a, interval b) { return detail::truth(SurelyTrue, SurelyFalse); }               \
+        template <class F> static constexpr std::array<F, 2> partials(F, F) { return {F(0), F(0)}; }                     \
     };
 ATTNFUSE_COMPARISON(less, "less", "<", prec_relational, "af_lt", a < b, a.hi < b.lo, a.lo >= b.hi)
 ATTNFUSE_COMPARISON(less_equal, "less_equal", "<=", prec_relational, "af_le", a <= b, a.hi <= b.lo, a.lo > b.hi)
@@ -236,20 +270,22 @@ ATTNFUSE_COMPARISON(not_equal, "not_equal", "!=", prec_equality, "af_ne", a != b
                     a.hi < b.lo || b.hi < a.lo, a.lo == a.hi && b.lo == b.hi && a.lo == b.lo)
 #undef ATTNFUSE_COMPARISON
 ATTNFUSE_BINARY(logical_and, "and", "&&", prec_and, "af_and", false,
-                "float af_and(float a, float b) { return (a != 0.0 && b != 0.0) ? 1.0 : 0.0; }")
+                "float af_and(float a, float b) { return (a != 0.0 && b != 0.0) ? 1.0 : 0.0; }", false)
     template <class F> static constexpr F apply(F a, F b) { return (a != F(0) && b != F(0)) ? F(1) : F(0); }
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return L::truth((a != 0.0f) & (b != 0.0f)); }
     static interval bounds(interval a, interval b) {
         return detail::truth(a.surely_nonzero() && b.surely_nonzero(), a.surely_zero() || b.surely_zero());
     }
+    template <class F> static constexpr std::array<F, 2> partials(F, F) { return {F(0), F(0)}; }
 };
 ATTNFUSE_BINARY(logical_or, "or", "||", prec_or, "af_or", false,
-                "float af_or(float a, float b) { return (a != 0.0 || b != 0.0) ? 1.0 : 0.0; }")
+                "float af_or(float a, float b) { return (a != 0.0 || b != 0.0) ? 1.0 : 0.0; }", false)
     template <class F> static constexpr F apply(F a, F b) { return (a != F(0) || b != F(0)) ? F(1) : F(0); }
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return L::truth((a != 0.0f) | (b != 0.0f)); }
     static interval bounds(interval a, interval b) {
         return detail::truth(a.surely_nonzero() || b.surely_nonzero(), a.surely_zero() && b.surely_zero());
     }
+    template <class F> static constexpr std::array<F, 2> partials(F, F) { return {F(0), F(0)}; }
 };
 #undef ATTNFUSE_BINARY
 
@@ -265,6 +301,10 @@ struct select {
         if (c.surely_nonzero()) return a;
         if (c.surely_zero()) return b;
         return detail::hull(a, b);
+    }
+    static constexpr std::array<bool, 3> carries_gradient{false, true, true};
+    template <class F> static constexpr std::array<F, 3> partials(F cond, F, F) {
+        return {F(0), cond != F(0) ? F(1) : F(0), cond != F(0) ? F(0) : F(1)};
     }
 };
 

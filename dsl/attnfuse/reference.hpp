@@ -58,6 +58,21 @@ using attnfuse::is_pointwise;
 
 template <class E, class Env> dense materialize(const E& e, const context<Env>& ctx);
 
+// Inverted dropout on a cluster's values in place (and on their gradients in
+// the backward, which the same mask and factor scale): an entry is kept and
+// divided by 1 - p, or set to 0.
+template <class Env>
+void drop(dense& m, const kind::dropout& k, const context<Env>& ctx) {
+    const double keep_scale = 1.0 / (1.0 - k.p);
+    const std::uint32_t threshold = op::dropout_threshold(k.p);
+    const auto batch_head = static_cast<std::uint32_t>(ctx.b * ctx.env.heads + ctx.h);
+    for (std::size_t r = 0; r < m.rows; ++r)
+        for (std::size_t c = 0; c < m.cols; ++c) {
+            const std::uint32_t bits = op::dropout_bits(k.seed, batch_head, static_cast<std::uint32_t>(r), static_cast<std::uint32_t>(c));
+            m(r, c) = op::dropout_keeps(bits, threshold) ? m(r, c) * keep_scale : 0.0;
+        }
+}
+
 // A pointwise node evaluated at every position of a rows x cols cluster.
 template <class E, class Env>
 dense fill(const E& e, const context<Env>& ctx, std::size_t rows, std::size_t cols) {
@@ -98,15 +113,7 @@ dense fill(const E& e, const context<Env>& ctx, std::size_t rows, std::size_t co
         for (double& v : out.values) v *= factor;
     } else if constexpr (has_kind_v<E, kind::dropout>) {
         out = fill(e.template kid<0>(), ctx, rows, cols);
-        const double keep_scale = 1.0 / (1.0 - e.kind.p);
-        const std::uint32_t threshold = op::dropout_threshold(e.kind.p);
-        const auto batch_head = static_cast<std::uint32_t>(ctx.b * ctx.env.heads + ctx.h);
-        for (std::size_t r = 0; r < rows; ++r)
-            for (std::size_t c = 0; c < cols; ++c) {
-                const std::uint32_t bits = op::dropout_bits(e.kind.seed, batch_head, static_cast<std::uint32_t>(r),
-                                                            static_cast<std::uint32_t>(c));
-                out(r, c) = op::dropout_keeps(bits, threshold) ? out(r, c) * keep_scale : 0.0;
-            }
+        drop(out, e.kind, ctx);
     } else if constexpr (has_kind_v<E, kind::lookup>) {
         const dense table = materialize(e.template kid<0>(), ctx);
         const dense index = fill(e.template kid<1>(), ctx, rows, cols);

@@ -5,10 +5,13 @@
 // field it has nothing to say about stays 0 (the CPU has no device time).
 #pragma once
 #include <cstddef>
+#include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "bind.hpp"
+#include "gradient.hpp"
 #include "plan.hpp"
 
 namespace attnfuse {
@@ -62,6 +65,34 @@ struct report {
 struct run_result {
     tensor output;
     report info;
+};
+
+// What a backend's backward pass returns: the gradient of
+// sum(d_output ∘ output) in every bound input the output depends on
+// differentiably (gradient.hpp says which), each laid out as the input is
+// bound (its own batch x heads matrices of rows x cols, row-major), and the
+// names of the bound inputs that get none.
+struct named_gradient {
+    std::string name;
+    tensor values;
+};
+struct backward_result {
+    std::vector<named_gradient> inputs;
+    std::vector<std::string> without;
+    report info;
+
+    bool has(std::string_view name) const {
+        for (const named_gradient& g : inputs)
+            if (g.name == name) return true;
+        return false;
+    }
+    const tensor& of(std::string_view name) const {
+        for (const named_gradient& g : inputs)
+            if (g.name == name) return g.values;
+        for (const std::string& n : without)
+            if (n == name) throw std::invalid_argument(no_gradient_message(n));
+        throw std::invalid_argument("attnfuse: no input named " + std::string(name) + " is bound");
+    }
 };
 
 }  // namespace attnfuse

@@ -994,6 +994,17 @@ namespace attnfuse::cpu {
 namespace detail {
 inline namespace ATTNFUSE_CPU_ISA {
 
+// More threads than the machine runs at once never speeds up these kernels,
+// and a huge request would make OpenMP allocate per-thread state for each:
+// the options with threads clamped to the hardware (0: OpenMP's default),
+// which the report then states.
+inline options with_threads_clamped(options o) {
+    const std::size_t hardware = std::max(1u, std::thread::hardware_concurrency());
+    if (o.threads == 0) o.threads = static_cast<std::size_t>(std::max(1, omp_get_max_threads()));
+    o.threads = std::min(o.threads, hardware);
+    return o;
+}
+
 // into: run_into's output (nullptr: the result goes to run_result.output).
 template <class Out, class E, class... Bindings>
 run_result run_readable(const E& e, const options& opt, std::chrono::steady_clock::time_point start, const output_view<Out>* into,
@@ -1005,13 +1016,7 @@ run_result run_readable(const E& e, const options& opt, std::chrono::steady_cloc
     if (into) check_output(*into, env.batch, env.heads, shape.rows, shape.cols);
     run_result result;
     report& info = result.info;
-    options o = opt;
-    // More threads than the machine runs at once never speeds up these
-    // kernels, and a huge request would make OpenMP allocate per-thread
-    // state for each: clamp to the hardware, and report what ran.
-    const std::size_t hardware = std::max(1u, std::thread::hardware_concurrency());
-    if (o.threads == 0) o.threads = static_cast<std::size_t>(std::max(1, omp_get_max_threads()));
-    o.threads = std::min(o.threads, hardware);
+    const options o = with_threads_clamped(opt);
     info.threads = o.threads;
     lower::note_widened(env, info);
     {
