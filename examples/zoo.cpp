@@ -9,8 +9,14 @@
 // kernels' scratch); `ms` is the median of the warm runs after it; `x` is the
 // unfused median over the fused one (above 1: fusion is faster).
 //
+// Rows whose mode ends in "bwd" are the backward pass (cpu::backward, for
+// the variants it covers): the gradients of every input against the
+// reference backward's, for a fixed output gradient; their `ms` leaves out
+// the forward they start from.
+//
 //   attnfuse-zoo [--json] [--list-devices] [--device <index or name>]
 #include <attnfuse/cpu.hpp>
+#include <attnfuse/cpu/backward.hpp>
 #include <attnfuse/dsl.hpp>
 #include <attnfuse/vulkan.hpp>
 #include <attnfuse/vulkan/executor.hpp>
@@ -35,8 +41,9 @@ struct row {
     double first_ms = 0, build_ms = 0, milliseconds = 0, error = 0, tolerance = 0;
     double speedup = 0;  // unfused over fused median, on the fused row
     std::size_t intermediate_bytes = 0, score_bytes = 0, kernels = 0;
+    bool fused() const { return mode.rfind("fused", 0) == 0; }
     // within tolerance, and a fused row materialises no score matrix
-    bool ok() const { return error <= tolerance && (mode != "fused" || score_bytes == 0); }
+    bool ok() const { return error <= tolerance && (!fused() || score_bytes == 0); }
 };
 
 std::string json_escape(const std::string& s) {
@@ -62,14 +69,19 @@ void list_devices() {
 }
 
 // The first run, then the median of `warm` more; `run()` returns the run's
-// output, its report's wall seconds and (Vulkan) build seconds.
+// output, its report's wall seconds and (Vulkan) build seconds, or a
+// backward_result (its report's wall seconds).
 template <class Run>
 auto timed(int warm, Run&& run) {
+    auto wall_of = [](const auto& result) {
+        if constexpr (requires { result.wall; }) return result.wall;
+        else return result.info.wall_seconds;
+    };
     auto first = run();
     std::vector<double> ms;
-    for (int n = 0; n < warm; ++n) ms.push_back(run().wall * 1e3);
+    for (int n = 0; n < warm; ++n) ms.push_back(wall_of(run()) * 1e3);
     std::sort(ms.begin(), ms.end());
-    const double median = ms.empty() ? first.wall * 1e3 : ms[ms.size() / 2];
+    const double median = ms.empty() ? wall_of(first) * 1e3 : ms[ms.size() / 2];
     return std::tuple{std::move(first), median};
 }
 
@@ -123,6 +135,24 @@ int main(int argc, char** argv) {
                             first.wall * 1e3, 0, median, af::variants::relative_error(ref.values, first.out.values), first.tolerance, 0,
                             first.intermediate, first.scores, first.kernels});
         }
+        if constexpr (af::plan::attention_backward_v<std::remove_cvref_t<decltype(e)>>) {
+            // the backward of the fused forward's output, for a fixed output gradient in [-1, 1)
+            const af::tensor output = af::cpu::run(e, bindings...).output;
+            af::tensor d_output = output;
+            for (std::size_t n = 0; n < d_output.values.size(); ++n) d_output.values[n] = static_cast<float>(std::sin(0.7 * double(n)));
+            const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                                    std::vector<double>(d_output.values.begin(), d_output.values.end())};
+            const af::reference::gradients expected = af::reference::backward(e, d_reference, bindings...);
+            for (const auto mode : {af::cpu::execution::fused, af::cpu::execution::unfused}) {
+                const auto [first, median] = timed(warm_runs_cpu, [&] { return af::cpu::backward(e, output, d_output, af::cpu::options{mode}, bindings...); });
+                double error = 0;  // the worst input's
+                for (const af::reference::input_gradient& want : expected.inputs)
+                    error = std::max(error, af::variants::relative_error(want.values, first.of(want.name).values));
+                rows.push_back({v.name, v.family, "cpu", mode == af::cpu::execution::fused ? "fused bwd" : "unfused bwd", af::to_string(e),
+                                first.info.wall_seconds * 1e3, 0, median, error, tolerance, 0, first.info.intermediate_bytes,
+                                first.info.score_bytes, first.info.kernels.size()});
+            }
+        }
         if (!gpu) return;
         for (const auto mode : {af::vulkan::execution::fused, af::vulkan::execution::unfused}) {
             const auto [first, median] = timed(warm_runs_vulkan, [&] {
@@ -137,9 +167,9 @@ int main(int argc, char** argv) {
     });
     // fused rows carry the ratio of the unfused median to theirs
     for (auto& r : rows)
-        if (r.mode == "fused")
+        if (r.fused())
             for (const auto& u : rows)
-                if (u.mode == "unfused" && u.variant == r.variant && u.backend == r.backend) r.speedup = u.milliseconds / r.milliseconds;
+                if (u.mode == "un" + r.mode && u.variant == r.variant && u.backend == r.backend) r.speedup = u.milliseconds / r.milliseconds;
 
     bool all_ok = true;
     for (const auto& r : rows) all_ok = all_ok && r.ok();
@@ -159,16 +189,17 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "%70s\r", "");
         std::printf("attnfuse zoo: batch %zu, heads %zu, n_q %zu, n_k %zu, d_k %zu, d_v %zu; error = max|out - ref| / max(1, max|ref|)\n\n",
                     shape.batch, shape.heads, shape.n_q, shape.n_k, shape.d, shape.d_v);
-        std::printf("%-48s %-4s %-8s %9s %9s %9s %6s %10s %14s %12s %7s\n", "variant", "on", "mode", "first ms", "build ms", "ms", "x",
+        std::printf("%-48s %-4s %-11s %9s %9s %9s %6s %10s %14s %12s %7s\n", "variant", "on", "mode", "first ms", "build ms", "ms", "x",
                     "error", "intermediate B", "score B", "kernels");
         std::printf("(on: cpu, or vk for %s; first ms: the first run in this process, build ms of it compiling shaders and building\n"
                     " pipelines; ms: median of %d (cpu) or %d (vk) warm runs after it; x: unfused ms / fused ms; score B: bytes of\n"
-                    " n_q x n_k scores or weights materialised; kernels: kernels run, or dispatches on Vulkan)\n",
+                    " n_q x n_k scores or weights materialised; kernels: kernels run, or dispatches on Vulkan; bwd: the backward\n"
+                    " pass, its error the worst input gradient's against the reference backward)\n",
                     gpu ? gpu->info().name.c_str() : "no Vulkan device", warm_runs_cpu, warm_runs_vulkan);
         for (const auto& r : rows) {
             char ratio[16] = "";
-            if (r.mode == "fused") std::snprintf(ratio, sizeof ratio, "%.2f", r.speedup);
-            std::printf("%-48s %-4s %-8s %9.3f %9.3f %9.3f %6s %10.2e %14zu %12zu %7zu%s\n", r.variant.c_str(), r.backend.c_str(),
+            if (r.fused()) std::snprintf(ratio, sizeof ratio, "%.2f", r.speedup);
+            std::printf("%-48s %-4s %-11s %9.3f %9.3f %9.3f %6s %10.2e %14zu %12zu %7zu%s\n", r.variant.c_str(), r.backend.c_str(),
                         r.mode.c_str(), r.first_ms, r.build_ms, r.milliseconds, ratio, r.error, r.intermediate_bytes, r.score_bytes,
                         r.kernels, r.ok() ? "" : "  <-- over tolerance");
         }

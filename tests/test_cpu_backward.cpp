@@ -37,13 +37,14 @@ struct compared {
 
 template <class E, class... B>
 void check_backward(const std::string& name, const E& e, double tolerance, compared& count, const B&... bindings) {
-    const af::run_result forward = af::cpu::run(e, bindings...);
-    af::tensor d_output = forward.output;
-    d_output.values = random_floats(d_output.values.size(), 5);
     if constexpr (!af::plan::attention_backward_v<E>) {
-        CHECK_THROWS_WITH(af::cpu::backward(e, forward.output, d_output, bindings...), Catch::Contains("reference::backward"));
+        // refused before anything is read (no forward is instantiated for these: it costs compile time)
+        CHECK_THROWS_WITH(af::cpu::backward(e, af::tensor{}, af::tensor{}, bindings...), Catch::Contains("reference::backward"));
         ++count.outside;
     } else {
+        const af::run_result forward = af::cpu::run(e, bindings...);
+        af::tensor d_output = forward.output;
+        d_output.values = random_floats(d_output.values.size(), 5);
         af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
                                           std::vector<double>(d_output.values.begin(), d_output.values.end())};
         const af::reference::gradients expected = af::reference::backward(e, d_reference, bindings...);
