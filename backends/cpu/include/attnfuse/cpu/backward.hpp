@@ -1,22 +1,26 @@
 // The CPU's backward pass of softmax attention (plan::attention_backward):
 // fused, FlashAttention-2 style, and unfused, one kernel per operation.
 //
-// Fused, per (batch, head), with S = epilogue(f Qᵀ K) (f the folded scale):
+// Fused, with S = epilogue(f Qᵀ K) (f the folded scale) and 64 x 64 tiles:
 //   1. per query tile: each row's max m and 1/l of the softmax over every
 //      key tile, and D = rowsum(dO ∘ O);
-//   2. per key tile (what it owns: dK and dV of its keys), over every query
-//      tile: P = exp(S - m) / l, dV += Pᵀ dO, dP = dO Vᵀ,
-//      dS = P ∘ (dP - D), dK += f (dS ∘ ∂epilogue)ᵀ Qᵀ;
-//   3. per query tile (what it owns: dQ of its queries), over every key
-//      tile: the same P and dS, dQ += f K (dS ∘ ∂epilogue)ᵀ.
+//   2. per K/V (batch, head), each key tile in turn, over every query tile
+//      of every head it serves: P = exp(S - m) / l, dV += Pᵀ dO,
+//      dP = dO Vᵀ, dS = P ∘ (dP - D) ∘ ∂epilogue, dK += f Q dS and
+//      dQ += f K dSᵀ. The pass owns the dK and dV of its keys and the dQ of
+//      the heads it serves, so no two threads write one gradient.
+// Where that ownership fails (queries shared by several heads) or there are
+// fewer K/V heads than threads, 2. leaves dQ to a third pass, per query tile
+// over every key tile, that recomputes P and dS for it.
 // S and P are never stored whole: extra memory is a few tiles per thread
-// and two floats per query row, whatever n. Tiles every mask removes are
-// skipped, and tiles every mask keeps run the epilogue without its masks,
-// as in the forward. Dropout multiplies P and dP by the forward's mask.
+// and three floats per query row. Tiles every mask removes are skipped, and
+// tiles every mask keeps run the epilogue without its masks, as in the
+// forward. Dropout multiplies P and dP by the forward's mask.
 // The unfused pass materialises S, P, dP and dS whole, one kernel each.
 //
 // ∂epilogue, the derivative of the score's pointwise part in its core, is
-// chained through each operation's partials (ops.hpp), lane by lane.
+// chained through each operation's partials (ops.hpp), lane by lane; where
+// the epilogue without its masks is the core itself, it is 1.
 #pragma once
 #include <omp.h>
 
