@@ -188,6 +188,11 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
         return head_operands{matrix_base(qv, env, b, h), matrix_base(kv, env, b, h), matrix_base(vv, env, b, h),
                              qv.row_stride, qv.col_stride, kv.row_stride, kv.col_stride, vv.row_stride, vv.col_stride};
     };
+    // One (batch, head) as the kernels read it: its index, its operands and its epilogue with
+    // and without masks
+    auto head_of = [&](std::size_t b, std::size_t h) {
+        return std::tuple{b * heads + h, operands_of(b, h), at_head(prepared, env, b, h), at_head(unmasked, env, b, h)};
+    };
     // body(b, h) for every (batch, head) of the output that (batch, head) `source` of an operand serves
     auto for_each_served = [&](const tensor_view<float>& operand, std::size_t source, const auto& body) {
         const std::size_t sb = source / operand.heads, sh = source % operand.heads;
@@ -263,6 +268,16 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
             std::fill(sr + cols, sr + lds, 0.0f);
         }
     };
+    // The weights as the forward multiplied V by: p itself, or with dropout its dropped copy in
+    // `into` (a tile, leading dimension `tile`).
+    auto dropped = [&](std::size_t bh, std::size_t q0, std::size_t rows, std::size_t k0, std::size_t cols, const float* p,
+                       float* into) -> const float* {
+        if constexpr (!with_dropout) return p;
+        std::copy_n(p, rows * tile, into);
+        kernels::dropout_tile(into, rows, cols, static_cast<std::ptrdiff_t>(tile), 1, dropout_seed, dropout_threshold, keep_scale,
+                              static_cast<std::uint32_t>(bh), q0, k0);
+        return into;
+    };
     // dP (in dp) to the core's gradient f (dS ∘ slope), dS = P ∘ (dP - D); p the undropped weights
     auto core_gradient = [&](std::size_t bh, std::size_t q0, std::size_t rows, std::size_t k0, std::size_t cols, const float* p,
                              float* dp, const float* slope, std::size_t lds) {
@@ -295,10 +310,8 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
 #pragma omp for schedule(dynamic)
             for (std::ptrdiff_t item = 0; item < items; ++item) {
                 const std::size_t bh = static_cast<std::size_t>(item) / q_tiles, q0 = static_cast<std::size_t>(item) % q_tiles * tile;
-                const std::size_t b = bh / heads, h = bh % heads, rows = std::min(tile, n_q - q0);
-                const head_operands hd = operands_of(b, h);
-                const auto tree = at_head(prepared, env, b, h);
-                const auto tree_unmasked = at_head(unmasked, env, b, h);
+                const std::size_t rows = std::min(tile, n_q - q0);
+                const auto [_, hd, tree, tree_unmasked] = head_of(bh / heads, bh % heads);
                 float top[tile], sum[tile];
                 bool nan[tile] = {};
                 std::fill_n(top, tile, -std::numeric_limits<float>::infinity());
@@ -371,10 +384,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
                 std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
                 bool packed = false;
                 for_each_served(kv, source, [&](std::size_t b, std::size_t h) {
-                    const std::size_t bh = b * heads + h;
-                    const head_operands hd = operands_of(b, h);
-                    const auto tree = at_head(prepared, env, b, h);
-                    const auto tree_unmasked = at_head(unmasked, env, b, h);
+                    const auto [bh, hd, tree, tree_unmasked] = head_of(b, h);
                     const float* k_tile = hd.k + static_cast<std::ptrdiff_t>(k0) * hd.k_ks;
                     float* dq_out = dq.values.data() + bh * depth * n_q;  // Q is bound per (batch, head) here
                     for (std::size_t q0 = 0; q0 < n_q; q0 += tile) {
@@ -392,13 +402,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
                                                  static_cast<std::ptrdiff_t>(depth * panel), s.data(), tile, false);
                         epilogue_of(bh, q0, rows, k0, cols, s.data(), slope.data(), tile, tree, tree_unmasked);
                         weights_of(bh, q0, rows, cols, s.data(), tile);
-                        const float* weights = s.data();
-                        if constexpr (with_dropout) {
-                            std::copy_n(s.data(), rows * tile, p.data());
-                            kernels::dropout_tile(p.data(), rows, cols, static_cast<std::ptrdiff_t>(tile), 1, dropout_seed,
-                                                  dropout_threshold, keep_scale, static_cast<std::uint32_t>(bh), q0, k0);
-                            weights = p.data();
-                        }
+                        const float* weights = dropped(bh, q0, rows, k0, cols, s.data(), p.data());
                         // dVᵀ += dOᵀ P: the weights, rows of 64 keys, are their own panels
                         kernels::multiply_panels(d_v, key_panels, rows, d_out_row(bh, q0), 1, static_cast<std::ptrdiff_t>(d_v), weights,
                                                  static_cast<std::ptrdiff_t>(tile), static_cast<std::ptrdiff_t>(panel), dv_acc.data(),
@@ -453,20 +457,14 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
                     std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
                     std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
                     for_each_served(kv, source, [&](std::size_t b, std::size_t h) {
-                        const std::size_t bh = b * heads + h;
-                        const head_operands hd = operands_of(b, h);
-                        const auto tree = at_head(prepared, env, b, h);
-                        const auto tree_unmasked = at_head(unmasked, env, b, h);
+                        const auto [bh, hd, tree, tree_unmasked] = head_of(b, h);
                         for (std::size_t q0 = 0; q0 < n_q; q0 += tile) {
                             const std::size_t rows = std::min(tile, n_q - q0);
                             if (!scores(hd, bh, q0, rows, k0, cols, s.data(), slope.data(), tile, packing, tree, tree_unmasked)) continue;
                             weights_of(bh, q0, rows, cols, s.data(), tile);
-                            std::copy_n(s.data(), rows * tile, p.data());
-                            if constexpr (with_dropout)
-                                kernels::dropout_tile(p.data(), rows, cols, static_cast<std::ptrdiff_t>(tile), 1, dropout_seed,
-                                                      dropout_threshold, keep_scale, static_cast<std::uint32_t>(bh), q0, k0);
+                            const float* weights = dropped(bh, q0, rows, k0, cols, s.data(), p.data());
                             // dV += Pᵀ dO (the weights as the forward used them)
-                            multiply_any(cols, d_v, rows, p.data(), 1, static_cast<std::ptrdiff_t>(tile), d_out_row(bh, q0),
+                            multiply_any(cols, d_v, rows, weights, 1, static_cast<std::ptrdiff_t>(tile), d_out_row(bh, q0),
                                          static_cast<std::ptrdiff_t>(d_v), 1, dv_acc.data(), dv_pad, true, packing);
                             // dP = dO Vᵀ
                             multiply_any(rows, cols, d_v, d_out_row(bh, q0), static_cast<std::ptrdiff_t>(d_v), 1,
@@ -500,10 +498,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
                     const std::size_t rows = std::min(tile, n_q - q0);
                     std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
                     for_each_served(qv, source, [&](std::size_t b, std::size_t h) {
-                        const std::size_t bh = b * heads + h;
-                        const head_operands hd = operands_of(b, h);
-                        const auto tree = at_head(prepared, env, b, h);
-                        const auto tree_unmasked = at_head(unmasked, env, b, h);
+                        const auto [bh, hd, tree, tree_unmasked] = head_of(b, h);
                         for (std::size_t k0 = 0; k0 < n_k; k0 += tile) {
                             const std::size_t cols = std::min(tile, n_k - k0);
                             if (!scores(hd, bh, q0, rows, k0, cols, s.data(), slope.data(), tile, packing, tree, tree_unmasked)) continue;
@@ -543,12 +538,10 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
             }
         };
         each_head([&](std::size_t bh, std::vector<float>& packing) {  // S and its slopes: Qᵀ K and the epilogue
-            const std::size_t b = bh / heads, h = bh % heads;
-            const auto tree = at_head(prepared, env, b, h);
-            const auto tree_unmasked = at_head(unmasked, env, b, h);
+            const auto [_, hd, tree, tree_unmasked] = head_of(bh / heads, bh % heads);
             float* sb = at(s, bh);
             float* gb = at(slope, bh);
-            if (!scores(operands_of(b, h), bh, 0, n_q, 0, n_k, sb, gb, ld, packing, tree, tree_unmasked))
+            if (!scores(hd, bh, 0, n_q, 0, n_k, sb, gb, ld, packing, tree, tree_unmasked))
                 std::fill_n(sb, n_q * ld, -std::numeric_limits<float>::infinity());
         });
         info.kernels.push_back("backward: the scores and their slopes of " + to_string(parts::score(e)));
