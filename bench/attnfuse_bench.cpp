@@ -18,6 +18,7 @@
 #include <attnfuse/cpu/backward.hpp>
 #include <attnfuse/cpu/kernels.hpp>
 #include <attnfuse/cpu/simd.hpp>
+#include <attnfuse/vulkan/backward.hpp>
 #include <attnfuse/vulkan/executor.hpp>
 #include <strings.h>
 #include <unistd.h>
@@ -236,6 +237,41 @@ void attnfuse_vulkan_rows(benchmark::State& state, vk::device& dev, vk::executio
         });
     }
     set_counters(state, p.flops(), last.intermediate_bytes);
+    state.counters["dispatches"] = static_cast<double>(last.dispatches);
+    state.counters["wall_ms"] = last.wall_seconds * 1e3;
+}
+
+// Vulkan's backward pass (vulkan::backward), timed as the forward rows are:
+// each iteration the device's own time, after one untimed forward and one
+// untimed backward (compilation); dO is the forward's output. The inputs
+// are host views, uploaded every call (the wall time, a counter, holds it).
+template <family F>
+void attnfuse_vulkan_backward(benchmark::State& state, vk::execution mode) {
+    auto* dev = bench_device();
+    if (!dev) {
+        state.SkipWithError("no Vulkan device");
+        return;
+    }
+    const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
+    const auto qkv = host_qkv(p);
+    vk::report last;
+    try {
+        with_family<F>(p, qkv, [&](const auto& e, const auto&... b) {
+            const af::run_result forward = vk::run(*dev, e, b...);
+            const af::tensor& d_output = forward.output;
+            (void)vk::backward(*dev, e, forward.output, d_output, {mode}, b...);
+            for (auto _ : state) {
+                const af::backward_result g = vk::backward(*dev, e, forward.output, d_output, {mode}, b...);
+                state.SetIterationTime(std::max(g.info.device_seconds, 1e-9));
+                last = g.info;
+            }
+            return 0;
+        });
+    } catch (const vk::error& e) {
+        state.SkipWithError(e.what());
+        return;
+    }
+    set_counters(state, 2.5 * p.flops(), last.intermediate_bytes);
     state.counters["dispatches"] = static_cast<double>(last.dispatches);
     state.counters["wall_ms"] = last.wall_seconds * 1e3;
 }
@@ -611,6 +647,18 @@ void register_all() {
             add("sdpa_backward/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu_backward<family::sdpa>(st, {execution::unfused}); })->UseRealTime();
             add("sdpa_causal_backward/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu_backward<family::causal>(st, {execution::fused}); })->UseRealTime();
             add("sdpa_causal_backward/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu_backward<family::causal>(st, {execution::unfused}); })->UseRealTime();
+            // lavapipe: d 64 only
+            if (vulkan_on_cpu && !smoke && d != 64) continue;
+            for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
+                const std::string row = mode == vk::execution::fused ? "fused" : "unfused";
+                for (auto* b : {add("sdpa_backward/vulkan/" + row, args,
+                                    [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::sdpa>(st, mode); }),
+                                add("sdpa_causal_backward/vulkan/" + row, args,
+                                    [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::causal>(st, mode); })}) {
+                    b->UseManualTime();
+                    if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
+                }
+            }
         }
     // decode: one query per head against a growing cache, 32 heads, d 128
     std::vector<std::size_t> caches{1024, 4096, 16384};

@@ -9,14 +9,15 @@
 // kernels' scratch); `ms` is the median of the warm runs after it; `x` is the
 // unfused median over the fused one (above 1: fusion is faster).
 //
-// Rows whose mode ends in "bwd" are the backward pass (cpu::backward, for
-// the variants it covers): the gradients of every input against the
+// Rows whose mode ends in "bwd" are the backward pass (cpu::backward and
+// vulkan::backward, for the variants they cover): the gradients of every input against the
 // reference backward's, for a fixed output gradient; their `ms` leaves out
 // the forward they start from.
 //
 //   attnfuse-zoo [--json] [--list-devices] [--device <index or name>]
 #include <attnfuse/cpu.hpp>
 #include <attnfuse/cpu/backward.hpp>
+#include <attnfuse/vulkan/backward.hpp>
 #include <attnfuse/dsl.hpp>
 #include <attnfuse/vulkan.hpp>
 #include <attnfuse/vulkan/executor.hpp>
@@ -135,6 +136,17 @@ int main(int argc, char** argv) {
                             first.wall * 1e3, 0, median, af::variants::relative_error(ref.values, first.out.values), first.tolerance, 0,
                             first.intermediate, first.scores, first.kernels});
         }
+        if (gpu)
+            for (const auto mode : {af::vulkan::execution::fused, af::vulkan::execution::unfused}) {
+                const auto [first, median] = timed(warm_runs_vulkan, [&] {
+                    auto [out, info] = af::vulkan::run(*gpu, e, af::vulkan::options{mode}, bindings...);
+                    return outcome{std::move(out), info.wall_seconds, info.build_seconds, info.intermediate_bytes, info.score_bytes, info.dispatches,
+                                   af::variants::tolerance_of_run(tolerance, info)};
+                });
+                rows.push_back({v.name, v.family, "vk", mode == af::vulkan::execution::fused ? "fused" : "unfused", af::to_string(e),
+                                first.wall * 1e3, first.build * 1e3, median, af::variants::relative_error(ref.values, first.out.values),
+                                first.tolerance, 0, first.intermediate, first.scores, first.kernels});
+            }
         if constexpr (af::plan::attention_backward_v<std::remove_cvref_t<decltype(e)>>) {
             // the backward of the fused forward's output, for a fixed output gradient in [-1, 1)
             const af::tensor output = af::cpu::run(e, bindings...).output;
@@ -143,26 +155,23 @@ int main(int argc, char** argv) {
             const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
                                                     std::vector<double>(d_output.values.begin(), d_output.values.end())};
             const af::reference::gradients expected = af::reference::backward(e, d_reference, bindings...);
-            for (const auto mode : {af::cpu::execution::fused, af::cpu::execution::unfused}) {
-                const auto [first, median] = timed(warm_runs_cpu, [&] { return af::cpu::backward(e, output, d_output, af::cpu::options{mode}, bindings...); });
-                double error = 0;  // the worst input's
-                for (const af::reference::input_gradient& want : expected.inputs)
-                    error = std::max(error, af::variants::relative_error(want.values, first.of(want.name).values));
-                rows.push_back({v.name, v.family, "cpu", mode == af::cpu::execution::fused ? "fused bwd" : "unfused bwd", af::to_string(e),
-                                first.info.wall_seconds * 1e3, 0, median, error, tolerance, 0, first.info.intermediate_bytes,
-                                first.info.score_bytes, first.info.kernels.size()});
-            }
-        }
-        if (!gpu) return;
-        for (const auto mode : {af::vulkan::execution::fused, af::vulkan::execution::unfused}) {
-            const auto [first, median] = timed(warm_runs_vulkan, [&] {
-                auto [out, info] = af::vulkan::run(*gpu, e, af::vulkan::options{mode}, bindings...);
-                return outcome{std::move(out), info.wall_seconds, info.build_seconds, info.intermediate_bytes, info.score_bytes, info.dispatches,
-                               af::variants::tolerance_of_run(tolerance, info)};
-            });
-            rows.push_back({v.name, v.family, "vk", mode == af::vulkan::execution::fused ? "fused" : "unfused", af::to_string(e),
-                            first.wall * 1e3, first.build * 1e3, median, af::variants::relative_error(ref.values, first.out.values),
-                            first.tolerance, 0, first.intermediate, first.scores, first.kernels});
+            // both modes of one backend's backward(mode), each gradient against the reference
+            auto backward_rows = [&](const char* backend, int warm, const auto& backward) {
+                for (const auto mode : {af::execution::fused, af::execution::unfused}) {
+                    const auto [first, median] = timed(warm, [&] { return backward(mode); });
+                    double error = 0;  // the worst input's
+                    for (const af::reference::input_gradient& want : expected.inputs)
+                        error = std::max(error, af::variants::relative_error(want.values, first.of(want.name).values));
+                    rows.push_back({v.name, v.family, backend, mode == af::execution::fused ? "fused bwd" : "unfused bwd", af::to_string(e),
+                                    first.info.wall_seconds * 1e3, first.info.build_seconds * 1e3, median, error, tolerance, 0,
+                                    first.info.intermediate_bytes, first.info.score_bytes, first.info.dispatches});
+                }
+            };
+            backward_rows("cpu", warm_runs_cpu, [&](af::execution mode) { return af::cpu::backward(e, output, d_output, af::cpu::options{mode}, bindings...); });
+            if (gpu)
+                backward_rows("vk", warm_runs_vulkan, [&](af::execution mode) {
+                    return af::vulkan::backward(*gpu, e, output, d_output, af::vulkan::options{mode}, bindings...);
+                });
         }
     });
     // fused rows carry the ratio of the unfused median to theirs

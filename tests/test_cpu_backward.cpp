@@ -147,3 +147,21 @@ TEST_CASE("the CPU backward of queries shared by every head takes the pass that 
         }));
     }
 }
+
+TEST_CASE("the CPU backward gives Q and K no gradient where the score reads its core only through a comparison", "[cpu][backward]") {
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::vector<float> q = random_floats(3 * 5, 1), k = random_floats(3 * 7, 2), v = random_floats(7 * 2, 3);
+    const auto bq = af::bind(Q, af::col_major(q.data(), 3, 5));
+    const auto bk = af::bind(K, af::col_major(k.data(), 3, 7));
+    const auto bv = af::bind(V, v.data(), 7, 2);
+    const auto e = af::softmax(af::elementwise<af::op::greater>(Q^af::T*K, 0.0)) * V;
+    const af::run_result forward = af::cpu::run(e, bq, bk, bv);
+    for (const execution mode : {execution::fused, execution::unfused}) {
+        const af::backward_result g = af::cpu::backward(e, forward.output, forward.output, af::cpu::options{mode}, bq, bk, bv);
+        CHECK(g.without == std::vector<std::string>{"Q", "K"});
+        CHECK(g.has("V"));
+        CHECK_THROWS_WITH(g.of("Q"), Catch::Contains("no gradient"));
+    }
+}

@@ -124,4 +124,12 @@ template <class E> inline constexpr bool attention_backward_v = attention_backwa
 
 }  // namespace plan
 
+// What a backend's backward says of an expression outside plan::attention_backward.
+inline std::string outside_attention_backward(std::string_view backend, const std::string& expression) {
+    return "attnfuse: " + std::string(backend) +
+           "::backward covers softmax(score)*V and dropout(softmax(score), p, seed)*V whose score is one Q^T*K of two bound inputs "
+           "under pointwise operations whose other inputs get no gradient (scale, masks, lengths, soft-capping), with V bound; `" +
+           expression + "` is not of that form. reference::backward differentiates every expression";
+}
+
 }  // namespace attnfuse

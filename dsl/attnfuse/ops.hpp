@@ -20,6 +20,11 @@
 //                                 constant in it (comparisons, logic, a
 //                                 where's condition), so that an input read
 //                                 only there gets no gradient.
+//   glsl_partials                 the derivative face in GLSL: each partial
+//                                 as a GLSL expression of the operands a, b
+//                                 and c, which the Vulkan backward chains
+//                                 (it may call the operation's own
+//                                 glsl_definition, no other's).
 //
 // A stage that needs a face an operation lacks stops the build with a
 // static_assert naming the stage and the operation.
@@ -54,6 +59,7 @@ struct negate {
     static interval bounds(interval a) { return {-a.hi, -a.lo}; }
     static constexpr std::array<bool, 1> carries_gradient{true};
     template <class F> static constexpr std::array<F, 1> partials(F) { return {F(-1)}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"-1.0"};
 };
 struct logical_not {
     static constexpr std::string_view name = "!";
@@ -66,6 +72,7 @@ struct logical_not {
     static interval bounds(interval a) { return detail::truth(a.surely_zero(), a.surely_nonzero()); }
     static constexpr std::array<bool, 1> carries_gradient{false};
     template <class F> static constexpr std::array<F, 1> partials(F) { return {F(0)}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"0.0"};
 };
 
 // A function f(x): printed as name(x), GLSL spelling Glsl (defined by
@@ -84,30 +91,35 @@ ATTNFUSE_UNARY_FUNCTION(exp_, "exp", "exp", "")
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::exp(a); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return std::exp(v); }); }
     template <class F> static std::array<F, 1> partials(F x) { using std::exp; return {exp(x)}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"exp(a)"};
 };
 ATTNFUSE_UNARY_FUNCTION(log_, "log", "log", "")
     template <class F> static F apply(F x) { using std::log; return log(x); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::template each<log_>(a); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return std::log(v); }); }
     template <class F> static std::array<F, 1> partials(F x) { return {F(1) / x}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"1.0 / a"};
 };
 ATTNFUSE_UNARY_FUNCTION(tanh_, "tanh", "af_tanh", "float af_tanh(float x) { return x > 15.0 ? 1.0 : (x < -15.0 ? -1.0 : tanh(x)); }")
     template <class F> static F apply(F x) { using std::tanh; return tanh(x); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::tanh(a); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return std::tanh(v); }); }
     template <class F> static std::array<F, 1> partials(F x) { using std::tanh; const F t = tanh(x); return {F(1) - t * t}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"1.0 - af_tanh(a) * af_tanh(a)"};
 };
 ATTNFUSE_UNARY_FUNCTION(sigmoid, "sigmoid", "af_sigmoid", "float af_sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }")
     template <class F> static F apply(F x) { using std::exp; return F(1) / (F(1) + exp(-x)); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return 1.0f / (1.0f + L::exp(-a)); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return apply(v); }); }
     template <class F> static std::array<F, 1> partials(F x) { const F s = apply(x); return {s * (F(1) - s)}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"af_sigmoid(a) * (1.0 - af_sigmoid(a))"};
 };
 ATTNFUSE_UNARY_FUNCTION(relu, "relu", "af_relu", "float af_relu(float x) { return x > 0.0 ? x : 0.0; }")
     template <class F> static F apply(F x) { return x > F(0) ? x : F(0); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::pick(a > 0.0f, a, L::splat(0.0f)); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return apply(v); }); }
     template <class F> static std::array<F, 1> partials(F x) { return {x > F(0) ? F(1) : F(0)}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"a > 0.0 ? 1.0 : 0.0"};
 };
 ATTNFUSE_UNARY_FUNCTION(abs_, "abs", "abs", "")
     template <class F> static F apply(F x) { using std::abs; return abs(x); }
@@ -119,12 +131,14 @@ ATTNFUSE_UNARY_FUNCTION(abs_, "abs", "abs", "")
         return {0, std::max(-a.lo, a.hi)};
     }
     template <class F> static std::array<F, 1> partials(F x) { return {x > F(0) ? F(1) : (x < F(0) ? F(-1) : F(0))}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"a > 0.0 ? 1.0 : (a < 0.0 ? -1.0 : 0.0)"};
 };
 ATTNFUSE_UNARY_FUNCTION(sqrt_, "sqrt", "sqrt", "")
     template <class F> static F apply(F x) { using std::sqrt; return sqrt(x); }
     template <class L> static typename L::vec lanes(typename L::vec a) { return L::template each<sqrt_>(a); }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return std::sqrt(v); }); }
     template <class F> static std::array<F, 1> partials(F x) { using std::sqrt; return {F(0.5) / sqrt(x)}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"0.5 / sqrt(a)"};
 };
 ATTNFUSE_UNARY_FUNCTION(square, "square", "af_square", "float af_square(float x) { return x * x; }")
     template <class F> static F apply(F x) { return x * x; }
@@ -134,6 +148,7 @@ ATTNFUSE_UNARY_FUNCTION(square, "square", "af_square", "float af_square(float x)
         return {m.lo * m.lo, m.hi * m.hi};
     }
     template <class F> static std::array<F, 1> partials(F x) { return {F(2) * x}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"2.0 * a"};
 };
 // softplus(x) = log(1 + e^x), written so that neither e^x overflows nor
 // 1 + e^-|x| loses a small term: max(x, 0) + log1p(e^-|x|), with log1p(e)
@@ -155,6 +170,7 @@ ATTNFUSE_UNARY_FUNCTION(softplus, "softplus", "af_softplus",
     }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return apply(v); }); }
     template <class F> static std::array<F, 1> partials(F x) { return {sigmoid::apply(x)}; }  // d softplus = sigmoid
+    static constexpr std::array<std::string_view, 1> glsl_partials{"1.0 / (1.0 + exp(-a))"};
 };
 // erf on every backend by one formula (GLSL has no erf): below |x| = 0.5 its
 // odd Taylor series, so that erf(0) is 0 and small x keep their sign and
@@ -188,6 +204,7 @@ ATTNFUSE_UNARY_FUNCTION(erf_, "erf", "af_erf",
     }
     static interval bounds(interval a) { return detail::increasing(a, [](double v) { return std::erf(v); }); }
     template <class F> static std::array<F, 1> partials(F x) { using std::exp; return {F(1.1283791670955126) * exp(-x * x)}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"1.1283791671 * exp(-a * a)"};
 };
 #undef ATTNFUSE_UNARY_FUNCTION
 
@@ -209,18 +226,21 @@ ATTNFUSE_BINARY(add, "add", "+", prec_additive, "+", true, "", true)
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return a + b; }
     static interval bounds(interval a, interval b) { return detail::checked(a.lo + b.lo, a.hi + b.hi); }
     template <class F> static constexpr std::array<F, 2> partials(F, F) { return {F(1), F(1)}; }
+    static constexpr std::array<std::string_view, 2> glsl_partials{"1.0", "1.0"};
 };
 ATTNFUSE_BINARY(subtract, "subtract", "-", prec_additive, "-", true, "", true)
     template <class F> static constexpr F apply(F a, F b) { return a - b; }
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return a - b; }
     static interval bounds(interval a, interval b) { return detail::checked(a.lo - b.hi, a.hi - b.lo); }
     template <class F> static constexpr std::array<F, 2> partials(F, F) { return {F(1), F(-1)}; }
+    static constexpr std::array<std::string_view, 2> glsl_partials{"1.0", "-1.0"};
 };
 ATTNFUSE_BINARY(multiply, "hadamard", "%", prec_multiplicative, "*", true, "", true)
     template <class F> static constexpr F apply(F a, F b) { return a * b; }
     template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return a * b; }
     static interval bounds(interval a, interval b) { return detail::product_bounds(a, b); }
     template <class F> static constexpr std::array<F, 2> partials(F a, F b) { return {b, a}; }
+    static constexpr std::array<std::string_view, 2> glsl_partials{"b", "a"};
 };
 ATTNFUSE_BINARY(divide, "divide", "/", prec_multiplicative, "/", true, "", true)
     template <class F> static constexpr F apply(F a, F b) { return a / b; }
@@ -230,6 +250,7 @@ ATTNFUSE_BINARY(divide, "divide", "/", prec_multiplicative, "/", true, "", true)
         return interval::everything();
     }
     template <class F> static constexpr std::array<F, 2> partials(F a, F b) { return {F(1) / b, -a / (b * b)}; }
+    static constexpr std::array<std::string_view, 2> glsl_partials{"1.0 / b", "-a / (b * b)"};
 };
 // max/min propagate NaN from either side, so a NaN input never hides.
 ATTNFUSE_BINARY(maximum, "max", "", prec_atom, "af_max", false,
@@ -241,6 +262,7 @@ ATTNFUSE_BINARY(maximum, "max", "", prec_atom, "af_max", false,
     static interval bounds(interval a, interval b) { return {std::max(a.lo, b.lo), std::max(a.hi, b.hi)}; }
     // the gradient goes to the side taken, to a on a tie (as max's subgradient may)
     template <class F> static constexpr std::array<F, 2> partials(F a, F b) { return b > a ? std::array<F, 2>{F(0), F(1)} : std::array<F, 2>{F(1), F(0)}; }
+    static constexpr std::array<std::string_view, 2> glsl_partials{"b > a ? 0.0 : 1.0", "b > a ? 1.0 : 0.0"};
 };
 ATTNFUSE_BINARY(minimum, "min", "", prec_atom, "af_min", false,
                 "float af_min(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : min(a, b); }", true)
@@ -250,6 +272,7 @@ ATTNFUSE_BINARY(minimum, "min", "", prec_atom, "af_min", false,
     }
     static interval bounds(interval a, interval b) { return {std::min(a.lo, b.lo), std::min(a.hi, b.hi)}; }
     template <class F> static constexpr std::array<F, 2> partials(F a, F b) { return b < a ? std::array<F, 2>{F(0), F(1)} : std::array<F, 2>{F(1), F(0)}; }
+    static constexpr std::array<std::string_view, 2> glsl_partials{"b < a ? 0.0 : 1.0", "b < a ? 1.0 : 0.0"};
 };
 // Comparisons and logic give 1 or 0.
 #define ATTNFUSE_COMPARISON(Tag, Name, Symbol, Prec, Glsl, Test, SurelyTrue, SurelyFalse)                              \
@@ -259,6 +282,7 @@ ATTNFUSE_BINARY(minimum, "min", "", prec_atom, "af_min", false,
         template <class L> static typename L::vec lanes(typename L::vec a, typename L::vec b) { return L::truth(Test); } \
         static interval bounds(interval a, interval b) { return detail::truth(SurelyTrue, SurelyFalse); }               \
         template <class F> static constexpr std::array<F, 2> partials(F, F) { return {F(0), F(0)}; }                     \
+        static constexpr std::array<std::string_view, 2> glsl_partials{"0.0", "0.0"};                                   \
     };
 ATTNFUSE_COMPARISON(less, "less", "<", prec_relational, "af_lt", a < b, a.hi < b.lo, a.lo >= b.hi)
 ATTNFUSE_COMPARISON(less_equal, "less_equal", "<=", prec_relational, "af_le", a <= b, a.hi <= b.lo, a.lo > b.hi)
@@ -277,6 +301,7 @@ ATTNFUSE_BINARY(logical_and, "and", "&&", prec_and, "af_and", false,
         return detail::truth(a.surely_nonzero() && b.surely_nonzero(), a.surely_zero() || b.surely_zero());
     }
     template <class F> static constexpr std::array<F, 2> partials(F, F) { return {F(0), F(0)}; }
+    static constexpr std::array<std::string_view, 2> glsl_partials{"0.0", "0.0"};
 };
 ATTNFUSE_BINARY(logical_or, "or", "||", prec_or, "af_or", false,
                 "float af_or(float a, float b) { return (a != 0.0 || b != 0.0) ? 1.0 : 0.0; }", false)
@@ -286,6 +311,7 @@ ATTNFUSE_BINARY(logical_or, "or", "||", prec_or, "af_or", false,
         return detail::truth(a.surely_nonzero() || b.surely_nonzero(), a.surely_zero() && b.surely_zero());
     }
     template <class F> static constexpr std::array<F, 2> partials(F, F) { return {F(0), F(0)}; }
+    static constexpr std::array<std::string_view, 2> glsl_partials{"0.0", "0.0"};
 };
 #undef ATTNFUSE_BINARY
 
@@ -306,6 +332,7 @@ struct select {
     template <class F> static constexpr std::array<F, 3> partials(F cond, F, F) {
         return {F(0), cond != F(0) ? F(1) : F(0), cond != F(0) ? F(0) : F(1)};
     }
+    static constexpr std::array<std::string_view, 3> glsl_partials{"0.0", "a != 0.0 ? 1.0 : 0.0", "a != 0.0 ? 0.0 : 1.0"};
 };
 
 // Every operation above, for the stages that emit a definition of each

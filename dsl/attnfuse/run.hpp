@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "bind.hpp"
@@ -67,6 +69,21 @@ struct run_result {
     report info;
 };
 
+// A backward pass's output and d_output must have the expression's
+// batch, heads and shape (a shape_error names both otherwise).
+inline void check_backward_operands(const tensor& output, const tensor& d_output, std::size_t batch, std::size_t heads,
+                                    runtime_shape shape) {
+    const auto extents = [](std::size_t b, std::size_t h, std::size_t r, std::size_t c) {
+        return std::to_string(b) + " batch x " + std::to_string(h) + " heads of " + shape_to_string(r, c);
+    };
+    for (auto [name, t] : {std::pair{"output", &output}, std::pair{"d_output", &d_output}})
+        if (t->batch != batch || t->heads != heads || t->rows != shape.rows || t->cols != shape.cols ||
+            t->values.size() != batch * heads * shape.rows * shape.cols)
+            throw shape_error(std::string(name) + ": the expression gives " + extents(batch, heads, shape.rows, shape.cols) + " but " +
+                              name + " is " + extents(t->batch, t->heads, t->rows, t->cols) +
+                              "; give the forward's output and its gradient, of the output's shape");
+}
+
 // What a backend's backward pass returns: the gradient of
 // sum(d_output ∘ output) in every bound input the output depends on
 // differentiably (gradient.hpp says which), each laid out as the input is
@@ -94,5 +111,22 @@ struct backward_result {
         throw std::invalid_argument("attnfuse: no input named " + std::string(name) + " is bound");
     }
 };
+
+// A backend's attention backward hands out its gradients of Q, K and V to
+// every bound input: each its own where gets_gradient_v says it gets one
+// (a score that passes its core only through comparisons gives Q and K
+// none), every other input none.
+template <class E, class QI, class KI, class VI, class... Bindings>
+void hand_out_attention_gradients(backward_result& result, tensor&& dq, tensor&& dk, tensor&& dv, const Bindings&...) {
+    auto hand_out = [&]<class B>(std::type_identity<B>) {
+        const std::string name(B::name.view());
+        if (!gets_gradient_v<E, B::name>) result.without.push_back(name);
+        else if (name == QI::name.view()) result.inputs.push_back({name, std::move(dq)});
+        else if (name == KI::name.view()) result.inputs.push_back({name, std::move(dk)});
+        else if (name == VI::name.view()) result.inputs.push_back({name, std::move(dv)});
+        else result.without.push_back(name);
+    };
+    (hand_out(std::type_identity<Bindings>{}), ...);
+}
 
 }  // namespace attnfuse

@@ -131,15 +131,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
     Env env(bindings...);
     settle_heads(e, env);
     const runtime_shape shape = shape_of(e, env);
-    const auto extents = [](std::size_t b, std::size_t h, std::size_t r, std::size_t c) {
-        return std::to_string(b) + " batch x " + std::to_string(h) + " heads of " + shape_to_string(r, c);
-    };
-    for (auto [name, t] : {std::pair{"output", &output}, std::pair{"d_output", &d_output}})
-        if (t->batch != env.batch || t->heads != env.heads || t->rows != shape.rows || t->cols != shape.cols ||
-            t->values.size() != env.batch * env.heads * shape.rows * shape.cols)
-            throw shape_error(std::string(name) + ": the expression gives " + extents(env.batch, env.heads, shape.rows, shape.cols) +
-                              " but " + name + " is " + extents(t->batch, t->heads, t->rows, t->cols) +
-                              "; give the forward's output and its gradient, of the output's shape");
+    check_backward_operands(output, d_output, env.batch, env.heads, shape);
 
     backward_result result;
     report& info = result.info;
@@ -607,15 +599,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
         info.kernels.push_back("backward: dQ = dS Kᵀ");
     }
 
-    // every bound input: Q, K and V get theirs, the others none (plan::attention_backward)
-    auto collect = [&]<class B>(const B&) {
-        const std::string name(B::name.view());
-        if (name == QI::name.view()) result.inputs.push_back({name, std::move(dq)});
-        else if (name == KI::name.view()) result.inputs.push_back({name, std::move(dk)});
-        else if (name == VI::name.view()) result.inputs.push_back({name, std::move(dvt)});
-        else result.without.push_back(name);
-    };
-    (collect(bindings), ...);
+    hand_out_attention_gradients<E, QI, KI, VI>(result, std::move(dq), std::move(dk), std::move(dvt), bindings...);
     info.dispatches = info.kernels.size();
     info.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return result;
@@ -635,10 +619,7 @@ template <class E, class... Bindings>
 backward_result backward(const E& e, const tensor& output, const tensor& d_output, const options& opt, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
     if constexpr (!plan::attention_backward_v<E>) {
-        throw std::invalid_argument("attnfuse: cpu::backward covers softmax(score)*V and dropout(softmax(score), p, seed)*V whose score "
-                                    "is one Q^T*K of two bound inputs under pointwise operations whose other inputs get no gradient "
-                                    "(scale, masks, lengths, soft-capping), with V bound; `" + to_string(e) +
-                                    "` is not of that form. reference::backward differentiates every expression");
+        throw std::invalid_argument(outside_attention_backward("cpu", to_string(e)));
     } else {
         auto as_f32 = [](const auto& b) {
             if constexpr (std::is_same_v<std::remove_cvref_t<decltype(*b.view.data)>, float>) return b;

@@ -422,6 +422,12 @@ inline operand dense_operand(device::buffer_id id, std::size_t rows, std::size_t
 using upload_key = std::tuple<const void*, std::size_t, std::size_t, std::size_t, std::size_t, std::ptrdiff_t, std::ptrdiff_t,
                               std::ptrdiff_t, std::ptrdiff_t>;
 
+// A grid of workgroups and the invocations of each.
+struct workgroups {
+    std::array<std::size_t, 3> grid;
+    std::size_t local_size;
+};
+
 template <class Env>
 struct executor {
     device& dev;
@@ -550,6 +556,17 @@ struct executor {
         const bool push = words * 4 <= dev.limits().max_push_constants;
         launch(name, description, glsl::prelude(operands.size(), numbers.size(), local_size, push ? words : 0) + body, operands, numbers,
                output, out_rows, out_cols, {gx, gy, 1}, {}, {}, push);
+    }
+
+    // `body` over an explicit grid of workgroups of `local_size` invocations,
+    // its prelude written as the one above writes it.
+    void launch(const std::string& name, const std::string& description, const std::string& body, const std::vector<operand>& operands,
+                const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
+                const workgroups& grid) {
+        const std::size_t words = parameter_words(operands.size(), numbers.size());
+        const bool push = words * 4 <= dev.limits().max_push_constants;
+        launch(name, description, glsl::prelude(operands.size(), numbers.size(), grid.local_size, push ? words : 0) + body, operands,
+               numbers, output, out_rows, out_cols, grid.grid, {}, {}, push);
     }
 
     // A whole `source` (prelude included) over an explicit grid of
@@ -692,11 +709,13 @@ operand pointwise_kernel(const E& e, X& x) {
 // Dispatches `body` (which reads NUMU(AF_CHUNK) .. NUMU(AF_CHUNK + 2u): a
 // chunk [begin, end) of a loop over `extent` and whether it resumes from
 // OUT) as many times as the device's loop limit needs, each chunk within
-// loop_window(per_iteration). The kernel is named once in the report.
+// loop_window(per_iteration). The kernel is named once in the report. Over
+// `invocations` of 64, or with `grid`, over its workgroups.
 template <class X>
 void chunked_launch(X& x, const std::string& kernel, const std::string& description, const std::string& body,
                     const std::vector<operand>& operands, std::vector<std::uint32_t> numbers, device::buffer_id out, std::size_t rows,
-                    std::size_t cols, std::size_t invocations, std::size_t extent, std::size_t per_iteration) {
+                    std::size_t cols, std::size_t invocations, std::size_t extent, std::size_t per_iteration,
+                    const std::optional<workgroups>& grid = std::nullopt) {
     const std::size_t window = x.loop_window(per_iteration);
     const std::size_t base = numbers.size(), pieces = (extent + window - 1) / window;
     numbers.resize(base + 3);
@@ -705,8 +724,9 @@ void chunked_launch(X& x, const std::string& kernel, const std::string& descript
         numbers[base] = static_cast<std::uint32_t>(k0);
         numbers[base + 1] = static_cast<std::uint32_t>(std::min(extent, k0 + window));
         numbers[base + 2] = piece > 0 ? 1u : 0u;
-        x.launch(kernel, piece == 0 ? description + (pieces > 1 ? " (in " + std::to_string(pieces) + " dispatches)" : "") : "", source,
-                 operands, numbers, out, rows, cols, invocations);
+        const std::string what = piece == 0 ? description + (pieces > 1 ? " (in " + std::to_string(pieces) + " dispatches)" : "") : "";
+        if (grid) x.launch(kernel, what, source, operands, numbers, out, rows, cols, *grid);
+        else x.launch(kernel, what, source, operands, numbers, out, rows, cols, invocations);
     }
 }
 
@@ -1318,10 +1338,9 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
 }  // namespace detail
 
 namespace detail {
-template <bool OnDevice, class Out, class E, class... Bindings>
-auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
-    attnfuse::check::no_pending_transpose<E>();
-    const auto start = std::chrono::steady_clock::now();
+// The inputs bound with bind_resident, by name, as operands.
+template <class... Bindings>
+std::map<std::string, operand> resident_inputs(const device& dev, const Bindings&... bindings) {
     std::map<std::string, operand> resident;
     auto note = [&](const auto& b) {
         using B = std::remove_cvref_t<decltype(b)>;
@@ -1334,7 +1353,14 @@ auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bi
         }
     };
     (note(bindings), ...);
-    return run_bound<OnDevice, Out>(dev, e, opt, resident, start, lower::readable<hooks>(host_face(bindings))...);
+    return resident;
+}
+
+template <bool OnDevice, class Out, class E, class... Bindings>
+auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
+    attnfuse::check::no_pending_transpose<E>();
+    const auto start = std::chrono::steady_clock::now();
+    return run_bound<OnDevice, Out>(dev, e, opt, resident_inputs(dev, bindings...), start, lower::readable<hooks>(host_face(bindings))...);
 }
 }  // namespace detail
 

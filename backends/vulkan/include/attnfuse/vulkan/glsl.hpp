@@ -57,6 +57,16 @@ constexpr bool listed(op::op_list<Ops...>) {
     return (std::is_same_v<Op, Ops> || ...);
 }
 
+// Op's place in op::all: names the GLSL functions of its partials.
+template <class Op, class First, class... Rest>
+constexpr std::size_t op_index(op::op_list<First, Rest...>) {
+    if constexpr (std::is_same_v<Op, First>) return 0;
+    else {
+        static_assert(sizeof...(Rest) > 0, "attnfuse: this operation is not listed in attnfuse::op::all (dsl/attnfuse/ops.hpp)");
+        return 1 + op_index<Op>(op::op_list<Rest...>{});
+    }
+}
+
 // How an operand's elements lie in its buffer (attnfuse/element.hpp): f32,
 // or 16 bits each, little-endian, two to a 32-bit word.
 enum class storage_kind : char { f32 = 'f', f16 = 'h', bf16 = 'b' };
@@ -195,6 +205,49 @@ struct emitter {
     constexpr std::string number(double v) { return "NUM(" + decimal(record(std::bit_cast<std::uint32_t>(static_cast<float>(v)))) + "u)"; }
     constexpr std::string word(std::uint32_t v) { return "NUMU(" + decimal(record(v)) + "u)"; }
 
+    // A tree's value and its derivative in the score slot s, as GLSL text.
+    struct dual_text {
+        std::string value, slope;
+    };
+    // The dual of a tree of type E: its value numbered as emit<E>() numbers
+    // it (each number recorded once), and its derivative in s chained
+    // through each operation's glsl_partials, "0.0" where E does not read s.
+    // A zero derivative passes zero through an infinite partial (af_chain),
+    // as the reference's chain does. Masks keep theirs (no strip_masks here).
+    template <class E>
+    constexpr dual_text dual(const E* e = nullptr) {
+        if constexpr (std::is_same_v<E, score_slot>) return {"s", "1.0"};
+        else if constexpr (!reads_score<E>()) return {emit<E>(e), "0.0"};
+        else if constexpr (has_kind_template<E, kind::elementwise>::value) return elementwise_dual(e);  // masks too: a select
+        else if constexpr (has_kind_v<E, kind::scale_by>) {
+            const dual_text x = dual<kid_t<E, 0>>(kid<0>(e));
+            const std::string factor = number(e ? e->kind.factor : 0.0);
+            return {"(" + x.value + " * " + factor + ")", "(" + x.slope + " * " + factor + ")"};
+        } else if constexpr (has_kind_v<E, kind::dropout>) {
+            const dual_text x = dual<kid_t<E, 0>>(kid<0>(e));
+            const std::string seed = word(e ? e->kind.seed : 0u);
+            const std::string threshold = word(e ? op::dropout_threshold(e->kind.p) : 0u);
+            const std::string keep = number(e ? 1.0 / (1.0 - e->kind.p) : 0.0);
+            const std::string rest = ", " + seed + ", " + threshold + ", " + keep + ", bh, i, j)";
+            return {"af_dropout(" + x.value + rest, "af_dropout(" + x.slope + rest};
+        } else if constexpr (has_kind_v<E, kind::lookup>) {
+            return {emit<E>(e), "0.0"};  // a table's entry is piecewise constant in its index
+        } else if constexpr (is_named_node<E>::value) {
+            return dual<kid_t<E, 0>>(kid<0>(e));
+        } else {
+            static_assert(sizeof(E) == 0, "attnfuse: the GLSL derivative has no rule for this pointwise node (the E of this instantiation)");
+            return {};
+        }
+    }
+    // Does a tree of type E read the score slot?
+    template <class E>
+    static constexpr bool reads_score() {
+        if constexpr (std::is_same_v<E, score_slot>) return true;
+        else if constexpr (is_node_v<E>)
+            return []<class... K>(std::tuple<K...>*) { return (false || ... || reads_score<K>()); }(static_cast<typename E::kids_type*>(nullptr));
+        else return false;
+    }
+
     // The text of `e`, and its numbers into `values` when set.
     template <class E>
     constexpr std::string operator()(const E& e) {
@@ -265,13 +318,54 @@ private:
         [&]<std::size_t... N>(std::index_sequence<N...>) {
             ((args[N] = emit<kid_t<E, N>>(kid<N>(e))), ...);  // left to right
         }(std::make_index_sequence<arity>{});
-        if constexpr (Op::glsl_infix && arity == 2) return "(" + args[0] + " " + std::string(Op::glsl) + " " + args[1] + ")";
-        else if constexpr (Op::glsl_infix && arity == 1) return "(" + std::string(Op::glsl) + args[0] + ")";
-        else {
+        return spelled<Op>(args, arity);
+    }
+    template <class Op>
+    static constexpr std::string spelled(const std::string* args, std::size_t arity) {
+        if constexpr (Op::glsl_infix) {
+            if (arity == 2) return "(" + args[0] + " " + std::string(Op::glsl) + " " + args[1] + ")";
+            return "(" + std::string(Op::glsl) + args[0] + ")";
+        } else {
             std::string call = std::string(Op::glsl) + "(";
             for (std::size_t a = 0; a < arity; ++a) call += (a ? ", " : "") + args[a];
             return call + ")";
         }
+    }
+
+    template <class E>
+    constexpr dual_text elementwise_dual(const E* e) {
+        using Op = typename E::kind_type::op;
+        static_assert(requires { Op::glsl_partials; }, "attnfuse: this elementwise operation has no GLSL derivative face (it is the Op of "
+                                                       "this instantiation). Fix: give it `glsl_partials` in dsl/attnfuse/ops.hpp.");
+        constexpr std::size_t arity = std::tuple_size_v<typename E::kids_type>;
+        dual_text kids[arity];
+        [&]<std::size_t... N>(std::index_sequence<N...>) {
+            ((kids[N] = dual<kid_t<E, N>>(kid<N>(e))), ...);  // left to right, as emit walks
+        }(std::make_index_sequence<arity>{});
+        std::string values[arity];
+        for (std::size_t a = 0; a < arity; ++a) values[a] = kids[a].value;
+        dual_text out{spelled<Op>(values, arity), {}};
+        if (!Op::glsl_definition.empty()) define(std::string(Op::glsl_definition));
+        define("float af_chain(float slope, float partial) { return slope == 0.0 ? 0.0 : slope * partial; }");
+        const std::string index = decimal(op_index<Op>(op::all{}));
+        const char* names[] = {"a", "b", "c"};
+        for (std::size_t a = 0; a < arity; ++a) {
+            if (kids[a].slope == "0.0" || !Op::carries_gradient[a]) continue;
+            const std::string function = "af_d" + index + "_" + decimal(a);
+            std::string params, call = function + "(";
+            for (std::size_t p = 0; p < arity; ++p) {
+                params += std::string(p ? ", " : "") + "float " + names[p];
+                call += (p ? ", " : "") + values[p];
+            }
+            define("float " + function + "(" + params + ") { return " + std::string(Op::glsl_partials[a]) + "; }");
+            const std::string term = "af_chain(" + kids[a].slope + ", " + call + "))";
+            out.slope = out.slope.empty() ? term : "(" + out.slope + " + " + term + ")";
+        }
+        if (out.slope.empty()) out.slope = "0.0";
+        return out;
+    }
+    constexpr void define(const std::string& definition) {
+        if (definitions.find(definition) == std::string::npos) definitions += definition + "\n";
     }
 
     constexpr std::size_t record(std::uint32_t v) {

@@ -1,0 +1,244 @@
+// Vulkan's backward pass, fused and unfused, against the double-precision
+// reference backward (itself checked against finite differences in
+// test_gradients): every variant of the form it covers, at odd sizes, every
+// gradient within 1e-4 relative; and each operation's GLSL derivative face
+// (glsl_partials) through a score that applies it.
+#include <attnfuse/vulkan.hpp>
+#include <attnfuse/vulkan/backward.hpp>
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "variants.hpp"
+#include "vulkan_test_device.hpp"
+
+namespace af = attnfuse;
+namespace vk = attnfuse::vulkan;
+using af::execution;
+using vk::testing::shared_device;
+
+namespace {
+
+// Deterministic values in [-1, 1).
+std::vector<float> random_floats(std::size_t n, std::uint32_t seed) {
+    std::uint32_t state = seed * 2654435761U + 3U;
+    std::vector<float> out(n);
+    for (float& x : out) {
+        state = state * 1664525U + 1013904223U;
+        x = static_cast<float>(static_cast<double>(state >> 8) / 8388608.0 - 1.0);
+    }
+    return out;
+}
+
+af::tensor rounded(const af::reference::result& r) {
+    return {r.batch, r.heads, r.rows, r.cols, std::vector<float>(r.values.begin(), r.values.end())};
+}
+
+// Both modes of vulkan::backward against the reference; false where the
+// expression is outside the form it covers (then it must say so).
+template <class E, class... B>
+bool check_backward(vk::device& dev, const std::string& name, const E& e, double tolerance, const std::vector<execution>& modes,
+                    const B&... bindings) {
+    if constexpr (!af::plan::attention_backward_v<E>) {
+        CHECK_THROWS_WITH(vk::backward(dev, e, af::tensor{}, af::tensor{}, bindings...), Catch::Contains("reference::backward"));
+        return false;
+    } else {
+        const af::tensor output = rounded(af::reference::evaluate(e, bindings...));
+        af::tensor d_output = output;
+        d_output.values = random_floats(d_output.values.size(), 5);
+        const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                                std::vector<double>(d_output.values.begin(), d_output.values.end())};
+        const af::reference::gradients expected = af::reference::backward(e, d_reference, bindings...);
+        for (const execution mode : modes) {
+            const af::backward_result got = vk::backward(dev, e, output, d_output, vk::options{mode}, bindings...);
+            INFO(name << " | " << (mode == execution::fused ? "fused" : "unfused"));
+            CHECK(got.without == expected.without);
+            REQUIRE(got.inputs.size() == expected.inputs.size());
+            for (const af::reference::input_gradient& want : expected.inputs) {
+                INFO("gradient of " << want.name);
+                const af::tensor& have = got.of(want.name);
+                CHECK(have.batch == want.batch);
+                CHECK(have.heads == want.heads);
+                CHECK(have.rows == want.rows);
+                CHECK(have.cols == want.cols);
+                CHECK(af::variants::relative_error(want.values, have.values) <= tolerance);
+            }
+            if (mode == execution::fused) CHECK(got.info.score_bytes == 0);
+            else CHECK(got.info.score_bytes > 0);
+        }
+        return true;
+    }
+}
+
+}  // namespace
+
+TEST_CASE("the Vulkan backward, fused and unfused, agrees with the reference backward", "[vulkan][backward]") {
+    vk::device* dev = shared_device();
+    if (!dev) return;
+    // smaller than a fused kernel's workgroup of rows, and crossing them (one depth: each
+    // fused kernel's text holds d and d_v, and llvmpipe compiles each text in seconds)
+    for (const af::variants::shape& s : {af::variants::shape{2, 2, 7, 13, 5, 3}, af::variants::shape{1, 2, 37, 70, 5, 3}}) {
+        std::size_t covered = 0, outside = 0;
+        af::variants::for_each(s, [&](const af::variants::variant& v, const auto& e, const auto&... bindings) {
+            const bool huge_scores = v.name.find("1e4") != std::string::npos;
+            (check_backward(*dev, v.name, e, huge_scores ? 1e-2 : 1e-4, {execution::fused, execution::unfused}, bindings...) ? covered : outside) += 1;
+        });
+        CHECK(covered == 18);  // the rows cpu::backward covers
+        CHECK(covered + outside >= 30);
+    }
+}
+
+namespace {
+
+// softmax(score) * V with `Op` applied to s = scale(Qᵀ K) once (the form the
+// backward covers reads its core once), in each operand in turn: at u =
+// 0.3 s + 1.2, inside the domain of log and sqrt, against constants (0.9,
+// which max and min see on both sides; a where's condition of 1 or 0).
+template <class Op>
+void check_partials(vk::device& dev, std::size_t& checked) {
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::size_t d = 3, n_q = 5, n_k = 7, d_v = 2;
+    const std::vector<float> q = random_floats(d * n_q, 21), k = random_floats(d * n_k, 22), v = random_floats(n_k * d_v, 23);
+    const auto bq = af::bind(Q, af::col_major(q.data(), d, n_q));
+    const auto bk = af::bind(K, af::col_major(k.data(), d, n_k));
+    const auto bv = af::bind(V, v.data(), n_k, d_v);
+    const auto u = af::elementwise<af::op::add>(af::scale(Q^af::T*K) * 0.3, 1.2);
+    auto check = [&](const char* which, const auto& score) {
+        INFO("operation " << Op::name << ", the core in operand " << which);
+        // unfused: its core-gradient kernel calls the same generated slope as the fused ones
+        if (check_backward(dev, std::string(Op::name), af::softmax(score) * V, 1e-4, {execution::unfused}, bq, bk, bv)) ++checked;
+    };
+    if constexpr (requires { Op::apply(0.0); }) {
+        check("a", af::elementwise<Op>(u));
+    } else if constexpr (requires { Op::apply(0.0, 0.0); }) {
+        check("a", af::elementwise<Op>(u, 0.9));
+        check("b", af::elementwise<Op>(0.9, u));
+    } else {
+        check("b", af::elementwise<Op>(1.0, u, 0.9));
+        check("c", af::elementwise<Op>(0.0, 0.9, u));
+    }
+}
+
+template <class... Ops>
+std::size_t check_every_partial(vk::device& dev, af::op::op_list<Ops...>) {
+    std::size_t checked = 0;
+    (check_partials<Ops>(dev, checked), ...);
+    return checked;
+}
+
+}  // namespace
+
+TEST_CASE("each operation's GLSL derivative agrees with its partials through the reference backward", "[vulkan][backward]") {
+    vk::device* dev = shared_device();
+    if (!dev) return;
+    // 12 unary operations, 14 binary ones and `where`, each operand that can hold the core
+    CHECK(check_every_partial(*dev, af::op::all{}) == 12 + 2 * 14 + 2);
+}
+
+namespace {
+
+// Q shared by both heads of each batch entry, K and V per head, causal: the dQ
+// kernel sums over the heads a Q source serves, the unfused pass through its
+// source-sum kernel.
+struct shared_queries {
+    static constexpr std::size_t batch = 2, heads = 2, d = 6, n_q = 23, n_k = 41, d_v = 5;
+    std::vector<float> q = random_floats(batch * d * n_q, 11), k = random_floats(batch * heads * d * n_k, 12),
+                       v = random_floats(batch * heads * n_k * d_v, 13);
+};
+
+template <class E, class... B>
+void check_against_reference(vk::device& dev, const E& e, const B&... bindings) {
+    const af::tensor output = rounded(af::reference::evaluate(e, bindings...));
+    af::tensor d_output = output;
+    d_output.values = random_floats(d_output.values.size(), 14);
+    const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                            std::vector<double>(d_output.values.begin(), d_output.values.end())};
+    const af::reference::gradients expected = af::reference::backward(e, d_reference, bindings...);
+    for (const execution mode : {execution::fused, execution::unfused}) {
+        const af::backward_result got = vk::backward(dev, e, output, d_output, vk::options{mode}, bindings...);
+        INFO((mode == execution::fused ? "fused" : "unfused"));
+        for (const char* input : {"Q", "K", "V"}) {
+            INFO("gradient of " << input);
+            CHECK(got.of(input).batch == expected.of(input).batch);
+            CHECK(got.of(input).heads == expected.of(input).heads);
+            CHECK(af::variants::relative_error(expected.of(input).values, got.of(input).values) <= 1e-4);
+        }
+    }
+}
+
+}  // namespace
+
+TEST_CASE("the Vulkan backward sums a shared input's gradient over the heads and batches it serves, in chunks", "[vulkan][backward]") {
+    vk::device* shared = shared_device();
+    if (!shared) return;
+    // a loop budget far below any driver's: every fused kernel runs in many chunks, each resuming the last
+    vk::device_options tight{true};
+    tight.max_loop_iterations = 400;
+    vk::device small_loops(vk::default_device(), tight);
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const shared_queries s;
+    const auto e = af::softmax(af::mask(af::scale(Q^af::T*K), af::causal)) * V;
+    for (vk::device* dev : {shared, &small_loops}) {
+        INFO("loop limit " << dev->limits().max_loop_iterations);
+        // Q: one head per batch entry, shared by both heads
+        check_against_reference(*dev, e, af::bind(Q, af::col_major(s.q.data(), s.d, s.n_q, s.batch, 1)),
+                                af::bind(K, af::col_major(s.k.data(), s.d, s.n_k, s.batch, s.heads)),
+                                af::bind(V, af::row_major(s.v.data(), s.n_k, s.d_v, s.batch, s.heads)));
+        // K and V: one (batch, head) shared by every query head and batch entry
+        check_against_reference(*dev, e, af::bind(Q, af::col_major(s.k.data(), s.d, s.n_k, s.batch, s.heads)),
+                                af::bind(K, af::col_major(s.q.data(), s.d, s.n_q, 1, 1)),
+                                af::bind(V, af::row_major(s.v.data(), s.n_q, s.d_v, 1, 1)));
+    }
+    const af::backward_result chunked = [&] {
+        const auto bq = af::bind(Q, af::col_major(s.q.data(), s.d, s.n_q, s.batch, 1));
+        const auto bk = af::bind(K, af::col_major(s.k.data(), s.d, s.n_k, s.batch, s.heads));
+        const auto bv = af::bind(V, af::row_major(s.v.data(), s.n_k, s.d_v, s.batch, s.heads));
+        const af::tensor output = rounded(af::reference::evaluate(e, bq, bk, bv));
+        return vk::backward(small_loops, e, output, output, bq, bk, bv);
+    }();
+    CHECK(chunked.info.dispatches > chunked.info.kernels.size());
+}
+
+TEST_CASE("the Vulkan backward of a fully masked row is zero, and its errors name what is wrong", "[vulkan][backward]") {
+    vk::device* dev = shared_device();
+    if (!dev) return;
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::vector<float> q = random_floats(4 * 9, 1), k = random_floats(4 * 11, 2), v = random_floats(11 * 3, 3);
+    const auto bq = af::bind(Q, af::col_major(q.data(), 4, 9));
+    const auto bk = af::bind(K, af::col_major(k.data(), 4, 11));
+    const auto bv = af::bind(V, v.data(), 11, 3);
+    // queries 0 and 1 keep no key
+    const auto e = af::softmax(af::mask(af::scale(Q^af::T*K), af::i >= 2)) * V;
+    const af::tensor output = rounded(af::reference::evaluate(e, bq, bk, bv));
+    af::tensor d_output = output;
+    d_output.values.assign(d_output.values.size(), 1.0f);
+    for (const execution mode : {execution::fused, execution::unfused}) {
+        const af::backward_result g = vk::backward(*dev, e, output, d_output, vk::options{mode}, bq, bk, bv);
+        for (const af::named_gradient& input : g.inputs)
+            for (float x : input.values.values) CHECK(std::isfinite(x));
+        for (std::size_t a = 0; a < 4; ++a) CHECK(g.of("Q").at(0, 0, a, 0) == 0.0f);
+    }
+    af::tensor wrong = d_output;
+    wrong.rows = 8;
+    CHECK_THROWS_AS(vk::backward(*dev, e, output, wrong, bq, bk, bv), af::shape_error);
+    CHECK_THROWS_WITH(vk::backward(*dev, e, output, wrong, bq, bk, bv), Catch::Contains("d_output") && Catch::Contains("8x3"));
+    // K and V of different batch extents, and rows wider than an invocation keeps
+    const std::vector<float> v2 = random_floats(2 * 11 * 3, 4);
+    const auto bv2 = af::bind(V, af::row_major(v2.data(), 11, 3, 2, 1));
+    const af::tensor output2 = rounded(af::reference::evaluate(e, bq, bk, bv2));
+    CHECK_THROWS_WITH(vk::backward(*dev, e, output2, output2, bq, bk, bv2), Catch::Contains("same batch and heads"));
+    const std::vector<float> wide_q(300 * 9, 0.01f), wide_k(300 * 11, 0.01f);
+    const auto wq = af::bind(Q, af::col_major(wide_q.data(), 300, 9));
+    const auto wk = af::bind(K, af::col_major(wide_k.data(), 300, 11));
+    CHECK_THROWS_WITH(vk::backward(*dev, e, output, d_output, wq, wk, bv), Catch::Contains("d = 300"));
+}
