@@ -4,7 +4,8 @@
 //
 // Operands: 0 Q (d x n_q), 1 K (d x n_k), 2 V (n_k x d_v), 3 dO (n_q x
 // d_v), 4 the row statistics (n_q x 3: max, sum, D = rowsum(dO o O)), or O
-// where AF_BWD_STATS computes them; the unfused kernels put their own
+// where AF_BWD_STATS (or, from a training forward's, AF_BWD_GIVEN_STATISTICS)
+// computes them; the unfused kernels put their own
 // matrices in slots 0 to 4 (each mode says which). The epilogue's own
 // operands follow. Words after the epilogue's numbers, from AF_WORDS: n_q,
 // n_k, the batches and heads one (batch, head) of an input serves, the
@@ -271,7 +272,8 @@ void main() {
 }
 #endif
 
-#if defined(AF_BWD_SCORES) || defined(AF_BWD_DROPPED) || defined(AF_BWD_CORE_GRADIENT) || defined(AF_BWD_ROW_DOT)
+#if defined(AF_BWD_SCORES) || defined(AF_BWD_DROPPED) || defined(AF_BWD_CORE_GRADIENT) || defined(AF_BWD_ROW_DOT) || \
+    defined(AF_BWD_GIVEN_STATISTICS)
 // The unfused kernels, one invocation per output element (b, h, i, j).
 void main() {
     uint idx = invocation();
@@ -289,6 +291,16 @@ void main() {
     float dd = 0.0;  // 0: dO, 1: O; the output n_q x 1
     for (uint c = 0u; c < AF_DV; ++c) dd += ld0(b, h, i, c) * ld1(b, h, i, c);
     OUT.d[idx] = dd;
+#elif defined(AF_BWD_GIVEN_STATISTICS)
+    // 0: dO, 1: O, 2: the training forward's (max, sum); the output the fused
+    // kernels' statistics, n_q x 3: max, sum, D
+    if (j < 2u) {
+        OUT.d[idx] = ld2(b, h, i, j);
+    } else {
+        float dd = 0.0;
+        for (uint c = 0u; c < AF_DV; ++c) dd += ld0(b, h, i, c) * ld1(b, h, i, c);
+        OUT.d[idx] = dd;
+    }
 #else
     // 0: f Q^T K, 1: P, 2: dO V^T, 3: D; the core's gradient dS o slope
     float p = ld1(b, h, i, j);

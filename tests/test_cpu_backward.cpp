@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,34 @@ struct compared {
     std::size_t variants = 0;     // checked against the reference
     std::size_t outside = 0;      // outside the form the CPU's backward covers: refused with a message
 };
+
+// A training forward's statistics against the double reference's scores:
+// each row's max, and its sum of exp(s - max) (relative); -inf and 0 where
+// every key is masked.
+template <class E, class... B>
+void check_statistics(const af::row_statistics& got, const E& e, double tolerance, const B&... bindings) {
+    const af::reference::result scores = af::reference::evaluate(af::plan::attention_parts<E>::score(e), bindings...);
+    REQUIRE(got.batch == scores.batch);
+    REQUIRE(got.heads == scores.heads);
+    REQUIRE(got.rows == scores.rows);
+    REQUIRE(got.max.size() == scores.batch * scores.heads * scores.rows);
+    double worst_max = 0, worst_sum = 0;
+    for (std::size_t row = 0; row < got.max.size(); ++row) {
+        const double* s = scores.values.data() + row * scores.cols;
+        const double top = *std::max_element(s, s + scores.cols);
+        if (std::isinf(top) && top < 0) {
+            CHECK(got.max[row] == -std::numeric_limits<float>::infinity());
+            CHECK(got.sum[row] == 0.0f);
+            continue;
+        }
+        double sum = 0;
+        for (std::size_t c = 0; c < scores.cols; ++c) sum += std::exp(s[c] - top);
+        worst_max = std::max(worst_max, std::abs(got.max[row] - top) / std::max(1.0, std::abs(top)));
+        worst_sum = std::max(worst_sum, std::abs(got.sum[row] - sum) / sum);
+    }
+    CHECK(worst_max <= tolerance);
+    CHECK(worst_sum <= tolerance);
+}
 
 template <class E, class... B>
 void check_backward(const std::string& name, const E& e, double tolerance, compared& count, const B&... bindings) {
@@ -64,6 +93,22 @@ void check_backward(const std::string& name, const E& e, double tolerance, compa
             }
             if (mode == execution::fused) CHECK(got.info.score_bytes == 0);
             else CHECK(got.info.score_bytes > 0);
+
+            // the training forward: the same output, with each row's statistics, which the
+            // backward then reads instead of recomputing
+            const af::training_result training = af::cpu::run_for_training(e, af::cpu::options{mode}, bindings...);
+            CHECK(training.output.values == af::cpu::run(e, af::cpu::options{mode}, bindings...).output.values);
+            check_statistics(training.statistics, e, tolerance, bindings...);
+            for (const execution backward_mode : {execution::fused, execution::unfused}) {
+                INFO("from the training forward's result, backward " << (backward_mode == execution::fused ? "fused" : "unfused"));
+                const af::backward_result given = af::cpu::backward(e, training, d_output, af::cpu::options{backward_mode}, bindings...);
+                REQUIRE(given.inputs.size() == expected.inputs.size());
+                for (const af::reference::input_gradient& want : expected.inputs)
+                    CHECK(af::variants::relative_error(want.values, given.of(want.name).values) <= tolerance);
+                if (backward_mode == execution::fused)
+                    CHECK(std::any_of(given.info.kernels.begin(), given.info.kernels.end(),
+                                      [](const std::string& k) { return k.find("the forward's max and sum") != std::string::npos; }));
+            }
         }
         ++count.variants;
     }
@@ -164,4 +209,67 @@ TEST_CASE("the CPU backward gives Q and K no gradient where the score reads its 
         CHECK(g.has("V"));
         CHECK_THROWS_WITH(g.of("Q"), Catch::Contains("no gradient"));
     }
+}
+
+TEST_CASE("a training forward keeps each row's statistics, and merge_attentions joins attentions over disjoint keys exactly",
+          "[cpu][backward][training]") {
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::size_t batch = 2, heads = 3, d = 7, n_q = 69, d_v = 5;
+    const std::size_t first_keys = 37, second_keys = 58, n_k = first_keys + second_keys;
+    const std::vector<float> q = random_floats(batch * heads * d * n_q, 21), k = random_floats(batch * heads * d * n_k, 22),
+                             v = random_floats(batch * heads * n_k * d_v, 23);
+    // the keys split in two: K is d x n_k column-major per (batch, head), so keys [0, first) come
+    // first in each matrix; the parts are copies of those columns
+    std::vector<float> k1, k2, v1, v2;
+    for (std::size_t m = 0; m < batch * heads; ++m) {
+        const float* km = k.data() + m * d * n_k;
+        const float* vm = v.data() + m * n_k * d_v;
+        k1.insert(k1.end(), km, km + d * first_keys);
+        k2.insert(k2.end(), km + d * first_keys, km + d * n_k);
+        v1.insert(v1.end(), vm, vm + first_keys * d_v);
+        v2.insert(v2.end(), vm + first_keys * d_v, vm + n_k * d_v);
+    }
+    const auto bq = af::bind(Q, af::col_major(q.data(), d, n_q, batch, heads));
+    const auto soft_capped = af::softmax(2.5 * af::tanh(af::scale(Q^af::T*K) / 2.5)) * V;
+    const af::training_result whole = af::cpu::run_for_training(soft_capped, bq, af::bind(K, af::col_major(k.data(), d, n_k, batch, heads)),
+                                              af::bind(V, af::row_major(v.data(), n_k, d_v, batch, heads)));
+    const af::training_result first = af::cpu::run_for_training(soft_capped, bq, af::bind(K, af::col_major(k1.data(), d, first_keys, batch, heads)),
+                                              af::bind(V, af::row_major(v1.data(), first_keys, d_v, batch, heads)));
+    const af::training_result second =
+        af::cpu::run_for_training(soft_capped, af::cpu::options{execution::unfused}, bq,
+                     af::bind(K, af::col_major(k2.data(), d, second_keys, batch, heads)),
+                     af::bind(V, af::row_major(v2.data(), second_keys, d_v, batch, heads)));
+    const af::training_result merged = af::merge_attentions(first, second);
+    const std::vector<double> whole_output(whole.output.values.begin(), whole.output.values.end());
+    CHECK(af::variants::relative_error(whole_output, merged.output.values) <= 1e-6);
+    for (std::size_t row = 0; row < whole.statistics.max.size(); ++row) {
+        // each part's scores are their own products, rounded in another order
+        CHECK(std::abs(merged.statistics.max[row] - whole.statistics.max[row]) <= 1e-6f);
+        CHECK(std::abs(merged.statistics.sum[row] - whole.statistics.sum[row]) <= 1e-5f * whole.statistics.sum[row]);
+    }
+    // a part whose every key a mask removed weighs nothing: the other part is the merge
+    af::training_result nothing_kept = second;
+    std::fill(nothing_kept.statistics.max.begin(), nothing_kept.statistics.max.end(), -std::numeric_limits<float>::infinity());
+    std::fill(nothing_kept.statistics.sum.begin(), nothing_kept.statistics.sum.end(), 0.0f);
+    std::fill(nothing_kept.output.values.begin(), nothing_kept.output.values.end(), 0.0f);
+    CHECK(af::merge_attentions(first, nothing_kept).output.values == first.output.values);
+    const af::training_result both_empty = af::merge_attentions(nothing_kept, nothing_kept);
+    for (float x : both_empty.output.values) CHECK(x == 0.0f);
+
+    // what is wrong is named
+    af::training_result no_statistics = second;
+    no_statistics.statistics = {};
+    CHECK_THROWS_WITH(af::merge_attentions(first, no_statistics),
+                      Catch::Contains("second part keeps statistics of 0 rows") && Catch::Contains("run_for_training"));
+    af::training_result fewer_rows = first;
+    fewer_rows.output.rows = 3;
+    CHECK_THROWS_AS(af::merge_attentions(first, fewer_rows), af::shape_error);
+    const auto bk = af::bind(K, af::col_major(k.data(), d, n_k, batch, heads));
+    const auto bv = af::bind(V, af::row_major(v.data(), n_k, d_v, batch, heads));
+    af::training_result wrong = whole;
+    wrong.statistics.rows = 5;
+    CHECK_THROWS_WITH(af::cpu::backward(soft_capped, wrong, whole.output, bq, bk, bv),
+                      Catch::Contains("the forward's statistics") && Catch::Contains("69 query rows"));
 }

@@ -3,6 +3,7 @@
 // test_gradients): every variant of the form it covers, at odd sizes, every
 // gradient within 1e-4 relative; and each operation's GLSL derivative face
 // (glsl_partials) through a score that applies it.
+#include <attnfuse/cpu.hpp>
 #include <attnfuse/vulkan.hpp>
 #include <attnfuse/vulkan/backward.hpp>
 #include <catch2/catch.hpp>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -241,4 +243,41 @@ TEST_CASE("the Vulkan backward of a fully masked row is zero, and its errors nam
     const auto wq = af::bind(Q, af::col_major(wide_q.data(), 300, 9));
     const auto wk = af::bind(K, af::col_major(wide_k.data(), 300, 11));
     CHECK_THROWS_WITH(vk::backward(*dev, e, output, d_output, wq, wk, bv), Catch::Contains("d = 300"));
+}
+
+TEST_CASE("the Vulkan backward reads a training forward's statistics", "[vulkan][backward][training]") {
+    vk::device* dev = shared_device();
+    if (!dev) return;
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::size_t batch = 2, heads = 2, d = 5, n_q = 37, n_k = 45, d_v = 3;
+    const std::vector<float> q = random_floats(batch * heads * d * n_q, 31), k = random_floats(batch * heads * d * n_k, 32),
+                             v = random_floats(batch * heads * n_k * d_v, 33);
+    const auto bq = af::bind(Q, af::col_major(q.data(), d, n_q, batch, heads));
+    const auto bk = af::bind(K, af::col_major(k.data(), d, n_k, batch, heads));
+    const auto bv = af::bind(V, af::row_major(v.data(), n_k, d_v, batch, heads));
+    // queries 0 to 2 keep no key: their statistics are -inf and 0
+    const auto e = af::softmax(af::mask(af::mask(af::scale(Q^af::T*K), af::causal), af::i >= 3)) * V;
+    const af::training_result training = af::cpu::run_for_training(e, bq, bk, bv);
+    CHECK(training.statistics.max[0] == -std::numeric_limits<float>::infinity());
+    af::tensor d_output = training.output;
+    d_output.values = random_floats(d_output.values.size(), 34);
+    const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                            std::vector<double>(d_output.values.begin(), d_output.values.end())};
+    const af::reference::gradients expected = af::reference::backward(e, d_reference, bq, bk, bv);
+    const af::backward_result got = vk::backward(*dev, e, training, d_output, bq, bk, bv);
+    CHECK(std::any_of(got.info.kernels.begin(), got.info.kernels.end(),
+                      [](const std::string& k) { return k.find("the forward's max and sum") != std::string::npos; }));
+    CHECK(std::none_of(got.info.kernels.begin(), got.info.kernels.end(),
+                       [](const std::string& k) { return k.find("over every key, and D") != std::string::npos; }));
+    for (const char* name : {"Q", "K", "V"}) {
+        INFO("gradient of " << name);
+        const af::tensor& have = got.of(name);
+        for (float x : have.values) CHECK(std::isfinite(x));
+        CHECK(af::variants::relative_error(expected.of(name).values, have.values) <= 1e-4);
+    }
+    af::training_result wrong = training;
+    wrong.statistics.heads = 1;
+    CHECK_THROWS_AS(vk::backward(*dev, e, wrong, d_output, bq, bk, bv), af::shape_error);
 }

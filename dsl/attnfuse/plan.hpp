@@ -235,6 +235,14 @@ struct attention_parts {
         else if constexpr (dropout || post_weighted) return weights(e).template kid<0>().template kid<0>();
         else return weights(e).template kid<0>();
     }
+    // the softmax(s) of softmax(s), dropout(softmax(s)) and softmax(s) % g,
+    // whose rows a training forward keeps the statistics of
+    static const auto& softmax_node(const E& e)
+        requires(!hard && !plain_sum)
+    {
+        if constexpr (dropout || post_weighted) return weights(e).template kid<0>();
+        else return weights(e);
+    }
     // g of softmax(s) % g
     static const auto& post(const E& e)
         requires post_weighted
@@ -276,6 +284,14 @@ struct attention_parts {
         return core(e).template kid<0>();
     }
 };
+
+// A softmax attention (softmax(s), dropout(softmax(s)) or softmax(s) % g,
+// times V) at the root of E: what a training forward keeps row statistics
+// of (cpu::run_for_training).
+template <class E, bool = attention_pattern<E>::matches> struct keeps_statistics : std::false_type {};
+template <class E>
+struct keeps_statistics<E, true> : std::bool_constant<!attention_parts<E>::hard && !attention_parts<E>::plain_sum> {};
+template <class E> inline constexpr bool keeps_statistics_v = keeps_statistics<std::remove_cvref_t<E>>::value;
 
 // The nodes whose results are an attention's n_q x n_k scores or weights
 // (the weights, what they normalise, the score, its core), for every

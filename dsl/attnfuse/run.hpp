@@ -4,7 +4,10 @@
 // ignored there (threads on Vulkan, key_splits on the CPU), and a report
 // field it has nothing to say about stays 0 (the CPU has no device time).
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -64,10 +67,97 @@ struct report {
     std::vector<std::string> notes;      // choices made at run time (fallbacks, retries)
 };
 
+// Each query row's softmax statistics, kept by a training forward
+// (cpu::run_for_training): per (batch, head, query row), index
+// (b * heads + h) * rows + i, the largest of the row's scores (after the
+// score's pointwise operations, before dropout) and the sum of
+// exp(score - max) over its keys. The weights are exp(s - max) / sum. A row
+// every mask removes has max -inf and sum 0, a row with a NaN score NaN.
+struct row_statistics {
+    std::size_t batch = 0, heads = 0, rows = 0;
+    std::vector<float> max, sum;
+
+    bool empty() const { return max.empty(); }
+    // log(sum over the keys of exp(score)), -inf for a row every mask removes
+    float log_sum_exp(std::size_t index) const { return sum[index] == 0.0f ? max[index] : max[index] + std::log(sum[index]); }
+};
+
 struct run_result {
     tensor output;
     report info;
 };
+
+// What a training forward returns: the output, the report, and each query
+// row's statistics, which a backward pass given this result reads instead of
+// recomputing them, and which merge_attentions() merges by.
+struct training_result {
+    tensor output;
+    report info;
+    row_statistics statistics;
+};
+
+namespace check {
+// Row statistics exist for a softmax attention at the root.
+template <class E>
+constexpr void keeps_statistics() {
+    static_assert(plan::keeps_statistics_v<E>,
+                  "attnfuse: run_for_training keeps the row statistics of a softmax attention at the root: softmax(s)*V, "
+                  "dropout(softmax(s), p, seed)*V or (softmax(s) % g)*V. For any other expression call run(); "
+                  "reference::backward differentiates it");
+}
+}  // namespace check
+
+// The attention over the union of two disjoint sets of keys, from training
+// forwards over each (run_for_training): exact, as
+// FlashDecoding merges its key splits. Each row is the two rows weighted by
+// their shares of the merged sum, exp(max_x - max) sum_x, and the result
+// carries the merged statistics, so merges chain. A row every mask removed
+// in one part takes the other's; in both, it is 0. Both parts must come from
+// one expression over the same queries (their outputs and statistics of one
+// shape: a shape_error names both otherwise).
+inline training_result merge_attentions(const training_result& first, const training_result& second) {
+    const tensor &a = first.output, &b = second.output;
+    const auto extents = [](const tensor& t) {
+        return std::to_string(t.batch) + " batch x " + std::to_string(t.heads) + " heads of " + shape_to_string(t.rows, t.cols);
+    };
+    if (a.batch != b.batch || a.heads != b.heads || a.rows != b.rows || a.cols != b.cols)
+        throw shape_error("merge_attentions: the first part's output is " + extents(a) + " but the second's is " + extents(b) +
+                          "; merge the parts of one attention over the same queries");
+    const std::size_t rows = a.batch * a.heads * a.rows;
+    for (const training_result* part : {&first, &second}) {
+        const row_statistics& st = part->statistics;
+        if (st.max.size() != rows || st.sum.size() != rows)
+            throw shape_error("merge_attentions: the " + std::string(part == &first ? "first" : "second") + " part keeps statistics of " +
+                              std::to_string(st.max.size()) + " rows, but its output has " + std::to_string(rows) +
+                              " rows; give the results of run_for_training unchanged");
+    }
+    training_result merged;
+    merged.output = a;
+    merged.statistics = first.statistics;
+    for (std::size_t r = 0; r < rows; ++r) {
+        const float max_a = first.statistics.max[r], max_b = second.statistics.max[r];
+        const float sum_a = first.statistics.sum[r], sum_b = second.statistics.sum[r];
+        float* out = merged.output.values.data() + r * a.cols;
+        const float* row_b = b.values.data() + r * b.cols;
+        if (std::isnan(max_a) || std::isnan(max_b) || std::isnan(sum_a) || std::isnan(sum_b)) {
+            std::fill_n(out, a.cols, std::numeric_limits<float>::quiet_NaN());
+            merged.statistics.max[r] = merged.statistics.sum[r] = std::numeric_limits<float>::quiet_NaN();
+            continue;
+        }
+        const float top = std::max(max_a, max_b);
+        // a part every mask removed (sum 0) weighs 0, never exp(-inf - -inf)
+        const float weight_a = sum_a == 0.0f ? 0.0f : sum_a * std::exp(max_a - top);
+        const float weight_b = sum_b == 0.0f ? 0.0f : sum_b * std::exp(max_b - top);
+        const float total = weight_a + weight_b;
+        const float share_a = total == 0.0f ? 0.0f : weight_a / total, share_b = total == 0.0f ? 0.0f : weight_b / total;
+        for (std::size_t c = 0; c < a.cols; ++c)
+            out[c] = (share_a == 0.0f ? 0.0f : share_a * out[c]) + (share_b == 0.0f ? 0.0f : share_b * row_b[c]);
+        merged.statistics.max[r] = top;
+        merged.statistics.sum[r] = total;
+    }
+    merged.info.kernels = {"merge_attentions: each row weighted by its part's share of the merged softmax sum"};
+    return merged;
+}
 
 // A backward pass's output and d_output must have the expression's
 // batch, heads and shape (a shape_error names both otherwise).
@@ -82,6 +172,17 @@ inline void check_backward_operands(const tensor& output, const tensor& d_output
             throw shape_error(std::string(name) + ": the expression gives " + extents(batch, heads, shape.rows, shape.cols) + " but " +
                               name + " is " + extents(t->batch, t->heads, t->rows, t->cols) +
                               "; give the forward's output and its gradient, of the output's shape");
+}
+
+// A forward result's statistics that a backward pass reads must be those of
+// the expression's rows (a shape_error names both otherwise).
+inline void check_given_statistics(const row_statistics& given, std::size_t batch, std::size_t heads, std::size_t n_q) {
+    const std::size_t rows = batch * heads * n_q;
+    if (given.batch != batch || given.heads != heads || given.rows != n_q || given.max.size() != rows || given.sum.size() != rows)
+        throw shape_error("the forward's statistics: the expression has " + std::to_string(batch) + " batch x " + std::to_string(heads) +
+                          " heads of " + std::to_string(n_q) + " query rows but the statistics are of " + std::to_string(given.batch) +
+                          " x " + std::to_string(given.heads) + " of " + std::to_string(given.rows) + " (" +
+                          std::to_string(given.max.size()) + " kept); give the result of this expression's training forward");
 }
 
 // What a backend's backward pass returns: the gradient of

@@ -382,7 +382,7 @@ void running_argmax_columns(const float* st, std::size_t keys, std::size_t queri
         }
 }
 
-void softmax_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds) {
+void softmax_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds, float* row_max, float* row_sum) {
     for (std::size_t r = 0; r < rows; ++r) {
         row_state st{minus_inf, 0.0f};
         float* sr = s + r * lds;
@@ -395,10 +395,12 @@ void softmax_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds)
         }
         if (nan || top == std::numeric_limits<float>::infinity()) {
             std::fill_n(sr, cols, std::numeric_limits<float>::quiet_NaN());
+            if (row_max) row_max[r] = row_sum[r] = std::numeric_limits<float>::quiet_NaN();
             continue;
         }
         if (top == minus_inf) {
             std::fill_n(sr, cols, 0.0f);
+            if (row_max) row_max[r] = minus_inf, row_sum[r] = 0.0f;
             continue;
         }
         const vf m = simd::splat(top);
@@ -411,6 +413,7 @@ void softmax_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds)
         }
         st.sum = simd::horizontal_sum(total);
         for (; c < cols; ++c) st.sum += (sr[c] = std::exp(sr[c] - top));
+        if (row_max) row_max[r] = top, row_sum[r] = st.sum;
         const float inv = 1.0f / st.sum;
         for (c = 0; c < cols; ++c) sr[c] *= inv;
     }

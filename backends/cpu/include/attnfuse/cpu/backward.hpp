@@ -120,9 +120,10 @@ struct head_operands {
     std::ptrdiff_t q_ds, q_qs, k_ds, k_ks, v_ks, v_cs;  // depth/query, depth/key, key/column strides
 };
 
+// given: the training forward's row statistics, or nullptr (the fused pass computes them)
 template <class E, class... Bindings>
-backward_result attention_backward(const E& e, const tensor& output, const tensor& d_output, const options& opt,
-                                   const Bindings&... bindings) {
+backward_result attention_backward(const E& e, const tensor& output, const tensor& d_output, const row_statistics* given,
+                                   const options& opt, const Bindings&... bindings) {
     using parts = plan::attention_parts<E>;
     using Core = typename parts::core_type;
     constexpr bool with_dropout = parts::dropout;
@@ -132,6 +133,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
     settle_heads(e, env);
     const runtime_shape shape = shape_of(e, env);
     check_backward_operands(output, d_output, env.batch, env.heads, shape);
+    if (given) check_given_statistics(*given, env.batch, env.heads, shape.rows);
 
     backward_result result;
     report& info = result.info;
@@ -294,7 +296,23 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
     };
 
     // ---- 1. statistics -----------------------------------------------------------------
-    {
+    if (fused && given) {
+        // the forward's: only D is left to compute
+        const auto rows = static_cast<std::ptrdiff_t>(row_max.size());
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (std::ptrdiff_t row = 0; row < rows; ++row) {
+            const float top = given->max[row], sum = given->sum[row];
+            const bool bad = std::isnan(top) || std::isnan(sum) || top == std::numeric_limits<float>::infinity();
+            row_max[row] = bad ? std::numeric_limits<float>::quiet_NaN() : top;
+            row_inverse[row] = bad ? std::numeric_limits<float>::quiet_NaN() : sum > 0.0f ? 1.0f / sum : 0.0f;
+            const float* o_row = out_values + row * d_v;
+            const float* g_row = d_out_values + row * d_v;
+            float d = 0;
+            for (std::size_t c = 0; c < d_v; ++c) d += o_row[c] * g_row[c];
+            row_d[row] = d;
+        }
+        info.kernels.push_back("backward statistics: the forward's max and sum, rowsum(dO ∘ O)");
+    } else {
         const auto items = static_cast<std::ptrdiff_t>(env.batch * heads * q_tiles);
 #pragma omp parallel num_threads(threads)
         {
@@ -608,6 +626,23 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
 }  // namespace ATTNFUSE_CPU_ISA
 }  // namespace detail
 
+namespace detail {
+template <class E, class... Bindings>
+backward_result backward_given(const E& e, const tensor& output, const tensor& d_output, const row_statistics* given, const options& opt,
+                               const Bindings&... bindings) {
+    attnfuse::check::no_pending_transpose<E>();
+    if constexpr (!plan::attention_backward_v<E>) {
+        throw std::invalid_argument(outside_attention_backward("cpu", to_string(e)));
+    } else {
+        auto as_f32 = [](const auto& b) {
+            if constexpr (std::is_same_v<std::remove_cvref_t<decltype(*b.view.data)>, float>) return b;
+            else return widened(b);
+        };
+        return attention_backward(e, output, d_output, given, opt, as_f32(bindings)...);
+    }
+}
+}  // namespace detail
+
 // The gradient of sum(d_output ∘ output) in every bound input, where output
 // = run(e, bindings...).output: Q, K and V of a softmax attention
 // (plan::attention_backward_v<E>), fused (the default) or unfused. 16-bit
@@ -617,21 +652,26 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
 template <class E, class... Bindings>
     requires expression<E> && (a_binding<Bindings> && ...)
 backward_result backward(const E& e, const tensor& output, const tensor& d_output, const options& opt, const Bindings&... bindings) {
-    attnfuse::check::no_pending_transpose<E>();
-    if constexpr (!plan::attention_backward_v<E>) {
-        throw std::invalid_argument(outside_attention_backward("cpu", to_string(e)));
-    } else {
-        auto as_f32 = [](const auto& b) {
-            if constexpr (std::is_same_v<std::remove_cvref_t<decltype(*b.view.data)>, float>) return b;
-            else return widened(b);
-        };
-        return detail::attention_backward(e, output, d_output, opt, as_f32(bindings)...);
-    }
+    return detail::backward_given(e, output, d_output, nullptr, opt, bindings...);
 }
 template <class E, class... Bindings>
     requires expression<E> && (a_binding<Bindings> && ...)
 backward_result backward(const E& e, const tensor& output, const tensor& d_output, const Bindings&... bindings) {
     return backward(e, output, d_output, options{}, bindings...);
+}
+
+// The same from a training forward's result (run_for_training): its row
+// statistics spare the fused pass its first walk over the keys. The unfused
+// pass recomputes everything either way.
+template <class E, class... Bindings>
+    requires expression<E> && (a_binding<Bindings> && ...)
+backward_result backward(const E& e, const training_result& forward, const tensor& d_output, const options& opt, const Bindings&... bindings) {
+    return detail::backward_given(e, forward.output, d_output, &forward.statistics, opt, bindings...);
+}
+template <class E, class... Bindings>
+    requires expression<E> && (a_binding<Bindings> && ...)
+backward_result backward(const E& e, const training_result& forward, const tensor& d_output, const Bindings&... bindings) {
+    return backward(e, forward, d_output, options{}, bindings...);
 }
 
 }  // namespace attnfuse::cpu

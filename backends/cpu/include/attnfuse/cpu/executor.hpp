@@ -132,6 +132,20 @@ struct executor {
     const root_output* direct_output(const E& e) const {
         return direct_root && static_cast<const void*>(&e) == root && typeid(E) == *root_type ? direct_root : nullptr;
     }
+
+    // A training forward's row statistics (run_for_training), which
+    // the root attention's fused kernel writes, or, where it runs unfused,
+    // the kernel of its softmax node.
+    row_statistics* statistics = nullptr;
+    const void* statistics_attention = nullptr;
+    const void* statistics_softmax = nullptr;
+    bool statistics_kept = false;
+    template <class E>
+    row_statistics* statistics_of(const E& e, const void* node) {
+        if (!statistics || static_cast<const void*>(&e) != node) return nullptr;
+        statistics_kept = true;
+        return statistics;
+    }
 };
 
 template <class E, class X> tensor_view<float> evaluate(const E& e, X& x);
@@ -458,6 +472,7 @@ tensor_view<float> fused_attention(const E& e, X& x) {
     const std::size_t rows_padded = kernels::round_up(rows_per_tile, kernels::panel_width);
     const std::size_t q_tiles = (n_q + rows_per_tile - 1) / rows_per_tile;
     const root_output* direct = x.direct_output(e);
+    row_statistics* const kept = x.statistics_of(e, x.statistics_attention);
     const tensor_view<float> out = direct ? tensor_view<float>{nullptr, n_q, d_v, x.env.batch, x.env.heads} : x.destination(e, n_q, d_v);
     const auto items = static_cast<std::ptrdiff_t>(x.heads_total() * q_tiles);
     // the values are their own panels when rows are contiguous and 16-wide,
@@ -841,6 +856,11 @@ tensor_view<float> fused_attention(const E& e, X& x) {
                 }
                 if (direct) direct->store_row(b, h, q0 + r, row, d_v);
                 else std::copy_n(row, d_v, x.matrix_of(out, b, h) + static_cast<std::ptrdiff_t>(q0 + r) * out.row_stride);
+                if constexpr (!hard && !plain_sum)
+                    if (kept) {
+                        kept->max[bh * n_q + q0 + r] = state[r].max;
+                        kept->sum[bh * n_q + q0 + r] = state[r].sum;
+                    }
             }
         }
     }
@@ -894,12 +914,17 @@ tensor_view<float> node_kernel(const E& e, X& x) {
         const tensor_view<float> in = evaluate(e.template kid<0>(), x);
         x.info.kernels.push_back(plan::kernel_name<plan::node_kernel<E>>::get(e));
         const tensor_view<float> out = dense_copy(in, x);
+        row_statistics* const kept = x.statistics_of(e, x.statistics_softmax);
         const auto bhs = static_cast<std::ptrdiff_t>(x.heads_total());
 #pragma omp parallel for schedule(static) num_threads(x.threads())
         for (std::ptrdiff_t bh = 0; bh < bhs; ++bh) {
             float* m = x.matrix_of(out, static_cast<std::size_t>(bh) / x.env.heads, static_cast<std::size_t>(bh) % x.env.heads);
-            if constexpr (has_kind_v<E, kind::softmax>) kernels::softmax_rows(m, out.rows, out.cols, out.cols);
-            else kernels::hard_rows(m, out.rows, out.cols, out.cols);
+            if constexpr (has_kind_v<E, kind::softmax>) {
+                kernels::softmax_rows(m, out.rows, out.cols, out.cols, kept ? kept->max.data() + bh * out.rows : nullptr,
+                                      kept ? kept->sum.data() + bh * out.rows : nullptr);
+            } else {
+                kernels::hard_rows(m, out.rows, out.cols, out.cols);
+            }
         }
         return out;
     } else if constexpr (has_kind_template<E, kind::reduce_along_rows>::value ||
@@ -1005,10 +1030,11 @@ inline options with_threads_clamped(options o) {
     return o;
 }
 
-// into: run_into's output (nullptr: the result goes to run_result.output).
+// into: run_into's output (nullptr: the result goes to run_result.output);
+// statistics: where a training forward keeps its rows' statistics, or nullptr.
 template <class Out, class E, class... Bindings>
 run_result run_readable(const E& e, const options& opt, std::chrono::steady_clock::time_point start, const output_view<Out>* into,
-                        const Bindings&... bindings) {
+                        row_statistics* statistics, const Bindings&... bindings) {
     using Env = environment<Bindings...>;
     Env env(bindings...);
     settle_heads(e, env);
@@ -1047,8 +1073,19 @@ run_result run_readable(const E& e, const options& opt, std::chrono::steady_cloc
         if (into) direct = root_output_of(*into);
         detail::executor<Env> x{env, o, info, {}, {}, &e, root_target, &typeid(E), {}};
         if (into && !dense_f32_into) x.direct_root = &direct;
+        if constexpr (plan::keeps_statistics_v<E>)
+            if (statistics) {
+                using parts = plan::attention_parts<E>;
+                const std::size_t rows = env.batch * env.heads * shape.rows;
+                *statistics = {env.batch, env.heads, shape.rows, std::vector<float>(rows), std::vector<float>(rows)};
+                x.statistics = statistics;
+                x.statistics_attention = &e;
+                x.statistics_softmax = &parts::softmax_node(e);
+            }
         plan::collect_score_nodes(e, x.score_nodes);
         const tensor_view<float> v = detail::evaluate(e, x);
+        if (x.statistics && !x.statistics_kept)
+            throw std::logic_error("attnfuse internal: the CPU ran `" + to_string(e) + "` without keeping its row statistics");
         if (v.rows != shape.rows || v.cols != shape.cols)
             throw std::logic_error("attnfuse internal: the CPU computed " + shape_to_string(v.rows, v.cols) + " for a " +
                                    shape_to_string(shape) + " result");
@@ -1093,13 +1130,36 @@ template <class E, class... Bindings>
 run_result run(const E& e, const options& opt, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
     const auto start = std::chrono::steady_clock::now();
-    return detail::run_readable<float>(e, opt, start, nullptr, lower::readable<detail::hooks>(bindings)...);
+    return detail::run_readable<float>(e, opt, start, nullptr, nullptr, lower::readable<detail::hooks>(bindings)...);
 }
 
 template <class E, class... Bindings>
     requires expression<E> && (a_binding<Bindings> && ...)
 run_result run(const E& e, const Bindings&... bindings) {
     return run(e, options{}, bindings...);
+}
+
+// The training forward: run(), and each query row's softmax statistics
+// (training_result::statistics), which the fused kernel writes as it
+// finishes a row (unfused, the softmax kernel), for a softmax attention at
+// the root (plan::keeps_statistics_v; anything else does not compile). The
+// output is the same as run()'s.
+template <class E, class... Bindings>
+    requires expression<E> && (a_binding<Bindings> && ...)
+training_result run_for_training(const E& e, const options& opt, const Bindings&... bindings) {
+    attnfuse::check::no_pending_transpose<E>();
+    attnfuse::check::keeps_statistics<E>();
+    const auto start = std::chrono::steady_clock::now();
+    training_result result;
+    run_result run = detail::run_readable<float>(e, opt, start, nullptr, &result.statistics, lower::readable<detail::hooks>(bindings)...);
+    result.output = std::move(run.output);
+    result.info = std::move(run.info);
+    return result;
+}
+template <class E, class... Bindings>
+    requires expression<E> && (a_binding<Bindings> && ...)
+training_result run_for_training(const E& e, const Bindings&... bindings) {
+    return run_for_training(e, options{}, bindings...);
 }
 
 // Runs `e` and writes its result into the caller's `out` as stored (f32,
@@ -1114,7 +1174,7 @@ template <class Out, class E, class... Bindings>
 report run_into(const E& e, const options& opt, const output_view<Out>& out, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
     const auto start = std::chrono::steady_clock::now();
-    return detail::run_readable<Out>(e, opt, start, &out, lower::readable<detail::hooks>(bindings)...).info;
+    return detail::run_readable<Out>(e, opt, start, &out, nullptr, lower::readable<detail::hooks>(bindings)...).info;
 }
 template <class Out, class E, class... Bindings>
     requires expression<E> && storage_element<Out> && (a_binding<Bindings> && ...)

@@ -145,7 +145,10 @@ void multiply_dots(std::size_t rows, std::size_t cols, std::size_t depth, const 
 
 // Softmax of each row of s (rows x cols), in place; -inf entries get exactly
 // 0, a row with every entry -inf becomes zeros, a row holding NaN becomes NaN.
-void softmax_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds);
+// With row_max and row_sum, each row's max and sum of exp(s - max) go there
+// too (a training forward's statistics: -inf and 0 for a row of -inf).
+void softmax_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds, float* row_max = nullptr,
+                  float* row_sum = nullptr);
 
 // One-hot argmax of each row (ties: the lowest column); all -inf: zeros.
 void hard_rows(float* s, std::size_t rows, std::size_t cols, std::size_t lds);

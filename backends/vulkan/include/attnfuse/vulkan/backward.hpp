@@ -61,8 +61,8 @@ std::string backward_functions(const Tree* tree, std::vector<std::uint32_t>* num
 }
 
 template <class E, class... Bindings>
-backward_result attention_backward(device& dev, const E& e, const tensor& output, const tensor& d_output, const options& opt,
-                                   const std::map<std::string, operand>& resident, const Bindings&... bindings) {
+backward_result attention_backward(device& dev, const E& e, const tensor& output, const tensor& d_output, const row_statistics* given,
+                                   const options& opt, const std::map<std::string, operand>& resident, const Bindings&... bindings) {
     using parts = plan::attention_parts<E>;
     using Core = typename parts::core_type;
     constexpr bool with_dropout = parts::dropout;
@@ -72,6 +72,7 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
     settle_heads(e, env);
     const runtime_shape shape = shape_of(e, env);
     check_backward_operands(output, d_output, env.batch, env.heads, shape);
+    if (given) check_given_statistics(*given, env.batch, env.heads, shape.rows);
 
     const Core& core = parts::core(e);
     const auto& q_input = core.template kid<0>().template kid<0>();
@@ -184,9 +185,22 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
             const auto stats = output_buffer(x, n_q, 3, "the row statistics of the backward of " + name);
             const operand stats_operand = dense_operand(stats, n_q, 3, env.batch, env.heads);
             if (fused) {
-                chunked_launch(x, "backward_stats", "backward: each row's max and sum of the softmax over every key, and D = rowsum(dO ∘ O)",
-                               body("AF_BWD_STATS"), with_slots({q, k, v, d_out, out}), numbers, stats, n_q, 3, bh * n_q, n_k,
-                               depth / tile_rows + rows_per_invocation + 2, fused_grid(n_q, bh));
+                if (given) {
+                    std::vector<float> max_and_sum(2 * given->max.size());
+                    for (std::size_t row = 0; row < given->max.size(); ++row) {
+                        max_and_sum[2 * row] = given->max[row];
+                        max_and_sum[2 * row + 1] = given->sum[row];
+                    }
+                    const operand forward_statistics =
+                        x.upload(row_major(max_and_sum.data(), n_q, 2, env.batch, env.heads), "the forward's row statistics");
+                    x.launch("backward_given_statistics", "backward: the forward's max and sum of each row, and D = rowsum(dO ∘ O)",
+                             body("AF_BWD_GIVEN_STATISTICS"), with_slots({d_out, out, forward_statistics, out, out}), numbers, stats, n_q, 3,
+                             bh * n_q * 3);
+                } else {
+                    chunked_launch(x, "backward_stats", "backward: each row's max and sum of the softmax over every key, and D = rowsum(dO ∘ O)",
+                                   body("AF_BWD_STATS"), with_slots({q, k, v, d_out, out}), numbers, stats, n_q, 3, bh * n_q, n_k,
+                                   depth / tile_rows + rows_per_invocation + 2, fused_grid(n_q, bh));
+                }
                 std::vector<operand> ops = with_slots({q, k, v, d_out, stats_operand});
                 serve(qv);
                 dq_buffer = gradient_buffer(q_sources * depth * n_q, "the gradient of " + std::string(QI::name.view()));
@@ -308,6 +322,17 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
     return result;
 }
 
+template <class E, class... Bindings>
+backward_result backward_given(device& dev, const E& e, const tensor& output, const tensor& d_output, const row_statistics* given,
+                               const options& opt, const Bindings&... bindings) {
+    attnfuse::check::no_pending_transpose<E>();
+    if constexpr (!plan::attention_backward_v<E>) {
+        throw std::invalid_argument(outside_attention_backward("vulkan", to_string(e)));
+    } else {
+        return detail::attention_backward(dev, e, output, d_output, given, opt, detail::resident_inputs(dev, bindings...),
+                                          lower::readable<detail::hooks>(detail::host_face(bindings))...);
+    }
+}
 }  // namespace detail
 
 // The gradient of sum(d_output ∘ output) in every bound input, where output
@@ -321,18 +346,29 @@ template <class E, class... Bindings>
     requires expression<E> && (a_vulkan_binding<Bindings> && ...)
 backward_result backward(device& dev, const E& e, const tensor& output, const tensor& d_output, const options& opt,
                          const Bindings&... bindings) {
-    attnfuse::check::no_pending_transpose<E>();
-    if constexpr (!plan::attention_backward_v<E>) {
-        throw std::invalid_argument(outside_attention_backward("vulkan", to_string(e)));
-    } else {
-        return detail::attention_backward(dev, e, output, d_output, opt, detail::resident_inputs(dev, bindings...),
-                                          lower::readable<detail::hooks>(detail::host_face(bindings))...);
-    }
+    return detail::backward_given(dev, e, output, d_output, nullptr, opt, bindings...);
 }
 template <class E, class... Bindings>
     requires expression<E> && (a_vulkan_binding<Bindings> && ...)
 backward_result backward(device& dev, const E& e, const tensor& output, const tensor& d_output, const Bindings&... bindings) {
     return backward(dev, e, output, d_output, options{}, bindings...);
+}
+
+// The same from a training forward's result (cpu::run_for_training; Vulkan
+// has no training forward yet): its row statistics spare the fused pass its
+// first kernel over the keys. The unfused pass recomputes everything either
+// way.
+template <class E, class... Bindings>
+    requires expression<E> && (a_vulkan_binding<Bindings> && ...)
+backward_result backward(device& dev, const E& e, const training_result& forward, const tensor& d_output, const options& opt,
+                         const Bindings&... bindings) {
+    return detail::backward_given(dev, e, forward.output, d_output, &forward.statistics, opt,
+                                  bindings...);
+}
+template <class E, class... Bindings>
+    requires expression<E> && (a_vulkan_binding<Bindings> && ...)
+backward_result backward(device& dev, const E& e, const training_result& forward, const tensor& d_output, const Bindings&... bindings) {
+    return backward(dev, e, forward, d_output, options{}, bindings...);
 }
 
 }  // namespace attnfuse::vulkan
