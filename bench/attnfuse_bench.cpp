@@ -177,17 +177,23 @@ void attnfuse_cpu(benchmark::State& state, af::run_options options) {
 // untimed forward and one untimed backward; dO is the forward's output, a
 // fixed gradient of the output's shape. GFLOPS count 2.5 times the forward's
 // FLOPs (the five products against the forward's two), as FlashAttention does.
+// from_training_forward: the backward reads the row statistics of the
+// training forward's result (run_for_training) instead of computing them.
 template <family F>
-void attnfuse_cpu_backward(benchmark::State& state, af::run_options options) {
+void attnfuse_cpu_backward(benchmark::State& state, af::run_options options, bool from_training_forward = false) {
     const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
     const auto qkv = host_qkv(p);
     std::size_t intermediate = 0;
     with_family<F>(p, qkv, [&](const auto& e, const auto&... b) {
-        const af::run_result forward = af::cpu::run(e, b...);
+        const af::training_result forward = af::cpu::run_for_training(e, b...);
         const af::tensor& d_output = forward.output;
-        (void)af::cpu::backward(e, forward.output, d_output, options, b...);
+        auto backward = [&] {
+            return from_training_forward ? af::cpu::backward(e, forward, d_output, options, b...)
+                                         : af::cpu::backward(e, forward.output, d_output, options, b...);
+        };
+        (void)backward();
         for (auto _ : state) {
-            const af::backward_result g = af::cpu::backward(e, forward.output, d_output, options, b...);
+            const af::backward_result g = backward();
             benchmark::DoNotOptimize(g.inputs.data());
             intermediate = g.info.intermediate_bytes;
         }
@@ -647,6 +653,10 @@ void register_all() {
             add("sdpa_backward/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu_backward<family::sdpa>(st, {execution::unfused}); })->UseRealTime();
             add("sdpa_causal_backward/cpu/fused", args, [](benchmark::State& st) { attnfuse_cpu_backward<family::causal>(st, {execution::fused}); })->UseRealTime();
             add("sdpa_causal_backward/cpu/unfused", args, [](benchmark::State& st) { attnfuse_cpu_backward<family::causal>(st, {execution::unfused}); })->UseRealTime();
+            add("sdpa_backward/cpu/fused_from_training_forward", args,
+                [](benchmark::State& st) { attnfuse_cpu_backward<family::sdpa>(st, {execution::fused}, true); })->UseRealTime();
+            add("sdpa_causal_backward/cpu/fused_from_training_forward", args,
+                [](benchmark::State& st) { attnfuse_cpu_backward<family::causal>(st, {execution::fused}, true); })->UseRealTime();
             // lavapipe: d 64 only
             if (vulkan_on_cpu && !smoke && d != 64) continue;
             for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
