@@ -50,6 +50,19 @@ uvec2 af_served(uint u, uint sb, uint sh) {
 // llvmpipe takes seconds to compile per shader); the loops over the AF_R and
 // AF_KT rows are unrolled and select rather than branch.
 uint af_row(uint r) { return gl_WorkGroupID.x * AF_WG * AF_R + r * AF_WG + gl_LocalInvocationID.x; }
+// The keys [x, y) that block `block` of queries (AF_WG AF_R rows, a
+// workgroup's) of (b, h) bh can give a weight to, or with of_keys the queries
+// that block `block` of keys can: outside them every score is -inf (the
+// host's interval bounds of the score, in the words after the output's
+// extents: whether they vary by (b, h), the query blocks, the key blocks,
+// then the pairs, the queries' blocks first).
+uvec2 af_live(bool of_keys, uint bh, uint block) {
+    uint at = 2u + GEOMETRY_WORDS * NUM_OPERANDS + NUM_NUMBERS + 2u;
+    bool varies = P.u[at] != 0u;
+    uint query_blocks = P.u[at + 1u], key_blocks = P.u[at + 2u], v = varies ? bh : 0u;
+    uint pair = of_keys ? (varies ? BATCH() * HEADS() : 1u) * query_blocks + v * key_blocks + block : v * query_blocks + block;
+    return uvec2(P.u[at + 3u + 2u * pair], P.u[at + 4u + 2u * pair]);
+}
 #define AF_TILE (AF_R * AF_KT)
 #if defined(AF_BWD_STATS) || defined(AF_BWD_DQ) || defined(AF_BWD_DKV)
 shared float af_scratch[3u * AF_TILE * AF_WG];
@@ -77,8 +90,9 @@ void main() {
         for (uint c = 0u; c < AF_D; ++c) q[r * AF_D + c] = ld0(b, h, c, rows[r]);
     }
     int k_base = at_of(1u, b, h, 0u, 0u), k_rs = GI(1u, 4u), k_cs = GI(1u, 5u);
-    uint j_end = NUMU(AF_CHUNK + 1u);
-    for (uint j0 = NUMU(AF_CHUNK); j0 < j_end; j0 += AF_KT) {
+    uvec2 live = af_live(false, bh, gl_WorkGroupID.x);
+    uint j_end = min(NUMU(AF_CHUNK + 1u), live.y);
+    for (uint j0 = max(NUMU(AF_CHUNK), live.x); j0 < j_end; j0 += AF_KT) {
         float raw[AF_TILE];
         [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) raw[e] = 0.0;
         for (uint c = 0u; c < AF_D; ++c) {
@@ -144,7 +158,9 @@ void main() {
         }
         int k_base = at_of(1u, b, h, 0u, 0u), k_rs = GI(1u, 4u), k_cs = GI(1u, 5u);
         int v_base = at_of(2u, b, h, 0u, 0u), v_rs = GI(2u, 4u), v_cs = GI(2u, 5u);
-        for (uint j0 = j_begin; j0 < j_end; j0 += AF_KT) {
+        uvec2 live = af_live(false, bh, gl_WorkGroupID.x);
+        uint j_live_end = min(j_end, live.y);
+        for (uint j0 = max(j_begin, live.x); j0 < j_live_end; j0 += AF_KT) {
             float raw[AF_TILE], dp[AF_TILE], g[AF_TILE];
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) raw[e] = dp[e] = 0.0;
 #define AF_LOAD(u) rd1(k_base + int(min(j0 + (u), n_k - 1u)) * k_cs + int(c) * k_rs)
@@ -168,7 +184,7 @@ void main() {
             [[dont_unroll]] for (uint e = 0u; e < AF_TILE; ++e) {
                 uint r = e / AF_KT, j = j0 + e % AF_KT;
                 float s = AF_SCRATCH(0u, e);
-                float p = j < j_end ? af_weight(epilogue(s, b, h, bh, rows[r], j), top[r], total[r]) : 0.0;
+                float p = j < j_live_end ? af_weight(epilogue(s, b, h, bh, rows[r], j), top[r], total[r]) : 0.0;
                 float ds = p == 0.0 ? 0.0 : p * (af_dropped(AF_SCRATCH(1u, e), bh, rows[r], j) - dd[r]);  // a zero weight passes zero
                 AF_SCRATCH(2u, e) = ds == 0.0 ? 0.0 : ds * epilogue_slope(s, b, h, bh, rows[r], j);
             }
@@ -220,7 +236,9 @@ void main() {
         }
         int q_base = at_of(0u, b, h, 0u, 0u), q_rs = GI(0u, 4u), q_cs = GI(0u, 5u);
         int o_base = at_of(3u, b, h, 0u, 0u), o_rs = GI(3u, 4u), o_cs = GI(3u, 5u);
-        for (uint i0 = i_begin; i0 < i_end; i0 += AF_KT) {
+        uvec2 live = af_live(true, bh, gl_WorkGroupID.x);
+        uint i_live_end = min(i_end, live.y);
+        for (uint i0 = max(i_begin, live.x); i0 < i_live_end; i0 += AF_KT) {
             float raw[AF_TILE], dp[AF_TILE], kept[AF_TILE], g[AF_TILE];
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) raw[e] = dp[e] = 0.0;
 #define AF_LOAD(u) rd0(q_base + int(min(i0 + (u), n_q - 1u)) * q_cs + int(c) * q_rs)
@@ -234,7 +252,7 @@ void main() {
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) AF_SCRATCH(0u, e) = raw[e];
             [[dont_unroll]] for (uint e = 0u; e < AF_TILE; ++e) {
                 uint r = e / AF_KT, i = i0 + e % AF_KT, row = min(i, n_q - 1u);
-                float p = i < i_end ? af_weight(epilogue(AF_SCRATCH(0u, e), b, h, bh, i, keys[r]), ld4(b, h, row, 0u), ld4(b, h, row, 1u)) : 0.0;
+                float p = i < i_live_end ? af_weight(epilogue(AF_SCRATCH(0u, e), b, h, bh, i, keys[r]), ld4(b, h, row, 0u), ld4(b, h, row, 1u)) : 0.0;
                 AF_SCRATCH(1u, e) = p;
                 AF_SCRATCH(2u, e) = af_dropped(p, bh, i, keys[r]);
             }

@@ -15,6 +15,9 @@
 //      head) it serves;
 //   3. per key of each K/V source: dK and dV over the queries of every
 //      (batch, head) it serves.
+// Each walks only the keys (queries) its workgroup's block of rows can give
+// a weight to: host-computed interval bounds of the score over each pair of
+// blocks, as the forward's live key tiles (causal: half the pairs).
 // Each invocation owns the gradient rows it writes, so no two write one
 // element and no atomics are needed; an invocation keeps its query (or key
 // and value) row and its gradient rows in registers, hence d, d_v <= 256.
@@ -173,6 +176,41 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
             auto fused_grid = [&](std::size_t rows, std::size_t sources) {
                 return workgroups{{(rows + wg * rows_per_invocation - 1) / (wg * rows_per_invocation), sources, 1}, wg};
             };
+            // The live blocks (attention_backward.glsl: af_live): of each block of queries a
+            // workgroup takes, the keys it can give a weight to, and of each block of keys the
+            // queries; outside them every score is -inf. Words: whether they vary by (batch,
+            // head), the query blocks, the key blocks, then [first, end) per block, queries'
+            // first.
+            auto live_blocks = [&] {
+                const std::size_t block = wg * rows_per_invocation;
+                const std::vector<std::uint32_t> tiles = live_key_tiles<false>(parts::score(e), x, n_q, n_k, block, block);
+                const std::size_t query_blocks = tiles[1], key_blocks = (n_k + block - 1) / block;
+                const std::size_t tables = tiles[0] ? bh : 1;
+                std::vector<std::uint32_t> words{tiles[0], static_cast<std::uint32_t>(query_blocks), static_cast<std::uint32_t>(key_blocks)};
+                auto live = [&](std::size_t t, std::size_t qb) {
+                    const std::size_t at = 2 + 4 * (t * query_blocks + qb);
+                    return std::pair<std::size_t, std::size_t>{tiles[at], tiles[at + 1]};
+                };
+                for (std::size_t t = 0; t < tables; ++t)
+                    for (std::size_t qb = 0; qb < query_blocks; ++qb) {
+                        const auto [first, end] = live(t, qb);
+                        words.push_back(static_cast<std::uint32_t>(std::min(first * block, n_k)));
+                        words.push_back(static_cast<std::uint32_t>(std::min(end * block, n_k)));
+                    }
+                for (std::size_t t = 0; t < tables; ++t)
+                    for (std::size_t kb = 0; kb < key_blocks; ++kb) {
+                        std::size_t first = query_blocks, end = 0;
+                        for (std::size_t qb = 0; qb < query_blocks; ++qb) {
+                            const auto [k_first, k_end] = live(t, qb);
+                            if (k_first <= kb && kb < k_end) first = std::min(first, qb), end = std::max(end, qb + 1);
+                        }
+                        if (first >= end) first = end = 0;
+                        words.push_back(static_cast<std::uint32_t>(std::min(first * block, n_q)));
+                        words.push_back(static_cast<std::uint32_t>(std::min(end * block, n_q)));
+                    }
+                return words;
+            };
+            const std::vector<std::uint32_t> live = fused ? live_blocks() : std::vector<std::uint32_t>{};
             auto gradient_buffer = [&](std::size_t floats, const std::string& what) {
                 return x.buffer(std::max<std::size_t>(floats, 1) * sizeof(float), what, false);
             };
@@ -199,7 +237,7 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
                 } else {
                     chunked_launch(x, "backward_stats", "backward: each row's max and sum of the softmax over every key, and D = rowsum(dO ∘ O)",
                                    body("AF_BWD_STATS"), with_slots({q, k, v, d_out, out}), numbers, stats, n_q, 3, bh * n_q, n_k,
-                                   depth / tile_rows + rows_per_invocation + 2, fused_grid(n_q, bh));
+                                   depth / tile_rows + rows_per_invocation + 2, fused_grid(n_q, bh), live);
                 }
                 std::vector<operand> ops = with_slots({q, k, v, d_out, stats_operand});
                 serve(qv);
@@ -207,7 +245,7 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
                 chunked_launch(x, "backward_dq", "backward: dQ per query row of each Q source, recomputing S, P and dP over every key",
                                body("AF_BWD_DQ"), ops, numbers, dq_buffer, depth, n_q, q_sources * n_q,
                                numbers[words_at + word_served_batches] * numbers[words_at + word_served_heads] * n_k,
-                               per_key(n_k), fused_grid(n_q, q_sources));
+                               per_key(n_k), fused_grid(n_q, q_sources), live);
                 serve(kv);
                 dv_offset = k_sources * depth * n_k;
                 set(word_dv_at, static_cast<std::uint32_t>(dv_offset));
@@ -216,7 +254,7 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
                 chunked_launch(x, "backward_dkv", "backward: dK and dV per key of each K/V source, recomputing S and P over every query",
                                body("AF_BWD_DKV"), ops, numbers, dk_buffer, n_k, depth, k_sources * n_k,
                                numbers[words_at + word_served_batches] * numbers[words_at + word_served_heads] * n_q,
-                               per_key(n_q), fused_grid(n_k, k_sources));
+                               per_key(n_q), fused_grid(n_k, k_sources), live);
             } else {
                 auto scores = [&](const std::string& what) {
                     const auto id = output_buffer(x, n_q, n_k, what + " of the backward of " + name);

@@ -559,14 +559,16 @@ struct executor {
     }
 
     // `body` over an explicit grid of workgroups of `local_size` invocations,
-    // its prelude written as the one above writes it.
+    // its prelude written as the one above writes it, with `extra` words
+    // after the output's extents (whose count the text does not hold: then
+    // the parameters go in a buffer).
     void launch(const std::string& name, const std::string& description, const std::string& body, const std::vector<operand>& operands,
                 const std::vector<std::uint32_t>& numbers, device::buffer_id output, std::size_t out_rows, std::size_t out_cols,
-                const workgroups& grid) {
+                const workgroups& grid, const std::vector<std::uint32_t>& extra = {}) {
         const std::size_t words = parameter_words(operands.size(), numbers.size());
-        const bool push = words * 4 <= dev.limits().max_push_constants;
+        const bool push = extra.empty() && words * 4 <= dev.limits().max_push_constants;
         launch(name, description, glsl::prelude(operands.size(), numbers.size(), grid.local_size, push ? words : 0) + body, operands,
-               numbers, output, out_rows, out_cols, grid.grid, {}, {}, push);
+               numbers, output, out_rows, out_cols, grid.grid, extra, {}, push);
     }
 
     // A whole `source` (prelude included) over an explicit grid of
@@ -710,12 +712,13 @@ operand pointwise_kernel(const E& e, X& x) {
 // chunk [begin, end) of a loop over `extent` and whether it resumes from
 // OUT) as many times as the device's loop limit needs, each chunk within
 // loop_window(per_iteration). The kernel is named once in the report. Over
-// `invocations` of 64, or with `grid`, over its workgroups.
+// `invocations` of 64, or with `grid`, over its workgroups (and then with
+// `extra` words after the output's extents, as launch takes them).
 template <class X>
 void chunked_launch(X& x, const std::string& kernel, const std::string& description, const std::string& body,
                     const std::vector<operand>& operands, std::vector<std::uint32_t> numbers, device::buffer_id out, std::size_t rows,
                     std::size_t cols, std::size_t invocations, std::size_t extent, std::size_t per_iteration,
-                    const std::optional<workgroups>& grid = std::nullopt) {
+                    const std::optional<workgroups>& grid = std::nullopt, const std::vector<std::uint32_t>& extra = {}) {
     const std::size_t window = x.loop_window(per_iteration);
     const std::size_t base = numbers.size(), pieces = (extent + window - 1) / window;
     numbers.resize(base + 3);
@@ -725,7 +728,7 @@ void chunked_launch(X& x, const std::string& kernel, const std::string& descript
         numbers[base + 1] = static_cast<std::uint32_t>(std::min(extent, k0 + window));
         numbers[base + 2] = piece > 0 ? 1u : 0u;
         const std::string what = piece == 0 ? description + (pieces > 1 ? " (in " + std::to_string(pieces) + " dispatches)" : "") : "";
-        if (grid) x.launch(kernel, what, source, operands, numbers, out, rows, cols, *grid);
+        if (grid) x.launch(kernel, what, source, operands, numbers, out, rows, cols, *grid, extra);
         else x.launch(kernel, what, source, operands, numbers, out, rows, cols, invocations);
     }
 }
