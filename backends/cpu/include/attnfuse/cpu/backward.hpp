@@ -296,20 +296,25 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
     };
 
     // ---- 1. statistics -----------------------------------------------------------------
+    // A row's max, 1/sum (NaN where a score is NaN or +inf; 0 where every
+    // mask removes the row) and D = rowsum(dO ∘ O).
+    auto keep_row_statistics = [&](std::size_t row, float top, float sum, bool bad) {
+        row_max[row] = bad ? std::numeric_limits<float>::quiet_NaN() : top;
+        row_inverse[row] = bad ? std::numeric_limits<float>::quiet_NaN() : sum > 0.0f ? 1.0f / sum : 0.0f;
+        const float* o_row = out_values + row * d_v;
+        const float* g_row = d_out_values + row * d_v;
+        float d = 0;
+        for (std::size_t c = 0; c < d_v; ++c) d += o_row[c] * g_row[c];
+        row_d[row] = d;
+    };
     if (fused && given) {
         // the forward's: only D is left to compute
         const auto rows = static_cast<std::ptrdiff_t>(row_max.size());
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (std::ptrdiff_t row = 0; row < rows; ++row) {
             const float top = given->max[row], sum = given->sum[row];
-            const bool bad = std::isnan(top) || std::isnan(sum) || top == std::numeric_limits<float>::infinity();
-            row_max[row] = bad ? std::numeric_limits<float>::quiet_NaN() : top;
-            row_inverse[row] = bad ? std::numeric_limits<float>::quiet_NaN() : sum > 0.0f ? 1.0f / sum : 0.0f;
-            const float* o_row = out_values + row * d_v;
-            const float* g_row = d_out_values + row * d_v;
-            float d = 0;
-            for (std::size_t c = 0; c < d_v; ++c) d += o_row[c] * g_row[c];
-            row_d[row] = d;
+            keep_row_statistics(static_cast<std::size_t>(row), top, sum,
+                                std::isnan(top) || std::isnan(sum) || top == std::numeric_limits<float>::infinity());
         }
         info.kernels.push_back("backward statistics: the forward's max and sum, rowsum(dO ∘ O)");
     } else {
@@ -353,17 +358,8 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
                         top[r] = m;
                     }
                 }
-                for (std::size_t r = 0; r < rows; ++r) {
-                    const std::size_t row = bh * n_q + q0 + r;
-                    const bool bad = nan[r] || top[r] == std::numeric_limits<float>::infinity();
-                    row_max[row] = bad ? std::numeric_limits<float>::quiet_NaN() : top[r];
-                    row_inverse[row] = bad ? std::numeric_limits<float>::quiet_NaN() : sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
-                    const float* o_row = out_values + row * d_v;
-                    const float* g_row = d_out_row(bh, q0 + r);
-                    float d = 0;
-                    for (std::size_t c = 0; c < d_v; ++c) d += o_row[c] * g_row[c];
-                    row_d[row] = d;
-                }
+                for (std::size_t r = 0; r < rows; ++r)
+                    keep_row_statistics(bh * n_q + q0 + r, top[r], sum[r], nan[r] || top[r] == std::numeric_limits<float>::infinity());
             }
         }
         info.kernels.push_back("backward statistics: each row's softmax max and sum, rowsum(dO ∘ O)");
