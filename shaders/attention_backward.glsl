@@ -64,7 +64,18 @@ uvec2 af_live(bool of_keys, uint bh, uint block) {
     return uvec2(P.u[at + 3u + 2u * pair], P.u[at + 4u + 2u * pair]);
 }
 #define AF_TILE (AF_R * AF_KT)
-#if defined(AF_BWD_STATS) || defined(AF_BWD_DQ) || defined(AF_BWD_DKV)
+// What each fused kernel does to one element (i, j) of a tile: the same
+// function whether the tile's elements run unrolled in registers
+// (AF_BWD_REGISTERS, which the host sets where the epilogue reads no memory)
+// or in a loop through scratch (llvmpipe takes minutes to compile an
+// unrolled epilogue that reads a table at every element).
+// The weight of key j for query i and the core's gradient f (dS o slope), dS
+// = P o (dP - D): a zero weight passes zero, even where dP or the slope is not finite.
+float af_core_gradient(float s, float p, float dp, float dd, uint b, uint h, uint bh, uint i, uint j) {
+    float ds = p == 0.0 ? 0.0 : p * (af_dropped(dp, bh, i, j) - dd);
+    return ds == 0.0 ? 0.0 : ds * epilogue_slope(s, b, h, bh, i, j);
+}
+#if (defined(AF_BWD_STATS) || defined(AF_BWD_DQ) || defined(AF_BWD_DKV)) && !defined(AF_BWD_REGISTERS)
 shared float af_scratch[3u * AF_TILE * AF_WG];
 // plane k of element e of this invocation's scratch
 #define AF_SCRATCH(k, e) af_scratch[((k) * AF_TILE + (e)) * AF_WG + gl_LocalInvocationID.x]
@@ -102,6 +113,25 @@ void main() {
 #undef AF_STEP
 #undef AF_LOAD
         }
+#if defined(AF_BWD_REGISTERS)
+        // each row's tile at once: its max, then one rescale of the sum
+        [[unroll]] for (uint r = 0u; r < AF_R; ++r) {
+            float was = top[r], next = was;
+            [[unroll]] for (uint u = 0u; u < AF_KT; ++u) {
+                float s = epilogue(raw[r * AF_KT + u], b, h, bh, rows[r], j0 + u);
+                bool counted = j0 + u < j_end && !(isinf(s) && s < 0.0);  // masked, or past the chunk: weighs nothing
+                raw[r * AF_KT + u] = counted ? s : uintBitsToFloat(0xff800000u);
+                next = counted && s > next ? s : next;  // a NaN score leaves the max, and makes the sum NaN
+            }
+            float sum = was == next ? total[r] : total[r] * exp(was - next);
+            [[unroll]] for (uint u = 0u; u < AF_KT; ++u) {
+                float s = raw[r * AF_KT + u];
+                sum += isinf(s) && s < 0.0 ? 0.0 : exp(s - next);
+            }
+            top[r] = next;
+            total[r] = sum;
+        }
+#else
         [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) AF_SCRATCH(0u, e) = raw[e];
         [[dont_unroll]] for (uint e = 0u; e < AF_TILE; ++e) {
             uint r = e / AF_KT, j = j0 + e % AF_KT;
@@ -112,6 +142,7 @@ void main() {
             total[r] = (was == next ? total[r] : total[r] * exp(was - next)) + (counted ? exp(s - next) : 0.0);
             top[r] = next;
         }
+#endif
     }
     [[unroll]] for (uint r = 0u; r < AF_R; ++r) {
         if (af_row(r) >= n_q) continue;
@@ -177,6 +208,15 @@ void main() {
 #undef AF_STEP
             }
 #undef AF_LOAD
+#if defined(AF_BWD_REGISTERS)
+            [[unroll]] for (uint r = 0u; r < AF_R; ++r) {
+                [[unroll]] for (uint u = 0u; u < AF_KT; ++u) {
+                    uint e = r * AF_KT + u, j = j0 + u;
+                    float p = j < j_live_end ? af_weight(epilogue(raw[e], b, h, bh, rows[r], j), top[r], total[r]) : 0.0;
+                    g[e] = af_core_gradient(raw[e], p, dp[e], dd[r], b, h, bh, rows[r], j);
+                }
+            }
+#else
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) {
                 AF_SCRATCH(0u, e) = raw[e];
                 AF_SCRATCH(1u, e) = dp[e];
@@ -185,10 +225,10 @@ void main() {
                 uint r = e / AF_KT, j = j0 + e % AF_KT;
                 float s = AF_SCRATCH(0u, e);
                 float p = j < j_live_end ? af_weight(epilogue(s, b, h, bh, rows[r], j), top[r], total[r]) : 0.0;
-                float ds = p == 0.0 ? 0.0 : p * (af_dropped(AF_SCRATCH(1u, e), bh, rows[r], j) - dd[r]);  // a zero weight passes zero
-                AF_SCRATCH(2u, e) = ds == 0.0 ? 0.0 : ds * epilogue_slope(s, b, h, bh, rows[r], j);
+                AF_SCRATCH(2u, e) = af_core_gradient(s, p, AF_SCRATCH(1u, e), dd[r], b, h, bh, rows[r], j);
             }
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) g[e] = AF_SCRATCH(2u, e);
+#endif
 #define AF_LOAD(u) rd1(k_base + int(min(j0 + (u), n_k - 1u)) * k_cs + int(c) * k_rs)
             for (uint c = 0u; c < AF_D; ++c) {
 #define AF_STEP(u) if ((u) < AF_KT) { float kc = AF_LOAD(u); [[unroll]] for (uint r = 0u; r < AF_R; ++r) acc[r * AF_D + c] += g[r * AF_KT + (u)] * kc; }
@@ -248,6 +288,18 @@ void main() {
 #undef AF_STEP
             }
 #undef AF_LOAD
+#if defined(AF_BWD_REGISTERS)
+            float weight[AF_TILE];
+            [[unroll]] for (uint u = 0u; u < AF_KT; ++u) {
+                uint i = i0 + u, row = min(i, n_q - 1u);
+                float top = ld4(b, h, row, 0u), total = ld4(b, h, row, 1u);
+                [[unroll]] for (uint r = 0u; r < AF_R; ++r) {
+                    uint e = r * AF_KT + u;
+                    weight[e] = i < i_live_end ? af_weight(epilogue(raw[e], b, h, bh, i, keys[r]), top, total) : 0.0;
+                    kept[e] = af_dropped(weight[e], bh, i, keys[r]);
+                }
+            }
+#else
             // weights (plane 1) and dropped weights (plane 2) of the tile, the scores in plane 0
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) AF_SCRATCH(0u, e) = raw[e];
             [[dont_unroll]] for (uint e = 0u; e < AF_TILE; ++e) {
@@ -257,6 +309,7 @@ void main() {
                 AF_SCRATCH(2u, e) = af_dropped(p, bh, i, keys[r]);
             }
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) kept[e] = AF_SCRATCH(2u, e);
+#endif
 #define AF_LOAD(u) rd3(o_base + int(min(i0 + (u), n_q - 1u)) * o_rs + int(c) * o_cs)
             for (uint c = 0u; c < AF_DV; ++c) {
 #define AF_STEP(u) if ((u) < AF_KT) { float oc = AF_LOAD(u); [[unroll]] for (uint r = 0u; r < AF_R; ++r) { dv[r * AF_DV + c] += kept[r * AF_KT + (u)] * oc; dp[r * AF_KT + (u)] += oc * v[r * AF_DV + c]; } }
@@ -264,14 +317,23 @@ void main() {
 #undef AF_STEP
             }
 #undef AF_LOAD
+#if defined(AF_BWD_REGISTERS)
+            [[unroll]] for (uint u = 0u; u < AF_KT; ++u) {
+                uint i = i0 + u;
+                float dd = ld4(b, h, min(i, n_q - 1u), 2u);
+                [[unroll]] for (uint r = 0u; r < AF_R; ++r) {
+                    uint e = r * AF_KT + u;
+                    g[e] = af_core_gradient(raw[e], weight[e], dp[e], dd, b, h, bh, i, keys[r]);
+                }
+            }
+#else
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) AF_SCRATCH(2u, e) = dp[e];
             [[dont_unroll]] for (uint e = 0u; e < AF_TILE; ++e) {
                 uint r = e / AF_KT, i = i0 + e % AF_KT, row = min(i, n_q - 1u);
-                float p = AF_SCRATCH(1u, e);
-                float ds = p == 0.0 ? 0.0 : p * (af_dropped(AF_SCRATCH(2u, e), bh, i, keys[r]) - ld4(b, h, row, 2u));
-                AF_SCRATCH(1u, e) = ds == 0.0 ? 0.0 : ds * epilogue_slope(AF_SCRATCH(0u, e), b, h, bh, i, keys[r]);
+                AF_SCRATCH(1u, e) = af_core_gradient(AF_SCRATCH(0u, e), AF_SCRATCH(1u, e), AF_SCRATCH(2u, e), ld4(b, h, row, 2u), b, h, bh, i, keys[r]);
             }
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) g[e] = AF_SCRATCH(1u, e);
+#endif
 #define AF_LOAD(u) rd0(q_base + int(min(i0 + (u), n_q - 1u)) * q_cs + int(c) * q_rs)
             for (uint c = 0u; c < AF_D; ++c) {
 #define AF_STEP(u) if ((u) < AF_KT) { float qc = AF_LOAD(u); [[unroll]] for (uint r = 0u; r < AF_R; ++r) dk[r * AF_D + c] += g[r * AF_KT + (u)] * qc; }
@@ -321,9 +383,7 @@ void main() {
     }
 #else
     // 0: f Q^T K, 1: P, 2: dO V^T, 3: D; the core's gradient dS o slope
-    float p = ld1(b, h, i, j);
-    float g = p == 0.0 ? 0.0 : p * (af_dropped(ld2(b, h, i, j), bh, i, j) - ld3(b, h, i, 0u));
-    OUT.d[idx] = g == 0.0 ? 0.0 : g * epilogue_slope(ld0(b, h, i, j), b, h, bh, i, j);
+    OUT.d[idx] = af_core_gradient(ld0(b, h, i, j), ld1(b, h, i, j), ld2(b, h, i, j), ld3(b, h, i, 0u), b, h, bh, i, j);
 #endif
 }
 #endif

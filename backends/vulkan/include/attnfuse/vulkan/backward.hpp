@@ -152,16 +152,18 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
             const std::size_t wg = cpu_device ? dev.limits().subgroup_size : local_size;
             const std::size_t rows_per_invocation =
                 cpu_device ? std::clamp<std::size_t>(flash::rows_register_budget / (2 * depth + 2 * d_v), 1, 8) : 1;
-            // Rows the fused kernels walk at a time (AF_KT). Measured on lavapipe (bh 8, n 512,
-            // d 64): 8 rows per invocation walking 1, 2 or 8 (shared by subgroupBroadcast) ran in
-            // 437, 353 and 279 ms, but the tile is unrolled AF_R AF_KT times and llvmpipe's
-            // compile of the last took 6 s a variant against 3: 2, so that a suite of variants
-            // stays quick to build.
-            const std::size_t tile_rows = cpu_device ? 2 : 4;
+            // Rows the fused kernels walk at a time (AF_KT), and whether a tile's elements run
+            // unrolled in registers (where the epilogue reads no memory) or in a loop through
+            // scratch. Measured on lavapipe (bh 8, n 512, d 64, the three kernels' device time,
+            // best of 12 in alternating processes): 2 rows through scratch 353 ms, 4 rows in
+            // registers 252, 8 rows in registers shared by subgroupBroadcast 260; llvmpipe's
+            // compile grows with the unrolled tile, AF_R AF_KT elements.
+            const std::size_t tile_rows = 4;
+            const bool registers = glsl::operands_in<Tree>() == 0;
             auto body = [&](const char* mode) {
                 return "#define AF_WORDS " + glsl::decimal(words_at) + "u\n#define AF_D " + glsl::decimal(depth) + "u\n#define AF_DV " +
                        glsl::decimal(d_v) + "u\n#define AF_R " + glsl::decimal(rows_per_invocation) + "u\n#define AF_WG " +
-                       glsl::decimal(wg) + "u\n#define AF_KT " + glsl::decimal(tile_rows) + "u\n" + (with_dropout ? "#define AF_DROPOUT\n" : "") + "#define " + mode + "\n" + functions +
+                       glsl::decimal(wg) + "u\n#define AF_KT " + glsl::decimal(tile_rows) + "u\n" + (with_dropout ? "#define AF_DROPOUT\n" : "") + (registers ? "#define AF_BWD_REGISTERS\n" : "") + "#define " + mode + "\n" + functions +
                        std::string(shader_sources::attention_backward);
             };
             // Loop steps an invocation of the fused kernels runs per row the loop walks, as
