@@ -247,12 +247,13 @@ void attnfuse_vulkan_rows(benchmark::State& state, vk::device& dev, vk::executio
     state.counters["wall_ms"] = last.wall_seconds * 1e3;
 }
 
-// Vulkan's backward pass (vulkan::backward), timed as the forward rows are:
-// each iteration the device's own time, after one untimed forward and one
-// untimed backward (compilation); dO is the forward's output. The inputs
-// are host views, uploaded every call (the wall time, a counter, holds it).
-template <family F>
-void attnfuse_vulkan_backward(benchmark::State& state, vk::execution mode) {
+// Vulkan from host inputs, uploaded every call (the wall time, a counter,
+// holds it): each iteration is the device's own time of one call, after one
+// untimed call (compilation). `prepare(dev, e, bindings...)` does what comes
+// before (a forward, for a backward) and returns the call, which returns its
+// report; a call does `flop_factor` times the forward's FLOPs.
+template <family F, class Prepare>
+void attnfuse_vulkan_host_inputs(benchmark::State& state, double flop_factor, const Prepare& prepare) {
     auto* dev = bench_device();
     if (!dev) {
         state.SkipWithError("no Vulkan device");
@@ -263,13 +264,11 @@ void attnfuse_vulkan_backward(benchmark::State& state, vk::execution mode) {
     vk::report last;
     try {
         with_family<F>(p, qkv, [&](const auto& e, const auto&... b) {
-            const af::run_result forward = vk::run(*dev, e, b...);
-            const af::tensor& d_output = forward.output;
-            (void)vk::backward(*dev, e, forward.output, d_output, {mode}, b...);
+            const auto call = prepare(*dev, e, b...);
+            (void)call();
             for (auto _ : state) {
-                const af::backward_result g = vk::backward(*dev, e, forward.output, d_output, {mode}, b...);
-                state.SetIterationTime(std::max(g.info.device_seconds, 1e-9));
-                last = g.info;
+                last = call();
+                state.SetIterationTime(std::max(last.device_seconds, 1e-9));
             }
             return 0;
         });
@@ -277,9 +276,32 @@ void attnfuse_vulkan_backward(benchmark::State& state, vk::execution mode) {
         state.SkipWithError(e.what());
         return;
     }
-    set_counters(state, 2.5 * p.flops(), last.intermediate_bytes);
+    set_counters(state, flop_factor * p.flops(), last.intermediate_bytes);
     state.counters["dispatches"] = static_cast<double>(last.dispatches);
     state.counters["wall_ms"] = last.wall_seconds * 1e3;
+}
+
+// Vulkan's backward pass (vulkan::backward), dO the training forward's
+// output; given its statistics, or from the output alone.
+template <family F>
+void attnfuse_vulkan_backward(benchmark::State& state, vk::execution mode, bool from_training_forward = false) {
+    attnfuse_vulkan_host_inputs<F>(state, 2.5, [=](vk::device& dev, const auto& e, const auto&... b) {
+        auto forward = std::make_shared<const af::training_result>(vk::run_for_training(dev, e, b...));
+        return [=, &dev] {
+            return (from_training_forward ? vk::backward(dev, e, *forward, forward->output, {mode}, b...)
+                                          : vk::backward(dev, e, forward->output, forward->output, {mode}, b...))
+                .info;
+        };
+    });
+}
+
+// Vulkan's forward, as run() (training false) or as the training forward
+// that also keeps each row's statistics (run_for_training).
+template <family F>
+void attnfuse_vulkan_forward(benchmark::State& state, vk::execution mode, bool training) {
+    attnfuse_vulkan_host_inputs<F>(state, 1.0, [=](vk::device& dev, const auto& e, const auto&... b) {
+        return [=, &dev] { return training ? vk::run_for_training(dev, e, {mode}, b...).info : vk::run(dev, e, {mode}, b...).info; };
+    });
 }
 
 // The same device opened with the earlier shaders: the staged-tiles fused
@@ -668,6 +690,20 @@ void register_all() {
                     b->UseManualTime();
                     if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
                 }
+            }
+            // the training forward beside the plain one, and the backward given its statistics
+            for (auto* b : {add("sdpa_backward/vulkan/fused_from_training_forward", args,
+                                [](benchmark::State& st) { attnfuse_vulkan_backward<family::sdpa>(st, vk::execution::fused, true); }),
+                            add("sdpa_forward/vulkan/fused", args,
+                                [](benchmark::State& st) { attnfuse_vulkan_forward<family::sdpa>(st, vk::execution::fused, false); }),
+                            add("sdpa_training_forward/vulkan/fused", args,
+                                [](benchmark::State& st) { attnfuse_vulkan_forward<family::sdpa>(st, vk::execution::fused, true); }),
+                            add("sdpa_forward/vulkan/unfused", args,
+                                [](benchmark::State& st) { attnfuse_vulkan_forward<family::sdpa>(st, vk::execution::unfused, false); }),
+                            add("sdpa_training_forward/vulkan/unfused", args,
+                                [](benchmark::State& st) { attnfuse_vulkan_forward<family::sdpa>(st, vk::execution::unfused, true); })}) {
+                b->UseManualTime();
+                if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
             }
         }
     // decode: one query per head against a growing cache, 32 heads, d 128

@@ -9,9 +9,9 @@
 // The target of position i is the embedding of token i-1 (of token 0 at
 // i = 0), which the layer can only produce by learning to put its weight on
 // the key one position back. Plain SGD on Wq and Wk for a few hundred steps
-// drives the mean squared error down. On the CPU the forward is a training
-// forward (run_for_training), whose row statistics spare cpu::backward its
-// first pass; on Vulkan, vulkan::run and vulkan::backward. Either way the
+// drives the mean squared error down. On each backend the forward is a
+// training forward (run_for_training), whose row statistics spare the
+// backward its first pass over the keys. Either way the
 // backward gives dQ and dK, and the projections' gradients are dQ Xᵀ and
 // dK Xᵀ. At the first step each backend's fused gradients are checked
 // against the double-precision reference backward. Both runs start from
@@ -181,11 +181,11 @@ int main() {
         [&](const auto&... b) { return af::cpu::run_for_training(layer, b...); },
         [&](const af::training_result& forward, const af::tensor& d_output, const auto&... b) { return af::cpu::backward(layer, forward, d_output, b...); }));
     if (const auto dev = vulkan_device()) {
-        const std::string name = "vulkan on " + dev->info().name + " (vulkan::run, vulkan::backward)";
+        const std::string name = "vulkan on " + dev->info().name + " (a training forward, vulkan::backward from its result)";
         ok = learned(train(
-                 name.c_str(), layer, [&](const auto&... b) { return af::vulkan::run(*dev, layer, b...); },
-                 [&](const af::run_result& forward, const af::tensor& d_output, const auto&... b) {
-                     return af::vulkan::backward(*dev, layer, forward.output, d_output, b...);
+                 name.c_str(), layer, [&](const auto&... b) { return af::vulkan::run_for_training(*dev, layer, b...); },
+                 [&](const af::training_result& forward, const af::tensor& d_output, const auto&... b) {
+                     return af::vulkan::backward(*dev, layer, forward, d_output, b...);
                  })) &&
              ok;
     }

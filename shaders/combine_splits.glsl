@@ -4,9 +4,13 @@
 // (batch x head, query, share), [maximum (or best score), sum (or the best
 // key / 4096), NaN flag, context (normalised by the share's sum for softmax;
 // for hard, the best key % 4096)...]; operand 1 is the values (hard reads
-// the chosen row). NUMU(0) is the number of shares, NUM(1) a ratio's offset.
-// Follows element_prologue.glsl; the generator defines the mode.
-    uint splits = NUMU(0u), stride = cols + 3u, keys = G(1u, 0u);
+// the chosen row). NUMU(0) is the number of shares, NUM(1) a ratio's offset,
+// NUMU(2) the context's columns. Follows element_prologue.glsl; the generator
+// defines the mode. AF_ROW_STATISTICS writes, instead of the output, a
+// softmax row's statistics as a training forward keeps them (row_statistics):
+// column 0 the largest score, 1 the sum of exp(score - max); NaN for a row
+// with a NaN score.
+    uint splits = NUMU(0u), stride = NUMU(2u) + 3u, keys = G(1u, 0u);
     uint base = (bh * rows + i) * splits * stride;
     bool nan_row = false;
     for (uint s = 0u; s < splits; ++s) nan_row = nan_row || rd0(base + s * stride + 2u) != 0.0;
@@ -41,6 +45,9 @@
         float ms = rd0(base + s * stride);
         l += isinf(ms) ? 0.0 : rd0(base + s * stride + 1u) * exp(ms - m);  // a share with every key masked weighs 0
     }
+#if defined(AF_ROW_STATISTICS)
+    OUT.d[idx] = nan_row ? 0.0 / 0.0 : (j == 0u ? m : l);
+#else
     float acc = 0.0;
     for (uint s = 0u; s < splits && l > 0.0; ++s) {
         float ms = rd0(base + s * stride);
@@ -48,6 +55,7 @@
         if (weight != 0.0) acc += rd0(base + s * stride + 3u + j) * weight;
     }
     OUT.d[idx] = nan_row ? 0.0 / 0.0 : acc;
+#endif
 #endif
     af_check_loops();
 }

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "row_statistics_check.hpp"
 #include "variants.hpp"
 
 namespace af = attnfuse;
@@ -35,34 +36,6 @@ struct compared {
     std::size_t variants = 0;     // checked against the reference
     std::size_t outside = 0;      // outside the form the CPU's backward covers: refused with a message
 };
-
-// A training forward's statistics against the double reference's scores:
-// each row's max, and its sum of exp(s - max) (relative); -inf and 0 where
-// every key is masked.
-template <class E, class... B>
-void check_statistics(const af::row_statistics& got, const E& e, double tolerance, const B&... bindings) {
-    const af::reference::result scores = af::reference::evaluate(af::plan::attention_parts<E>::score(e), bindings...);
-    REQUIRE(got.batch == scores.batch);
-    REQUIRE(got.heads == scores.heads);
-    REQUIRE(got.rows == scores.rows);
-    REQUIRE(got.max.size() == scores.batch * scores.heads * scores.rows);
-    double worst_max = 0, worst_sum = 0;
-    for (std::size_t row = 0; row < got.max.size(); ++row) {
-        const double* s = scores.values.data() + row * scores.cols;
-        const double top = *std::max_element(s, s + scores.cols);
-        if (std::isinf(top) && top < 0) {
-            CHECK(got.max[row] == -std::numeric_limits<float>::infinity());
-            CHECK(got.sum[row] == 0.0f);
-            continue;
-        }
-        double sum = 0;
-        for (std::size_t c = 0; c < scores.cols; ++c) sum += std::exp(s[c] - top);
-        worst_max = std::max(worst_max, std::abs(got.max[row] - top) / std::max(1.0, std::abs(top)));
-        worst_sum = std::max(worst_sum, std::abs(got.sum[row] - sum) / sum);
-    }
-    CHECK(worst_max <= tolerance);
-    CHECK(worst_sum <= tolerance);
-}
 
 template <class E, class... B>
 void check_backward(const std::string& name, const E& e, double tolerance, compared& count, const B&... bindings) {
@@ -98,7 +71,7 @@ void check_backward(const std::string& name, const E& e, double tolerance, compa
             // backward then reads instead of recomputing
             const af::training_result training = af::cpu::run_for_training(e, af::cpu::options{mode}, bindings...);
             CHECK(training.output.values == af::cpu::run(e, af::cpu::options{mode}, bindings...).output.values);
-            check_statistics(training.statistics, e, tolerance, bindings...);
+            af::testing::check_statistics(training.statistics, e, tolerance, bindings...);
             for (const execution backward_mode : {execution::fused, execution::unfused}) {
                 INFO("from the training forward's result, backward " << (backward_mode == execution::fused ? "fused" : "unfused"));
                 const af::backward_result given = af::cpu::backward(e, training, d_output, af::cpu::options{backward_mode}, bindings...);

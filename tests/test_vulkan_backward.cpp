@@ -4,6 +4,7 @@
 // gradient within 1e-4 relative; and each operation's GLSL derivative face
 // (glsl_partials) through a score that applies it.
 #include <attnfuse/cpu.hpp>
+#include <attnfuse/cpu/backward.hpp>
 #include <attnfuse/vulkan.hpp>
 #include <attnfuse/vulkan/backward.hpp>
 #include <catch2/catch.hpp>
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "row_statistics_check.hpp"
 #include "variants.hpp"
 #include "vulkan_test_device.hpp"
 
@@ -35,6 +37,19 @@ std::vector<float> random_floats(std::size_t n, std::uint32_t seed) {
     }
     return out;
 }
+
+// Q (d x n_q), K (d x n_k) and V (n_k x d_v) of 2 batch entries and 2 heads
+// at odd sizes, from three seeds in a row.
+struct small_inputs {
+    static constexpr std::size_t batch = 2, heads = 2, d = 5, n_q = 37, n_k = 45, d_v = 3;
+    std::vector<float> q, k, v;
+    explicit small_inputs(std::uint32_t seed)
+        : q(random_floats(batch * heads * d * n_q, seed)), k(random_floats(batch * heads * d * n_k, seed + 1)),
+          v(random_floats(batch * heads * n_k * d_v, seed + 2)) {}
+    auto bind_q() const { return af::bind(af::matrix<"Q">{}, af::col_major(q.data(), d, n_q, batch, heads)); }
+    auto bind_k() const { return af::bind(af::matrix<"K">{}, af::col_major(k.data(), d, n_k, batch, heads)); }
+    auto bind_v() const { return af::bind(af::matrix<"V">{}, af::row_major(v.data(), n_k, d_v, batch, heads)); }
+};
 
 af::tensor rounded(const af::reference::result& r) {
     return {r.batch, r.heads, r.rows, r.cols, std::vector<float>(r.values.begin(), r.values.end())};
@@ -270,12 +285,10 @@ TEST_CASE("the Vulkan backward reads a training forward's statistics", "[vulkan]
     af::matrix<"Q"> Q;
     af::matrix<"K"> K;
     af::matrix<"V"> V;
-    const std::size_t batch = 2, heads = 2, d = 5, n_q = 37, n_k = 45, d_v = 3;
-    const std::vector<float> q = random_floats(batch * heads * d * n_q, 31), k = random_floats(batch * heads * d * n_k, 32),
-                             v = random_floats(batch * heads * n_k * d_v, 33);
-    const auto bq = af::bind(Q, af::col_major(q.data(), d, n_q, batch, heads));
-    const auto bk = af::bind(K, af::col_major(k.data(), d, n_k, batch, heads));
-    const auto bv = af::bind(V, af::row_major(v.data(), n_k, d_v, batch, heads));
+    const small_inputs in(31);
+    const auto bq = in.bind_q();
+    const auto bk = in.bind_k();
+    const auto bv = in.bind_v();
     // queries 0 to 2 keep no key: their statistics are -inf and 0
     const auto e = af::softmax(af::mask(af::mask(af::scale(Q^af::T*K), af::causal), af::i >= 3)) * V;
     const af::training_result training = af::cpu::run_for_training(e, bq, bk, bv);
@@ -299,4 +312,80 @@ TEST_CASE("the Vulkan backward reads a training forward's statistics", "[vulkan]
     af::training_result wrong = training;
     wrong.statistics.heads = 1;
     CHECK_THROWS_AS(vk::backward(*dev, e, wrong, d_output, bq, bk, bv), af::shape_error);
+}
+
+// The Vulkan training forward: the output with each row's statistics, which
+// the fused kernel keeps through its keys' shares (one or several) and the
+// unfused softmax kernel writes, against the reference, in both modes; the
+// backward of both backends given them; and merge_attentions of the
+// attentions over two halves of the keys against the whole.
+TEST_CASE("the Vulkan training forward keeps each row's statistics, fused and unfused", "[vulkan][backward][training]") {
+    vk::device* dev = shared_device();
+    if (!dev) return;
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const small_inputs in(41);
+    const auto bq = in.bind_q();
+    const auto bk = in.bind_k();
+    const auto bv = in.bind_v();
+    const std::size_t batch = small_inputs::batch, heads = small_inputs::heads, d = small_inputs::d, n_k = small_inputs::n_k,
+                      d_v = small_inputs::d_v;
+    const std::vector<float>&k = in.k, &v = in.v;
+    // K and V of one head, which both query heads share (grouped-query attention)
+    const auto bk_shared = af::bind(K, af::col_major(k.data(), d, n_k, batch, 1));
+    const auto bv_shared = af::bind(V, af::row_major(v.data(), n_k, d_v, batch, 1));
+
+    auto check = [&](const std::string& name, const auto& e, const auto&... bindings) {
+        INFO(name);
+        const af::reference::result want = af::reference::evaluate(e, bindings...);
+        af::tensor d_output = rounded(want);
+        d_output.values = random_floats(d_output.values.size(), 44);
+        const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                                std::vector<double>(d_output.values.begin(), d_output.values.end())};
+        const af::reference::gradients expected = af::reference::backward(e, d_reference, bindings...);
+        for (const execution mode : {execution::fused, execution::unfused})
+            for (const std::size_t splits : {std::size_t{1}, std::size_t{3}}) {
+                if (mode == execution::unfused && splits > 1) continue;
+                INFO((mode == execution::fused ? "fused, keys in " + std::to_string(splits) + " shares" : std::string("unfused")));
+                const af::training_result training = vk::run_for_training(*dev, e, vk::options{.mode = mode, .key_splits = splits}, bindings...);
+                CHECK(af::variants::relative_error(want.values, training.output.values) <= 1e-5);
+                af::testing::check_statistics(training.statistics, e, 1e-5, bindings...);
+                CHECK(std::any_of(training.info.kernels.begin(), training.info.kernels.end(),
+                                  [](const std::string& k) { return k.find("row statistics of the training forward") != std::string::npos; }));
+                const af::backward_result on_vulkan = vk::backward(*dev, e, training, d_output, bindings...);
+                const af::backward_result on_cpu = af::cpu::backward(e, training, d_output, bindings...);
+                for (const af::reference::input_gradient& g : expected.inputs) {
+                    INFO("gradient of " << g.name);
+                    CHECK(af::variants::relative_error(g.values, on_vulkan.of(g.name).values) <= 1e-4);
+                    CHECK(af::variants::relative_error(g.values, on_cpu.of(g.name).values) <= 1e-4);
+                }
+            }
+    };
+    // queries 0 to 2 keep no key: their statistics are -inf and 0
+    check("causal, the first rows fully masked", af::softmax(af::mask(af::mask(af::scale(Q^af::T*K), af::causal), af::i >= 3)) * V, bq, bk, bv);
+    check("soft-capped, grouped-query", af::softmax(3 * af::tanh(Q^af::T*K / 3)) * V, bq, bk_shared, bv_shared);
+    check("dropout", af::dropout(af::softmax(af::scale(Q^af::T*K)), 0.25, 9) * V, bq, bk, bv);
+
+    // two halves of the keys, run apart and merged, against the whole
+    const auto e = af::softmax(af::scale(Q^af::T*K)) * V;
+    const std::size_t first_keys = 20, second_keys = n_k - first_keys;
+    std::vector<float> k1, k2, v1, v2;
+    for (std::size_t m = 0; m < batch * heads; ++m) {
+        k1.insert(k1.end(), k.begin() + static_cast<std::ptrdiff_t>(m * d * n_k), k.begin() + static_cast<std::ptrdiff_t>(m * d * n_k + d * first_keys));
+        k2.insert(k2.end(), k.begin() + static_cast<std::ptrdiff_t>(m * d * n_k + d * first_keys), k.begin() + static_cast<std::ptrdiff_t>((m + 1) * d * n_k));
+        v1.insert(v1.end(), v.begin() + static_cast<std::ptrdiff_t>(m * n_k * d_v), v.begin() + static_cast<std::ptrdiff_t>(m * n_k * d_v + first_keys * d_v));
+        v2.insert(v2.end(), v.begin() + static_cast<std::ptrdiff_t>(m * n_k * d_v + first_keys * d_v), v.begin() + static_cast<std::ptrdiff_t>((m + 1) * n_k * d_v));
+    }
+    const af::training_result whole = vk::run_for_training(*dev, e, bq, bk, bv);
+    const af::training_result merged = af::merge_attentions(
+        vk::run_for_training(*dev, e, bq, af::bind(K, af::col_major(k1.data(), d, first_keys, batch, heads)),
+                             af::bind(V, af::row_major(v1.data(), first_keys, d_v, batch, heads))),
+        vk::run_for_training(*dev, e, vk::options{af::execution::unfused}, bq, af::bind(K, af::col_major(k2.data(), d, second_keys, batch, heads)),
+                             af::bind(V, af::row_major(v2.data(), second_keys, d_v, batch, heads))));
+    CHECK(af::variants::relative_error(std::vector<double>(whole.output.values.begin(), whole.output.values.end()), merged.output.values) <= 1e-5);
+    for (std::size_t row = 0; row < whole.statistics.max.size(); ++row) {
+        CHECK(merged.statistics.max[row] == Approx(whole.statistics.max[row]).epsilon(1e-5));
+        CHECK(merged.statistics.sum[row] == Approx(whole.statistics.sum[row]).epsilon(1e-5));
+    }
 }

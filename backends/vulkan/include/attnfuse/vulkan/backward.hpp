@@ -106,7 +106,7 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
         report& info = result.info;
         bool cut_short = false;
         {
-            executor<Env> x{dev, env, opt, info, {}, {}, resident, true, {}, halvings, {}, false};
+            executor<Env> x{dev, env, opt, info, {}, {}, resident, true, {}, halvings, {}, false, nullptr, nullptr, {}};
             std::vector<operand> prepared{evaluate(q_input, x), evaluate(k_input, x), evaluate(v_input, x),
                                           x.upload(row_major(d_output.values.data(), n_q, d_v, env.batch, env.heads), "d_output"),
                                           x.upload(row_major(output.values.data(), n_q, d_v, env.batch, env.heads), "output")};

@@ -446,6 +446,13 @@ struct executor {
     // flash_rows.glsl found a NaN or inf value under a weight other than 0
     // (status bit 2): the run is redone with flash_attention.glsl, exact there
     bool staged_only = false;
+    // A training forward's row statistics (run_for_training): the root
+    // attention's fused kernel, or where it runs unfused the kernel of its
+    // softmax node, writes each row's max and sum into `statistics` (n_q x 2
+    // per (batch, head)).
+    const void* statistics_attention = nullptr;
+    const void* statistics_softmax = nullptr;
+    std::optional<device::buffer_id> statistics;
 
     // Also on the way out of an exception: release submits recorded work and
     // may throw itself, which must not escape a destructor.
@@ -805,6 +812,14 @@ operand node_kernel(const E& e, X& x) {
         x.launch(hard ? "hard_write" : "softmax_write", "", (hard ? "#define AF_HARD\n" : "") + element_prologue() + std::string(shader_sources::row_write),
                  {operands[0], top_operand, dense_operand(second, shape.rows, 1, x.env.batch, x.env.heads)}, {}, out, shape.rows,
                  shape.cols, elements);
+        if (!hard && x.statistics_softmax == static_cast<const void*>(&e)) {
+            // a training forward's: the row maxima and sums side by side
+            x.statistics = x.buffer(std::max<std::size_t>(bh * shape.rows * 2, 1) * sizeof(float), "the row statistics", false);
+            x.launch("row_statistics", "the row statistics of the training forward (max, sum)",
+                     element_prologue() + "    OUT.d[idx] = j == 0u ? ld0(b, h, i, 0u) : ld1(b, h, i, 0u);\n}\n",
+                     {top_operand, dense_operand(second, shape.rows, 1, x.env.batch, x.env.heads)}, {}, *x.statistics, shape.rows, 2,
+                     bh * shape.rows * 2);
+        }
     } else if constexpr (has_kind_template<E, kind::reduce_along_rows>::value || has_kind_template<E, kind::reduce_along_cols>::value) {
         constexpr bool along_rows = has_kind_template<E, kind::reduce_along_rows>::value;
         constexpr bool sum = std::is_same_v<typename E::kind_type::op, op::add>;
@@ -1110,7 +1125,9 @@ operand fused_attention(const E& e, X& x) {
     const std::size_t passes = (key_tiles + window - 1) / window;
     const std::size_t splits =
         std::min(key_splits(x.dev, x.opt.key_splits, qtiles * bh, key_tiles), x.loop_window(flash::merge_steps_per_share));
-    const bool shared_state = splits > 1 || passes > 1;
+    // a training forward's statistics come from the merge of the shares' states
+    const bool keeps_statistics = x.statistics_attention == static_cast<const void*>(&e);
+    const bool shared_state = splits > 1 || passes > 1 || keeps_statistics;
     const std::vector<std::uint32_t> specialization =
         shape.matrix          ? flash::matrix_specialization(shape.fragments, depth, d_v, shared_state)
         : shape.register_rows ? flash::rows_specialization(shape, depth, d_v, shared_state)
@@ -1155,9 +1172,16 @@ operand fused_attention(const E& e, X& x) {
     }();
     std::uint32_t offset_bits;
     std::memcpy(&offset_bits, &offset, 4);
+    const std::vector<std::uint32_t> merge_numbers{static_cast<std::uint32_t>(splits), offset_bits, static_cast<std::uint32_t>(d_v)};
     x.launch("combine_splits", "merge of the key shares", mode + element_prologue() + std::string(shader_sources::combine_splits),
-             {dense_operand(shares, 1, 1, 1, 1), operands[2]}, {static_cast<std::uint32_t>(splits), offset_bits}, out, n_q, d_v,
-             bh * n_q * d_v);
+             {dense_operand(shares, 1, 1, 1, 1), operands[2]}, merge_numbers, out, n_q, d_v, bh * n_q * d_v);
+    if constexpr (!parts::hard && !parts::plain_sum)
+        if (keeps_statistics) {
+            x.statistics = x.buffer(std::max<std::size_t>(bh * n_q * 2, 1) * sizeof(float), "the row statistics", false);
+            x.launch("row_statistics", "the row statistics of the training forward (max, sum)",
+                     "#define AF_ROW_STATISTICS\n" + element_prologue() + std::string(shader_sources::combine_splits),
+                     {dense_operand(shares, 1, 1, 1, 1), operands[2]}, merge_numbers, *x.statistics, n_q, 2, bh * n_q * 2);
+        }
     return dense_operand(out, n_q, d_v, x.env.batch, x.env.heads);
 }
 
@@ -1246,7 +1270,7 @@ device::buffer_id narrowed_output(X& x, const operand& out, std::size_t count, s
 
 template <bool OnDevice, class Out, class E, class... Bindings>
 auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::string, operand>& resident,
-               std::chrono::steady_clock::time_point start, const Bindings&... bindings) {
+               std::chrono::steady_clock::time_point start, row_statistics* statistics, const Bindings&... bindings) {
     static_assert(OnDevice || std::is_same_v<Out, float>, "attnfuse internal: a host result is f32");
     using Env = environment<Bindings...>;
     Env env(bindings...);
@@ -1262,9 +1286,16 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
         result.info = {};
         bool cut_short = false, values_lost = false, f16_lost = false;
         {
-            executor<Env> x{dev, env, opt, result.info, {}, {}, resident, true, {}, halvings, {}, staged_only};
+            executor<Env> x{dev, env, opt, result.info, {}, {}, resident, true, {}, halvings, {}, staged_only, nullptr, nullptr, {}};
+            if constexpr (plan::keeps_statistics_v<E>)
+                if (statistics) {
+                    x.statistics_attention = &e;
+                    x.statistics_softmax = &plan::attention_parts<E>::softmax_node(e);
+                }
             plan::collect_score_nodes(e, x.score_nodes);
             operand out = evaluate(e, x);
+            if (statistics && !x.statistics)
+                throw std::logic_error("attnfuse internal: Vulkan ran `" + to_string(e) + "` without keeping its row statistics");
             // the answer, dense and owned by this run: a last copy kernel when the
             // root was a view (an input, a transpose)
             const bool dense = out.geometry[4] == shape.cols && out.geometry[5] == 1 && out.geometry[8] == 0 &&
@@ -1308,6 +1339,16 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
                     dev.download(out.buffer, t.values.data(), t.values.size() * sizeof(float));
                 }
                 result.info.spirv_from_disk_cache = x.all_from_disk;
+                if (statistics) {
+                    const std::size_t rows = env.batch * env.heads * shape.rows;
+                    std::vector<float> max_and_sum(2 * rows);
+                    dev.download(*x.statistics, max_and_sum.data(), max_and_sum.size() * sizeof(float));
+                    *statistics = {env.batch, env.heads, shape.rows, std::vector<float>(rows), std::vector<float>(rows)};
+                    for (std::size_t row = 0; row < rows; ++row) {
+                        statistics->max[row] = max_and_sum[2 * row];
+                        statistics->sum[row] = max_and_sum[2 * row + 1];
+                    }
+                }
             }
         }
         if ((values_lost || f16_lost) && !cut_short) {
@@ -1363,7 +1404,8 @@ template <bool OnDevice, class Out, class E, class... Bindings>
 auto run_with(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
     const auto start = std::chrono::steady_clock::now();
-    return run_bound<OnDevice, Out>(dev, e, opt, resident_inputs(dev, bindings...), start, lower::readable<hooks>(host_face(bindings))...);
+    return run_bound<OnDevice, Out>(dev, e, opt, resident_inputs(dev, bindings...), start, nullptr,
+                                    lower::readable<hooks>(host_face(bindings))...);
 }
 }  // namespace detail
 
@@ -1391,6 +1433,32 @@ template <class E, class... Bindings>
     requires expression<E> && (a_vulkan_binding<Bindings> && ...)
 run_result run(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
     return detail::run_with<false, float>(dev, e, opt, bindings...);
+}
+
+// A training forward: run()'s output, and each query row's softmax
+// statistics (max and sum), which the root attention's fused kernel keeps
+// as it goes (its keys' shares merged by combine_splits.glsl) or, where it
+// runs unfused, its softmax kernel. For a softmax attention at the root
+// (plan::keeps_statistics_v; anything else does not compile). The result
+// is what vulkan::backward and cpu::backward read, and what
+// merge_attentions() merges by.
+template <class E, class... Bindings>
+    requires expression<E> && (a_vulkan_binding<Bindings> && ...)
+training_result run_for_training(device& dev, const E& e, const options& opt, const Bindings&... bindings) {
+    attnfuse::check::no_pending_transpose<E>();
+    attnfuse::check::keeps_statistics<E>();
+    const auto start = std::chrono::steady_clock::now();
+    training_result result;
+    run_result run = detail::run_bound<false, float>(dev, e, opt, detail::resident_inputs(dev, bindings...), start, &result.statistics,
+                                                     lower::readable<detail::hooks>(detail::host_face(bindings))...);
+    result.output = std::move(run.output);
+    result.info = std::move(run.info);
+    return result;
+}
+template <class E, class... Bindings>
+    requires expression<E> && (a_vulkan_binding<Bindings> && ...)
+training_result run_for_training(device& dev, const E& e, const Bindings&... bindings) {
+    return run_for_training(dev, e, options{}, bindings...);
 }
 
 // The same, with the output left in device memory, stored as Out (f32; f16
