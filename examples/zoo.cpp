@@ -147,7 +147,7 @@ int main(int argc, char** argv) {
                                 first.wall * 1e3, first.build * 1e3, median, af::variants::relative_error(ref.values, first.out.values),
                                 first.tolerance, 0, first.intermediate, first.scores, first.kernels});
             }
-        if constexpr (af::plan::attention_backward_v<std::remove_cvref_t<decltype(e)>>) {
+        if constexpr (af::plan::backend_backward_v<std::remove_cvref_t<decltype(e)>>) {
             // the backward of the fused forward's output, for a fixed output gradient in [-1, 1)
             const af::tensor output = af::cpu::run(e, bindings...).output;
             af::tensor d_output = output;

@@ -100,26 +100,32 @@ struct plain_dot_core<node<kind::product, node<kind::transpose, X>, Y>> {
 };
 
 // softmax(score)*V or dropout(softmax(score), p, seed)*V whose score is one
-// Q^T*K of two bound inputs under pointwise operations (scale, masks, biases,
-// soft-capping) whose other inputs get no gradient, and V a bound input
-// other than Q and K: the FlashAttention-2 backward (recompute S and P tile by
-// tile from Q, K and each row's statistics), and its unfused counterpart.
-template <class E, bool = attention_pattern<E>::matches> struct attention_backward : std::false_type {};
-template <class E> struct attention_backward<E, true> {
+// core of the form CoreForm accepts (CoreForm<core>::value, and
+// distinct_from(name) for V's name) under pointwise operations (scale,
+// masks, biases, soft-capping) whose other inputs get no gradient, and V a
+// bound input of its own.
+template <template <class> class CoreForm, class E, bool = attention_pattern<E>::matches>
+struct softmax_attention_over : std::false_type {};
+template <template <class> class CoreForm, class E> struct softmax_attention_over<CoreForm, E, true> {
 private:
     using parts = attention_parts<E>;
     using core = typename parts::core_type;
     using score = typename normaliser<typename parts::weights_type>::score;
     using values = typename attention_pattern<E>::values;
     static constexpr bool distinct_values() {
-        if constexpr (is_input_v<values>) return plain_dot_core<core>::distinct_from(values::name.view());
+        if constexpr (is_input_v<values>) return CoreForm<core>::distinct_from(values::name.view());
         else return false;
     }
 
 public:
-    static constexpr bool value = !parts::hard && !parts::plain_sum && !parts::post_weighted && plain_dot_core<core>::value &&
-                                  is_input_v<values> && distinct_values() && !differentiable_outside<score, core>::value;
+    static constexpr bool value = !parts::hard && !parts::plain_sum && !parts::post_weighted && CoreForm<core>::value &&
+                                  distinct_values() && !differentiable_outside<score, core>::value;
 };
+
+// The dot-product core Q^T*K of two bound inputs: the FlashAttention-2
+// backward (recompute S and P tile by tile from Q, K and each row's
+// statistics), and its unfused counterpart.
+template <class E> using attention_backward = softmax_attention_over<plain_dot_core, E>;
 template <class E> inline constexpr bool attention_backward_v = attention_backward<std::remove_cvref_t<E>>::value;
 
 }  // namespace plan
@@ -128,6 +134,7 @@ template <class E> inline constexpr bool attention_backward_v = attention_backwa
 inline std::string outside_attention_backward(std::string_view backend, const std::string& expression) {
     return "attnfuse: " + std::string(backend) +
            "::backward covers softmax(score)*V and dropout(softmax(score), p, seed)*V whose score is one Q^T*K of two bound inputs "
+           "(or one Q^T*W*K of three) "
            "under pointwise operations whose other inputs get no gradient (scale, masks, lengths, soft-capping), with V bound; `" +
            expression + "` is not of that form. reference::backward differentiates every expression";
 }

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include <attnfuse/gradient.hpp>
+#include <attnfuse/projected_backward.hpp>
 
 #include "executor.hpp"
 
@@ -366,7 +367,11 @@ template <class E, class... Bindings>
 backward_result backward_given(device& dev, const E& e, const tensor& output, const tensor& d_output, const row_statistics* given,
                                const options& opt, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
-    if constexpr (!plan::attention_backward_v<E>) {
+    if constexpr (plan::general_attention_backward_v<E>) {
+        return general_core_backward(
+            e, [&](const auto& x, const auto&... b) { return vulkan::run(dev, x, opt, b...); },
+            [&](const auto& x, const auto&... b) { return backward_given(dev, x, output, d_output, given, opt, b...); }, bindings...);
+    } else if constexpr (!plan::attention_backward_v<E>) {
         throw std::invalid_argument(outside_attention_backward("vulkan", to_string(e)));
     } else {
         return detail::attention_backward(dev, e, output, d_output, given, opt, detail::resident_inputs(dev, bindings...),
@@ -394,8 +399,8 @@ backward_result backward(device& dev, const E& e, const tensor& output, const te
     return backward(dev, e, output, d_output, options{}, bindings...);
 }
 
-// The same from a training forward's result (cpu::run_for_training; Vulkan
-// has no training forward yet): its row statistics spare the fused pass its
+// The same from a training forward's result (vulkan::run_for_training or
+// cpu::run_for_training): its row statistics spare the fused pass its
 // first kernel over the keys. The unfused pass recomputes everything either
 // way.
 template <class E, class... Bindings>
