@@ -141,7 +141,7 @@ backward_result general_core_backward(const E& e, const Run& run, const Backward
     backward_result inner = backward(over_projected, bound_projection, bindings...);
 
     backward_result result;
-    result.info = inner.info;
+    result.info = std::move(inner.info);
     detail::add_run(result.info, p.info);
     result.info.intermediate_bytes += p.output.values.size() * sizeof(float);
     tensor dx, dw;
@@ -163,7 +163,8 @@ backward_result general_core_backward(const E& e, const Run& run, const Backward
             if (flows) result.inputs.push_back({name, std::move(name == X::name.view() ? dx : dw)});
             else result.without.push_back(name);
         } else if (inner.has(name)) {
-            result.inputs.push_back({name, inner.of(name)});
+            for (named_gradient& g : inner.inputs)
+                if (g.name == name) result.inputs.push_back(std::move(g));
         } else {
             result.without.push_back(name);
         }

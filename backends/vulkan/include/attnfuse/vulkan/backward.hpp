@@ -227,11 +227,7 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
             const operand stats_operand = dense_operand(stats, n_q, 3, env.batch, env.heads);
             if (fused) {
                 if (given) {
-                    std::vector<float> max_and_sum(2 * given->max.size());
-                    for (std::size_t row = 0; row < given->max.size(); ++row) {
-                        max_and_sum[2 * row] = given->max[row];
-                        max_and_sum[2 * row + 1] = given->sum[row];
-                    }
+                    const std::vector<float> max_and_sum = statistics_as_pairs(*given);
                     const operand forward_statistics =
                         x.upload(row_major(max_and_sum.data(), n_q, 2, env.batch, env.heads), "the forward's row statistics");
                     x.launch("backward_given_statistics", "backward: the forward's max and sum of each row, and D = rowsum(dO ∘ O)",

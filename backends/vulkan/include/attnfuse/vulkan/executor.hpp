@@ -422,6 +422,25 @@ inline operand dense_operand(device::buffer_id id, std::size_t rows, std::size_t
 using upload_key = std::tuple<const void*, std::size_t, std::size_t, std::size_t, std::size_t, std::ptrdiff_t, std::ptrdiff_t,
                               std::ptrdiff_t, std::ptrdiff_t>;
 
+// Row statistics as the kernels hold them: each row's max and sum side by
+// side (rows x 2 per (batch, head)).
+inline std::vector<float> statistics_as_pairs(const row_statistics& s) {
+    std::vector<float> pairs(2 * s.max.size());
+    for (std::size_t row = 0; row < s.max.size(); ++row) {
+        pairs[2 * row] = s.max[row];
+        pairs[2 * row + 1] = s.sum[row];
+    }
+    return pairs;
+}
+inline row_statistics statistics_from_pairs(const std::vector<float>& pairs, std::size_t batch, std::size_t heads, std::size_t rows) {
+    row_statistics s{batch, heads, rows, std::vector<float>(pairs.size() / 2), std::vector<float>(pairs.size() / 2)};
+    for (std::size_t row = 0; row < s.max.size(); ++row) {
+        s.max[row] = pairs[2 * row];
+        s.sum[row] = pairs[2 * row + 1];
+    }
+    return s;
+}
+
 // A grid of workgroups and the invocations of each.
 struct workgroups {
     std::array<std::size_t, 3> grid;
@@ -453,6 +472,15 @@ struct executor {
     const void* statistics_attention = nullptr;
     const void* statistics_softmax = nullptr;
     std::optional<device::buffer_id> statistics;
+    // Runs the kernel `source` that writes those statistics (rows x 2 per
+    // (batch, head): max, sum) into a buffer of their own.
+    void keep_statistics(const std::string& source, const std::vector<operand>& operands, const std::vector<std::uint32_t>& numbers,
+                         std::size_t rows) {
+        const std::size_t elements = env.batch * env.heads * rows * 2;
+        statistics = buffer(std::max<std::size_t>(elements, 1) * sizeof(float), "the row statistics", false);
+        launch("row_statistics", "the row statistics of the training forward (max, sum)", source, operands, numbers, *statistics, rows, 2,
+               elements);
+    }
 
     // Also on the way out of an exception: release submits recorded work and
     // may throw itself, which must not escape a destructor.
@@ -812,14 +840,9 @@ operand node_kernel(const E& e, X& x) {
         x.launch(hard ? "hard_write" : "softmax_write", "", (hard ? "#define AF_HARD\n" : "") + element_prologue() + std::string(shader_sources::row_write),
                  {operands[0], top_operand, dense_operand(second, shape.rows, 1, x.env.batch, x.env.heads)}, {}, out, shape.rows,
                  shape.cols, elements);
-        if (!hard && x.statistics_softmax == static_cast<const void*>(&e)) {
-            // a training forward's: the row maxima and sums side by side
-            x.statistics = x.buffer(std::max<std::size_t>(bh * shape.rows * 2, 1) * sizeof(float), "the row statistics", false);
-            x.launch("row_statistics", "the row statistics of the training forward (max, sum)",
-                     element_prologue() + "    OUT.d[idx] = j == 0u ? ld0(b, h, i, 0u) : ld1(b, h, i, 0u);\n}\n",
-                     {top_operand, dense_operand(second, shape.rows, 1, x.env.batch, x.env.heads)}, {}, *x.statistics, shape.rows, 2,
-                     bh * shape.rows * 2);
-        }
+        if (!hard && x.statistics_softmax == static_cast<const void*>(&e))  // a training forward's: the row maxima and sums side by side
+            x.keep_statistics(element_prologue() + "    OUT.d[idx] = j == 0u ? ld0(b, h, i, 0u) : ld1(b, h, i, 0u);\n}\n",
+                              {top_operand, dense_operand(second, shape.rows, 1, x.env.batch, x.env.heads)}, {}, shape.rows);
     } else if constexpr (has_kind_template<E, kind::reduce_along_rows>::value || has_kind_template<E, kind::reduce_along_cols>::value) {
         constexpr bool along_rows = has_kind_template<E, kind::reduce_along_rows>::value;
         constexpr bool sum = std::is_same_v<typename E::kind_type::op, op::add>;
@@ -1176,12 +1199,9 @@ operand fused_attention(const E& e, X& x) {
     x.launch("combine_splits", "merge of the key shares", mode + element_prologue() + std::string(shader_sources::combine_splits),
              {dense_operand(shares, 1, 1, 1, 1), operands[2]}, merge_numbers, out, n_q, d_v, bh * n_q * d_v);
     if constexpr (!parts::hard && !parts::plain_sum)
-        if (keeps_statistics) {
-            x.statistics = x.buffer(std::max<std::size_t>(bh * n_q * 2, 1) * sizeof(float), "the row statistics", false);
-            x.launch("row_statistics", "the row statistics of the training forward (max, sum)",
-                     "#define AF_ROW_STATISTICS\n" + element_prologue() + std::string(shader_sources::combine_splits),
-                     {dense_operand(shares, 1, 1, 1, 1), operands[2]}, merge_numbers, *x.statistics, n_q, 2, bh * n_q * 2);
-        }
+        if (keeps_statistics)
+            x.keep_statistics("#define AF_ROW_STATISTICS\n" + element_prologue() + std::string(shader_sources::combine_splits),
+                              {dense_operand(shares, 1, 1, 1, 1), operands[2]}, merge_numbers, n_q);
     return dense_operand(out, n_q, d_v, x.env.batch, x.env.heads);
 }
 
@@ -1340,14 +1360,9 @@ auto run_bound(device& dev, const E& e, const options& opt, const std::map<std::
                 }
                 result.info.spirv_from_disk_cache = x.all_from_disk;
                 if (statistics) {
-                    const std::size_t rows = env.batch * env.heads * shape.rows;
-                    std::vector<float> max_and_sum(2 * rows);
+                    std::vector<float> max_and_sum(2 * env.batch * env.heads * shape.rows);
                     dev.download(*x.statistics, max_and_sum.data(), max_and_sum.size() * sizeof(float));
-                    *statistics = {env.batch, env.heads, shape.rows, std::vector<float>(rows), std::vector<float>(rows)};
-                    for (std::size_t row = 0; row < rows; ++row) {
-                        statistics->max[row] = max_and_sum[2 * row];
-                        statistics->sum[row] = max_and_sum[2 * row + 1];
-                    }
+                    *statistics = statistics_from_pairs(max_and_sum, env.batch, env.heads, shape.rows);
                 }
             }
         }
