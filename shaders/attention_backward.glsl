@@ -1,6 +1,8 @@
 // The backward pass of softmax attention (vulkan/backward.hpp), after the
 // generated epilogue(s, b, h, bh, i, j) and epilogue_slope(...) (its
-// derivative in the core s, through each operation's glsl_partials).
+// derivative in the core s, through each operation's glsl_partials). With
+// AF_POINTWISE the weights are the epilogue's values themselves (sigmoid,
+// ReLU^2 attention): no row statistics exist, nor are any read.
 //
 // Operands: 0 Q (d x n_q), 1 K (d x n_k), 2 V (n_k x d_v), 3 dO (n_q x
 // d_v), 4 the row statistics (n_q x 3: max, sum, D = rowsum(dO o O)), or O
@@ -28,9 +30,16 @@ float af_dropped(float x, uint bh, uint i, uint j) {
     return x;
 #endif
 }
+#if defined(AF_POINTWISE)
+float af_weight(float s, float top, float total) { return s; }
+// statistic k (max, sum, D) of row `row`: none for pointwise weights
+float af_stat(uint b, uint h, uint row, uint k) { return 0.0; }
+#else
 // The softmax weight of score s in a row of statistics (max, sum): 0 in a
 // row every mask removed (its sum is 0).
 float af_weight(float s, float top, float total) { return total == 0.0 ? 0.0 : exp(s - top) / total; }
+float af_stat(uint b, uint h, uint row, uint k) { return ld4(b, h, row, k); }
+#endif
 // (batch, head) u of those that input source (sb, sh) serves (an input of
 // batch 1 serves every batch; of fewer heads, consecutive groups of heads).
 uvec2 af_served(uint u, uint sb, uint sh) {
@@ -71,9 +80,16 @@ uvec2 af_live(bool of_keys, uint bh, uint block) {
 // unrolled epilogue that reads a table at every element).
 // The weight of key j for query i and the core's gradient f (dS o slope), dS
 // = P o (dP - D): a zero weight passes zero, even where dP or the slope is not finite.
+// Pointwise weights: dP o slope, a zero slope passing zero. Walked rows past
+// the live end (or n_k, n_q) get no gradient: the callers pass 0 for them.
 float af_core_gradient(float s, float p, float dp, float dd, uint b, uint h, uint bh, uint i, uint j) {
+#if defined(AF_POINTWISE)
+    float slope = epilogue_slope(s, b, h, bh, i, j);
+    return slope == 0.0 ? 0.0 : dp * slope;
+#else
     float ds = p == 0.0 ? 0.0 : p * (af_dropped(dp, bh, i, j) - dd);
     return ds == 0.0 ? 0.0 : ds * epilogue_slope(s, b, h, bh, i, j);
+#endif
 }
 #if (defined(AF_BWD_STATS) || defined(AF_BWD_DQ) || defined(AF_BWD_DKV)) && !defined(AF_BWD_REGISTERS)
 shared float af_scratch[3u * AF_TILE * AF_WG];
@@ -181,9 +197,9 @@ void main() {
         uvec2 served = af_served(u0, sb, sh);
         uint b = served.x, h = served.y, bh = b * HEADS() + h;
         [[unroll]] for (uint r = 0u; r < AF_R; ++r) {
-            top[r] = ld4(b, h, rows[r], 0u);
-            total[r] = ld4(b, h, rows[r], 1u);
-            dd[r] = ld4(b, h, rows[r], 2u);
+            top[r] = af_stat(b, h, rows[r], 0u);
+            total[r] = af_stat(b, h, rows[r], 1u);
+            dd[r] = af_stat(b, h, rows[r], 2u);
             for (uint c = 0u; c < AF_D; ++c) q[r * AF_D + c] = ld0(b, h, c, rows[r]);
             for (uint c = 0u; c < AF_DV; ++c) dout[r * AF_DV + c] = ld3(b, h, rows[r], c);
         }
@@ -213,7 +229,7 @@ void main() {
                 [[unroll]] for (uint u = 0u; u < AF_KT; ++u) {
                     uint e = r * AF_KT + u, j = j0 + u;
                     float p = j < j_live_end ? af_weight(epilogue(raw[e], b, h, bh, rows[r], j), top[r], total[r]) : 0.0;
-                    g[e] = af_core_gradient(raw[e], p, dp[e], dd[r], b, h, bh, rows[r], j);
+                    g[e] = j < j_live_end ? af_core_gradient(raw[e], p, dp[e], dd[r], b, h, bh, rows[r], j) : 0.0;
                 }
             }
 #else
@@ -225,7 +241,7 @@ void main() {
                 uint r = e / AF_KT, j = j0 + e % AF_KT;
                 float s = AF_SCRATCH(0u, e);
                 float p = j < j_live_end ? af_weight(epilogue(s, b, h, bh, rows[r], j), top[r], total[r]) : 0.0;
-                AF_SCRATCH(2u, e) = af_core_gradient(s, p, AF_SCRATCH(1u, e), dd[r], b, h, bh, rows[r], j);
+                AF_SCRATCH(2u, e) = j < j_live_end ? af_core_gradient(s, p, AF_SCRATCH(1u, e), dd[r], b, h, bh, rows[r], j) : 0.0;
             }
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) g[e] = AF_SCRATCH(2u, e);
 #endif
@@ -292,7 +308,7 @@ void main() {
             float weight[AF_TILE];
             [[unroll]] for (uint u = 0u; u < AF_KT; ++u) {
                 uint i = i0 + u, row = min(i, n_q - 1u);
-                float top = ld4(b, h, row, 0u), total = ld4(b, h, row, 1u);
+                float top = af_stat(b, h, row, 0u), total = af_stat(b, h, row, 1u);
                 [[unroll]] for (uint r = 0u; r < AF_R; ++r) {
                     uint e = r * AF_KT + u;
                     weight[e] = i < i_live_end ? af_weight(epilogue(raw[e], b, h, bh, i, keys[r]), top, total) : 0.0;
@@ -304,7 +320,7 @@ void main() {
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) AF_SCRATCH(0u, e) = raw[e];
             [[dont_unroll]] for (uint e = 0u; e < AF_TILE; ++e) {
                 uint r = e / AF_KT, i = i0 + e % AF_KT, row = min(i, n_q - 1u);
-                float p = i < i_live_end ? af_weight(epilogue(AF_SCRATCH(0u, e), b, h, bh, i, keys[r]), ld4(b, h, row, 0u), ld4(b, h, row, 1u)) : 0.0;
+                float p = i < i_live_end ? af_weight(epilogue(AF_SCRATCH(0u, e), b, h, bh, i, keys[r]), af_stat(b, h, row, 0u), af_stat(b, h, row, 1u)) : 0.0;
                 AF_SCRATCH(1u, e) = p;
                 AF_SCRATCH(2u, e) = af_dropped(p, bh, i, keys[r]);
             }
@@ -320,17 +336,17 @@ void main() {
 #if defined(AF_BWD_REGISTERS)
             [[unroll]] for (uint u = 0u; u < AF_KT; ++u) {
                 uint i = i0 + u;
-                float dd = ld4(b, h, min(i, n_q - 1u), 2u);
+                float dd = af_stat(b, h, min(i, n_q - 1u), 2u);
                 [[unroll]] for (uint r = 0u; r < AF_R; ++r) {
                     uint e = r * AF_KT + u;
-                    g[e] = af_core_gradient(raw[e], weight[e], dp[e], dd, b, h, bh, i, keys[r]);
+                    g[e] = i < i_live_end ? af_core_gradient(raw[e], weight[e], dp[e], dd, b, h, bh, i, keys[r]) : 0.0;
                 }
             }
 #else
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) AF_SCRATCH(2u, e) = dp[e];
             [[dont_unroll]] for (uint e = 0u; e < AF_TILE; ++e) {
                 uint r = e / AF_KT, i = i0 + e % AF_KT, row = min(i, n_q - 1u);
-                AF_SCRATCH(1u, e) = af_core_gradient(AF_SCRATCH(0u, e), AF_SCRATCH(1u, e), AF_SCRATCH(2u, e), ld4(b, h, row, 2u), b, h, bh, i, keys[r]);
+                AF_SCRATCH(1u, e) = i < i_live_end ? af_core_gradient(AF_SCRATCH(0u, e), AF_SCRATCH(1u, e), AF_SCRATCH(2u, e), af_stat(b, h, row, 2u), b, h, bh, i, keys[r]) : 0.0;
             }
             [[unroll]] for (uint e = 0u; e < AF_TILE; ++e) g[e] = AF_SCRATCH(1u, e);
 #endif

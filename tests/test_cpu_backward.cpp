@@ -67,20 +67,22 @@ void check_backward(const std::string& name, const E& e, double tolerance, compa
             if (mode == execution::fused) CHECK(got.info.score_bytes == 0);
             else CHECK(got.info.score_bytes > 0);
 
-            // the training forward: the same output, with each row's statistics, which the
-            // backward then reads instead of recomputing
-            const af::training_result training = af::cpu::run_for_training(e, af::cpu::options{mode}, bindings...);
-            CHECK(training.output.values == af::cpu::run(e, af::cpu::options{mode}, bindings...).output.values);
-            af::testing::check_statistics(training.statistics, e, tolerance, bindings...);
-            for (const execution backward_mode : {execution::fused, execution::unfused}) {
-                INFO("from the training forward's result, backward " << (backward_mode == execution::fused ? "fused" : "unfused"));
-                const af::backward_result given = af::cpu::backward(e, training, d_output, af::cpu::options{backward_mode}, bindings...);
-                REQUIRE(given.inputs.size() == expected.inputs.size());
-                for (const af::reference::input_gradient& want : expected.inputs)
-                    CHECK(af::variants::relative_error(want.values, given.of(want.name).values) <= tolerance);
-                if (backward_mode == execution::fused)
-                    CHECK(std::any_of(given.info.kernels.begin(), given.info.kernels.end(),
-                                      [](const std::string& k) { return k.find("the forward's max and sum") != std::string::npos; }));
+            // the training forward of a softmax: the same output, with each row's statistics,
+            // which the backward then reads instead of recomputing (pointwise weights keep none)
+            if constexpr (af::plan::keeps_statistics_v<E>) {
+                const af::training_result training = af::cpu::run_for_training(e, af::cpu::options{mode}, bindings...);
+                CHECK(training.output.values == af::cpu::run(e, af::cpu::options{mode}, bindings...).output.values);
+                af::testing::check_statistics(training.statistics, e, tolerance, bindings...);
+                for (const execution backward_mode : {execution::fused, execution::unfused}) {
+                    INFO("from the training forward's result, backward " << (backward_mode == execution::fused ? "fused" : "unfused"));
+                    const af::backward_result given = af::cpu::backward(e, training, d_output, af::cpu::options{backward_mode}, bindings...);
+                    REQUIRE(given.inputs.size() == expected.inputs.size());
+                    for (const af::reference::input_gradient& want : expected.inputs)
+                        CHECK(af::variants::relative_error(want.values, given.of(want.name).values) <= tolerance);
+                    if (backward_mode == execution::fused)
+                        CHECK(std::any_of(given.info.kernels.begin(), given.info.kernels.end(),
+                                          [](const std::string& k) { return k.find("the forward's max and sum") != std::string::npos; }));
+                }
             }
         }
         ++count.variants;
@@ -101,9 +103,10 @@ TEST_CASE("the CPU backward, fused and unfused, agrees with the reference backwa
             const bool huge_scores = v.name.find("1e4") != std::string::npos;
             check_backward(v.name, e, huge_scores ? 1e-2 : 1e-4, count, bindings...);
         });
-        // the rows it covers: dot product, scaled, scores near 1e4, masked softmax, local-m, the three
-        // relations, causal, both paddings, sliding window, soft-capping, GQA (f32 and bf16), MQA, decode, dropout
-        CHECK(count.variants == 19);
+        // the rows it covers: dot product, scaled, general, scores near 1e4, masked softmax, hard,
+        // local-m, the three relations, causal, both paddings, sliding window, soft-capping, GQA
+        // (f32 and bf16), MQA, decode, dropout, sigmoid and ReLU^2 attention
+        CHECK(count.variants == 22);
         CHECK(count.variants + count.outside >= 30);
     }
 }
@@ -182,6 +185,62 @@ TEST_CASE("the CPU backward gives Q and K no gradient where the score reads its 
         CHECK(g.has("V"));
         CHECK_THROWS_WITH(g.of("Q"), Catch::Contains("no gradient"));
     }
+}
+
+TEST_CASE("the CPU backward of hard attention sends each row's dO to the value row it chose", "[cpu][backward]") {
+    // four query heads over two K/V heads, whole-number scores with many ties (the lowest key
+    // wins), and queries 0 and 1 with every key masked (no key chosen, no gradient)
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::size_t batch = 2, heads = 4, kv_heads = 2, d = 3, n_q = 70, n_k = 75, d_v = 5;
+    auto coarse = [](std::vector<float> x) {
+        for (float& v : x) v = std::round(v * 1.5f);
+        return x;
+    };
+    std::vector<float> q = coarse(random_floats(batch * heads * d * n_q, 41)), k = coarse(random_floats(batch * kv_heads * d * n_k, 42));
+    const std::vector<float> v = random_floats(batch * kv_heads * n_k * d_v, 43);
+    const auto bk = af::bind(K, af::col_major(k.data(), d, n_k, batch, kv_heads));
+    const auto bv = af::bind(V, af::row_major(v.data(), n_k, d_v, batch, kv_heads));
+    const auto e = af::hard(af::mask(Q^af::T*K, af::i >= 2)) * V;
+    {
+        const auto bq = af::bind(Q, af::col_major(q.data(), d, n_q, batch, heads));
+        const af::run_result forward = af::cpu::run(e, bq, bk, bv);
+        af::tensor d_output = forward.output;
+        d_output.values = random_floats(d_output.values.size(), 44);
+        const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                                std::vector<double>(d_output.values.begin(), d_output.values.end())};
+        const af::reference::gradients expected = af::reference::backward(e, d_reference, bq, bk, bv);
+        for (const execution mode : {execution::fused, execution::unfused}) {
+            INFO((mode == execution::fused ? "fused" : "unfused"));
+            const af::backward_result got = af::cpu::backward(e, forward.output, d_output, af::cpu::options{mode}, bq, bk, bv);
+            CHECK(got.without == std::vector<std::string>{"Q", "K"});
+            CHECK(got.of("V").heads == kv_heads);
+            CHECK(af::variants::relative_error(expected.of("V").values, got.of("V").values) <= 1e-6);
+            if (mode == execution::fused) CHECK(got.info.score_bytes == 0);
+            else CHECK(got.info.score_bytes > 0);
+        }
+        af::tensor wrong = d_output;
+        wrong.cols = 4;
+        CHECK_THROWS_WITH(af::cpu::backward(e, forward.output, wrong, bq, bk, bv), Catch::Contains("d_output") && Catch::Contains("70x4"));
+    }
+    // a NaN score in a row (query 5 of batch 1, head 3): its weights are NaN, so every value
+    // row of the K/V head it reads gets NaN where that row's dO is not 0, as in the reference
+    q[((1 * heads + 3) * n_q + 5) * d] = std::numeric_limits<float>::quiet_NaN();
+    const auto bq = af::bind(Q, af::col_major(q.data(), d, n_q, batch, heads));
+    const af::run_result forward = af::cpu::run(e, bq, bk, bv);
+    af::tensor d_output = forward.output;
+    d_output.values.assign(d_output.values.size(), 0.0f);
+    d_output.values[((1 * heads + 3) * n_q + 5) * d_v + 2] = 1.0f;
+    const af::backward_result got = af::cpu::backward(e, forward.output, d_output, bq, bk, bv);
+    const af::tensor& dv = got.of("V");
+    for (std::size_t source = 0; source < batch * kv_heads; ++source)
+        for (std::size_t t = 0; t < n_k; ++t)
+            for (std::size_t c = 0; c < d_v; ++c) {
+                const float x = dv.values[(source * n_k + t) * d_v + c];
+                if (source == 1 * kv_heads + 1 && c == 2) CHECK(std::isnan(x));
+                else CHECK(x == 0.0f);
+            }
 }
 
 TEST_CASE("a training forward keeps each row's statistics, and merge_attentions joins attentions over disjoint keys exactly",

@@ -104,7 +104,7 @@ TEST_CASE("the Vulkan backward, fused and unfused, agrees with the reference bac
             const bool huge_scores = v.name.find("1e4") != std::string::npos;
             (check_backward(*dev, v.name, e, huge_scores ? 1e-2 : 1e-4, {execution::fused, execution::unfused}, bindings...) ? covered : outside) += 1;
         });
-        CHECK(covered == 19);  // the rows cpu::backward covers
+        CHECK(covered == 22);  // the rows cpu::backward covers
         CHECK(covered + outside >= 30);
     }
 }
@@ -277,6 +277,46 @@ TEST_CASE("the Vulkan backward of a fully masked row is zero, and its errors nam
     const auto wq = af::bind(Q, af::col_major(wide_q.data(), 300, 9));
     const auto wk = af::bind(K, af::col_major(wide_k.data(), 300, 11));
     CHECK_THROWS_WITH(vk::backward(*dev, e, output, d_output, wq, wk, bv), Catch::Contains("d = 300"));
+}
+
+TEST_CASE("the Vulkan backward of hard attention sends each row's dO to the value row it chose", "[vulkan][backward]") {
+    vk::device* dev = shared_device();
+    if (!dev) return;
+    // four query heads over two K/V heads, whole-number scores with many ties (the lowest key
+    // wins), queries 0 and 1 with every key masked, and V bound in host memory or on the device
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    const std::size_t batch = 2, heads = 4, kv_heads = 2, d = 3, n_q = 70, n_k = 75, d_v = 5;
+    auto coarse = [](std::vector<float> x) {
+        for (float& v : x) v = std::round(v * 1.5f);
+        return x;
+    };
+    const std::vector<float> q = coarse(random_floats(batch * heads * d * n_q, 41)), k = coarse(random_floats(batch * kv_heads * d * n_k, 42)),
+                             v = random_floats(batch * kv_heads * n_k * d_v, 43);
+    const auto bq = af::bind(Q, af::col_major(q.data(), d, n_q, batch, heads));
+    const auto bk = af::bind(K, af::col_major(k.data(), d, n_k, batch, kv_heads));
+    const auto v_view = af::row_major(v.data(), n_k, d_v, batch, kv_heads);
+    const auto bv = af::bind(V, v_view);
+    const vk::device_tensor values(*dev, v_view, "V");
+    const auto e = af::hard(af::mask(Q^af::T*K, af::i >= 2)) * V;
+    const af::tensor output = rounded(af::reference::evaluate(e, bq, bk, bv));
+    af::tensor d_output = output;
+    d_output.values = random_floats(d_output.values.size(), 44);
+    const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                            std::vector<double>(d_output.values.begin(), d_output.values.end())};
+    const af::reference::gradients expected = af::reference::backward(e, d_reference, bq, bk, bv);
+    for (const execution mode : {execution::fused, execution::unfused}) {
+        INFO((mode == execution::fused ? "fused" : "unfused"));
+        for (const af::backward_result& got : {vk::backward(*dev, e, output, d_output, vk::options{mode}, bq, bk, bv),
+                                               vk::backward(*dev, e, output, d_output, vk::options{mode}, bq, bk, vk::bind_resident(V, values))}) {
+            CHECK(got.without == std::vector<std::string>{"Q", "K"});
+            CHECK(got.of("V").heads == kv_heads);
+            CHECK(af::variants::relative_error(expected.of("V").values, got.of("V").values) <= 1e-6);
+            if (mode == execution::fused) CHECK(got.info.score_bytes == 0);
+            else CHECK(got.info.score_bytes > 0);
+        }
+    }
 }
 
 TEST_CASE("the Vulkan backward reads a training forward's statistics", "[vulkan][backward][training]") {

@@ -220,6 +220,22 @@ template <fixed_string N, class El> struct is_binding<binding<N, El>> : std::tru
 template <class X>
 concept a_binding = is_binding<std::remove_cvref_t<X>>::value;
 
+// The extents an input is bound with, from a binding of any kind: a host
+// binding's view, or the shape_view() a backend's own binding (of device
+// memory, say) gives of itself.
+struct bound_shape {
+    std::size_t batch = 1, heads = 1, rows = 0, cols = 0;
+};
+template <class B>
+bound_shape shape_of_binding(const B& b) {
+    if constexpr (requires { b.view.batch; }) {
+        return {b.view.batch, b.view.heads, b.view.rows, b.view.cols};
+    } else {
+        const auto v = b.shape_view();
+        return {v.batch, v.heads, v.rows, v.cols};
+    }
+}
+
 // bind(Q, view): checks the view against Q's declared static shape.
 template <fixed_string Name, std::size_t R, std::size_t C, class El>
 binding<Name, El> bind(const matrix<Name, R, C, El>&, tensor_view<El> view) {

@@ -99,14 +99,17 @@ struct plain_dot_core<node<kind::product, node<kind::transpose, X>, Y>> {
     }
 };
 
-// softmax(score)*V or dropout(softmax(score), p, seed)*V whose score is one
-// core of the form CoreForm accepts (CoreForm<core>::value, and
-// distinct_from(name) for V's name) under pointwise operations (scale,
-// masks, biases, soft-capping) whose other inputs get no gradient, and V a
-// bound input of its own.
+// softmax(score)*V, dropout(softmax(score), p, seed)*V, or pointwise
+// weights w(score)*V with no row normalisation (sigmoid attention, ReLU^2
+// attention), whose score is one core of the form CoreForm accepts
+// (CoreForm<core>::value, and distinct_from(name) for V's name) under
+// pointwise operations (scale, masks, biases, soft-capping) whose other
+// inputs get no gradient, and V a bound input of its own. Pointwise weights
+// need no row statistics: the core's gradient is dP times the weights'
+// slope, element by element.
 template <template <class> class CoreForm, class E, bool = attention_pattern<E>::matches>
-struct softmax_attention_over : std::false_type {};
-template <template <class> class CoreForm, class E> struct softmax_attention_over<CoreForm, E, true> {
+struct weighted_attention_over : std::false_type {};
+template <template <class> class CoreForm, class E> struct weighted_attention_over<CoreForm, E, true> {
 private:
     using parts = attention_parts<E>;
     using core = typename parts::core_type;
@@ -118,14 +121,14 @@ private:
     }
 
 public:
-    static constexpr bool value = !parts::hard && !parts::plain_sum && !parts::post_weighted && CoreForm<core>::value &&
+    static constexpr bool value = !parts::hard && !parts::ratio && !parts::post_weighted && CoreForm<core>::value &&
                                   distinct_values() && !differentiable_outside<score, core>::value;
 };
 
 // The dot-product core Q^T*K of two bound inputs: the FlashAttention-2
-// backward (recompute S and P tile by tile from Q, K and each row's
-// statistics), and its unfused counterpart.
-template <class E> using attention_backward = softmax_attention_over<plain_dot_core, E>;
+// backward (recompute S and P tile by tile from Q, K and, for a softmax,
+// each row's statistics), and its unfused counterpart.
+template <class E> using attention_backward = weighted_attention_over<plain_dot_core, E>;
 template <class E> inline constexpr bool attention_backward_v = attention_backward<std::remove_cvref_t<E>>::value;
 
 }  // namespace plan
@@ -133,9 +136,11 @@ template <class E> inline constexpr bool attention_backward_v = attention_backwa
 // What a backend's backward says of an expression outside plan::attention_backward.
 inline std::string outside_attention_backward(std::string_view backend, const std::string& expression) {
     return "attnfuse: " + std::string(backend) +
-           "::backward covers softmax(score)*V and dropout(softmax(score), p, seed)*V whose score is one Q^T*K of two bound inputs "
+           "::backward covers softmax(score)*V, dropout(softmax(score), p, seed)*V and pointwise weights w(score)*V "
+           "(sigmoid, ReLU^2) whose score is one Q^T*K of two bound inputs "
            "(or one Q^T*W*K of three) "
-           "under pointwise operations whose other inputs get no gradient (scale, masks, lengths, soft-capping), with V bound; `" +
+           "under pointwise operations whose other inputs get no gradient (scale, masks, lengths, soft-capping), with V bound, "
+           "and hard(score)*V of any score with V bound; `" +
            expression + "` is not of that form. reference::backward differentiates every expression";
 }
 

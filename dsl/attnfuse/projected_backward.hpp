@@ -53,12 +53,8 @@ struct general_core_parts<node<kind::product, node<kind::product, node<kind::tra
 template <class Core> struct distinct_general_core : std::bool_constant<general_core_parts<Core>::distinct> {
     static constexpr bool distinct_from(std::string_view name) { return general_core_parts<Core>::distinct_from(name); }
 };
-template <class E> using general_attention_backward = softmax_attention_over<distinct_general_core, E>;
+template <class E> using general_attention_backward = weighted_attention_over<distinct_general_core, E>;
 template <class E> inline constexpr bool general_attention_backward_v = general_attention_backward<std::remove_cvref_t<E>>::value;
-
-// Does a backend's backward run E: the dot-core attention, or the general
-// core through it?
-template <class E> inline constexpr bool backend_backward_v = attention_backward_v<E> || general_attention_backward_v<E>;
 
 }  // namespace plan
 
@@ -97,7 +93,10 @@ template <fixed_string Name, class... Bindings>
 std::pair<std::size_t, std::size_t> bound_extents(const Bindings&... bindings) {
     std::pair<std::size_t, std::size_t> extents{1, 1};
     auto note = [&](const auto& b) {
-        if constexpr (std::remove_cvref_t<decltype(b)>::name == Name) extents = {b.view.batch, b.view.heads};
+        if constexpr (std::remove_cvref_t<decltype(b)>::name == Name) {
+            const bound_shape s = shape_of_binding(b);
+            extents = {s.batch, s.heads};
+        }
     };
     (note(bindings), ...);
     return extents;

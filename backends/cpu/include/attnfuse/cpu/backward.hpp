@@ -1,5 +1,6 @@
-// The CPU's backward pass of softmax attention (plan::attention_backward):
-// fused, FlashAttention-2 style, and unfused, one kernel per operation.
+// The CPU's backward pass of softmax attention and of pointwise weights
+// (plan::attention_backward): fused, FlashAttention-2 style, and unfused,
+// one kernel per operation.
 //
 // Fused, with S = epilogue(f Qᵀ K) (f the folded scale) and 64 x 64 tiles:
 //   1. per query tile: each row's max m and 1/l of the softmax over every
@@ -17,6 +18,9 @@
 // tiles every mask keeps run the epilogue without its masks, as in the
 // forward. Dropout multiplies P and dP by the forward's mask.
 // The unfused pass materialises S, P, dP and dS whole, one kernel each.
+// Pointwise weights P = w(S) (sigmoid, ReLU^2) keep no row statistics: step
+// 1. is skipped, P is the epilogue's value and dS = dP ∘ w'(S), and a tile
+// is skipped where the weights are surely 0 rather than the scores -inf.
 //
 // ∂epilogue, the derivative of the score's pointwise part in its core, is
 // chained through each operation's partials (ops.hpp), lane by lane; where
@@ -31,8 +35,7 @@
 #include <string>
 #include <vector>
 
-#include <attnfuse/gradient.hpp>
-#include <attnfuse/projected_backward.hpp>
+#include <attnfuse/backward.hpp>
 
 #include "executor.hpp"
 
@@ -128,6 +131,8 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
     using parts = plan::attention_parts<E>;
     using Core = typename parts::core_type;
     constexpr bool with_dropout = parts::dropout;
+    // pointwise weights w(score): no normalisation, so no row statistics
+    constexpr bool pointwise = parts::pointwise;
     using Env = environment<Bindings...>;
     const auto start = std::chrono::steady_clock::now();
     Env env(bindings...);
@@ -161,8 +166,9 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
     const auto prepared = fold_core_scale(prepare<Core>(parts::score(e), x), factor_d);
     const auto unmasked = strip_masks(prepared);
     // Without its masks the epilogue is the core itself (scaled dot product, causal, windows,
-    // lengths): its slope is 1 wherever a weight is not 0, and nothing computes it.
-    constexpr bool unit_slope = std::is_same_v<std::remove_cvref_t<decltype(unmasked)>, core_slot>;
+    // lengths): its slope is 1 wherever a softmax weight is not 0, and nothing computes it.
+    // Pointwise weights always chain their slope, which is 0 where a mask removes a key.
+    constexpr bool unit_slope = !pointwise && std::is_same_v<std::remove_cvref_t<decltype(unmasked)>, core_slot>;
     const auto factor = static_cast<float>(factor_d);
     double dropout_p = 0;
     std::uint32_t dropout_seed = 0;
@@ -204,7 +210,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
     tensor dk{kv.batch, kv.heads, kv.rows, kv.cols, std::vector<float>(kv.batch * kv.heads * kv.rows * kv.cols)};
     tensor dvt{vv.batch, vv.heads, vv.rows, vv.cols, std::vector<float>(vv.batch * vv.heads * vv.rows * vv.cols)};
     // each row's softmax statistics and D = rowsum(dO ∘ O)
-    std::vector<float> row_max(env.batch * heads * n_q), row_inverse(row_max.size()), row_d(row_max.size());
+    std::vector<float> row_max(pointwise ? 0 : env.batch * heads * n_q), row_inverse(row_max.size()), row_d(row_max.size());
     info.intermediate_bytes += 3 * row_max.size() * sizeof(float);
 
     // Scores s (rows x cols at s, leading dimension lds) for queries q0.., keys k0..: the
@@ -242,16 +248,26 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
     };
     // The scores of queries q0.., keys k0..: the product, then the epilogue; false when every
     // mask removes the tile.
+    // Does no key of the tile get a weight (every score -inf; every pointwise weight surely 0,
+    // and so its slope)?
+    auto weightless = [&](const auto& tree, std::size_t q0, std::size_t rows, std::size_t k0, std::size_t cols) {
+        const interval bounds = tile_bounds(tree, q0, q0 + rows, k0, k0 + cols);
+        return pointwise ? bounds.surely_zero() : bounds.all_minus_infinity();
+    };
     auto scores = [&](const head_operands& hd, std::size_t bh, std::size_t q0, std::size_t rows, std::size_t k0, std::size_t cols,
                       float* s, float* slope, std::size_t lds, std::vector<float>& packing, const auto& tree, const auto& tree_unmasked) {
-        if (tile_bounds(tree, q0, q0 + rows, k0, k0 + cols).all_minus_infinity()) return false;
+        if (weightless(tree, q0, rows, k0, cols)) return false;
         multiply_any(rows, cols, depth, hd.q + static_cast<std::ptrdiff_t>(q0) * hd.q_qs, hd.q_qs, hd.q_ds,
                      hd.k + static_cast<std::ptrdiff_t>(k0) * hd.k_ks, hd.k_ds, hd.k_ks, s, lds, false, packing);
         epilogue_of(bh, q0, rows, k0, cols, s, slope, lds, tree, tree_unmasked);
         return true;
     };
-    // s to the weights P in place (and, with dropout, the dropped weights into `dropped`)
+    // s to the weights P in place (pointwise weights are s itself), 0 past `cols`
     auto weights_of = [&](std::size_t bh, std::size_t q0, std::size_t rows, std::size_t cols, float* s, std::size_t lds) {
+        if constexpr (pointwise) {
+            for (std::size_t r = 0; r < rows; ++r) std::fill(s + r * lds + cols, s + (r + 1) * lds, 0.0f);
+            return;
+        }
         for (std::size_t r = 0; r < rows; ++r) {
             const std::size_t row = bh * n_q + q0 + r;
             const float top = row_max[row], inverse = row_inverse[row];
@@ -273,9 +289,24 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
                               static_cast<std::uint32_t>(bh), q0, k0);
         return into;
     };
-    // dP (in dp) to the core's gradient f (dS ∘ slope), dS = P ∘ (dP - D); p the undropped weights
+    // dP (in dp) to the core's gradient f (dS ∘ slope), dS = P ∘ (dP - D); p the undropped
+    // weights. Pointwise weights: f (dP ∘ slope), and a zero slope passes zero even where dP
+    // is not finite.
     auto core_gradient = [&](std::size_t bh, std::size_t q0, std::size_t rows, std::size_t k0, std::size_t cols, const float* p,
                              float* dp, const float* slope, std::size_t lds) {
+        if constexpr (pointwise) {
+            const vf zero{};
+            for (std::size_t r = 0; r < rows; ++r) {
+                const float* gr = slope + r * lds;
+                float* dr = dp + r * lds;
+                for (std::size_t c = 0; c < cols; c += simd::lanes) {
+                    const vf g = simd::load(gr + c);
+                    simd::store(dr + c, g == 0.0f ? zero : simd::load(dr + c) * g * factor);
+                }
+                std::fill(dr + cols, dr + lds, 0.0f);
+            }
+            return;
+        }
         if constexpr (with_dropout)
             kernels::dropout_tile(dp, rows, cols, static_cast<std::ptrdiff_t>(lds), 1, dropout_seed, dropout_threshold, keep_scale,
                                   static_cast<std::uint32_t>(bh), q0, k0);
@@ -308,7 +339,9 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
         for (std::size_t c = 0; c < d_v; ++c) d += o_row[c] * g_row[c];
         row_d[row] = d;
     };
-    if (fused && given) {
+    if (pointwise) {
+        // pointwise weights: no row statistics
+    } else if (fused && given) {
         // the forward's: only D is left to compute
         const auto rows = static_cast<std::ptrdiff_t>(row_max.size());
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -396,7 +429,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
                     float* dq_out = dq.values.data() + bh * depth * n_q;  // Q is bound per (batch, head) here
                     for (std::size_t q0 = 0; q0 < n_q; q0 += tile) {
                         const std::size_t rows = std::min(tile, n_q - q0);
-                        if (tile_bounds(tree, q0, q0 + rows, k0, k0 + cols).all_minus_infinity()) continue;
+                        if (weightless(tree, q0, rows, k0, cols)) continue;
                         if (!packed) {  // this key tile's K and V, once for every query tile
                             kernels::pack_panels(depth, cols, k_tile, hd.k_ds, hd.k_ks, keys_for_scores.data());
                             kernels::pack_panels(d_v, cols, hd.v + static_cast<std::ptrdiff_t>(k0) * hd.v_ks, hd.v_cs, hd.v_ks,
@@ -556,7 +589,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
             std::copy_n(at(s, bh), n_q * ld, at(p, bh));
             weights_of(bh, 0, n_q, n_k, at(p, bh), ld);
         });
-        info.kernels.push_back("backward: the weights P");
+        info.kernels.push_back(pointwise ? "backward: the weights P = S (pointwise, as they are)" : "backward: the weights P");
         each_head([&](std::size_t bh, std::vector<float>& packing) {  // dP = dO Vᵀ
             const head_operands hd = operands_of(bh / heads, bh % heads);
             multiply_any(n_q, n_k, d_v, d_out_row(bh, 0), static_cast<std::ptrdiff_t>(d_v), 1, hd.v, hd.v_cs, hd.v_ks, at(dp, bh), ld,
@@ -564,7 +597,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
         });
         info.kernels.push_back("backward: dP = dO Vᵀ");
         each_head([&](std::size_t bh, std::vector<float>&) { core_gradient(bh, 0, n_q, 0, n_k, at(p, bh), at(dp, bh), at(slope, bh), ld); });
-        info.kernels.push_back("backward: dS = P ∘ (dP − D), through the epilogue");
+        info.kernels.push_back(pointwise ? "backward: dS = dP ∘ w'(S), through the weights" : "backward: dS = P ∘ (dP − D), through the epilogue");
         if constexpr (with_dropout)
             each_head([&](std::size_t bh, std::vector<float>&) {
                 kernels::dropout_tile(at(p, bh), n_q, n_k, static_cast<std::ptrdiff_t>(ld), 1, dropout_seed, dropout_threshold, keep_scale,
@@ -628,7 +661,10 @@ template <class E, class... Bindings>
 backward_result backward_given(const E& e, const tensor& output, const tensor& d_output, const row_statistics* given, const options& opt,
                                const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
-    if constexpr (plan::general_attention_backward_v<E>) {
+    if constexpr (plan::hard_attention_backward_v<E>) {
+        return hard_attention_backward(e, output, d_output, [&](const auto& x, const auto&... b) { return cpu::run(x, opt, b...); },
+                                       bindings...);
+    } else if constexpr (plan::general_attention_backward_v<E>) {
         return general_core_backward(
             e, [&](const auto& x, const auto&... b) { return cpu::run(x, opt, b...); },
             [&](const auto& x, const auto&... b) { return backward_given(x, output, d_output, given, opt, b...); }, bindings...);

@@ -1,6 +1,9 @@
-// Vulkan's backward pass of softmax attention (plan::attention_backward):
-// fused, recomputing S and P from Q, K and each row's statistics, and
-// unfused, one kernel per operation with S, P, dP and dS materialised.
+// Vulkan's backward pass of softmax attention and of pointwise weights
+// (plan::attention_backward): fused, recomputing S and P from Q, K and each
+// row's statistics, and unfused, one kernel per operation with S, P, dP and
+// dS materialised. Pointwise weights P = w(S) keep no statistics: the first
+// fused kernel and the unfused softmax passes are left out, and dS = dP ∘
+// w'(S).
 //
 // Every kernel is shaders/attention_backward.glsl after two generated
 // functions: the score's epilogue over its core s = Qᵀ K and the epilogue's
@@ -32,8 +35,7 @@
 #include <string>
 #include <vector>
 
-#include <attnfuse/gradient.hpp>
-#include <attnfuse/projected_backward.hpp>
+#include <attnfuse/backward.hpp>
 
 #include "executor.hpp"
 
@@ -70,6 +72,7 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
     using parts = plan::attention_parts<E>;
     using Core = typename parts::core_type;
     constexpr bool with_dropout = parts::dropout;
+    constexpr bool pointwise = parts::pointwise;
     using Env = environment<Bindings...>;
     const auto start = std::chrono::steady_clock::now();
     Env env(bindings...);
@@ -164,7 +167,8 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
             auto body = [&](const char* mode) {
                 return "#define AF_WORDS " + glsl::decimal(words_at) + "u\n#define AF_D " + glsl::decimal(depth) + "u\n#define AF_DV " +
                        glsl::decimal(d_v) + "u\n#define AF_R " + glsl::decimal(rows_per_invocation) + "u\n#define AF_WG " +
-                       glsl::decimal(wg) + "u\n#define AF_KT " + glsl::decimal(tile_rows) + "u\n" + (with_dropout ? "#define AF_DROPOUT\n" : "") + (registers ? "#define AF_BWD_REGISTERS\n" : "") + "#define " + mode + "\n" + functions +
+                       glsl::decimal(wg) + "u\n#define AF_KT " + glsl::decimal(tile_rows) + "u\n" + (with_dropout ? "#define AF_DROPOUT\n" : "") + (pointwise ? "#define AF_POINTWISE\n" : "") +
+                       (registers ? "#define AF_BWD_REGISTERS\n" : "") + "#define " + mode + "\n" + functions +
                        std::string(shader_sources::attention_backward);
             };
             // Loop steps an invocation of the fused kernels runs per row the loop walks, as
@@ -181,12 +185,12 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
             };
             // The live blocks (attention_backward.glsl: af_live): of each block of queries a
             // workgroup takes, the keys it can give a weight to, and of each block of keys the
-            // queries; outside them every score is -inf. Words: whether they vary by (batch,
+            // queries; outside them every score is -inf (every pointwise weight 0). Words: whether they vary by (batch,
             // head), the query blocks, the key blocks, then [first, end) per block, queries'
             // first.
             auto live_blocks = [&] {
                 const std::size_t block = wg * rows_per_invocation;
-                const std::vector<std::uint32_t> tiles = live_key_tiles<false>(parts::score(e), x, n_q, n_k, block, block);
+                const std::vector<std::uint32_t> tiles = live_key_tiles<parts::plain_sum>(parts::score(e), x, n_q, n_k, block, block);
                 const std::size_t query_blocks = tiles[1], key_blocks = (n_k + block - 1) / block;
                 const std::size_t tables = tiles[0] ? bh : 1;
                 std::vector<std::uint32_t> words{tiles[0], static_cast<std::uint32_t>(query_blocks), static_cast<std::uint32_t>(key_blocks)};
@@ -222,11 +226,17 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
             std::size_t dv_offset = 0;  // in floats
             const std::string name = to_string(e);
 
-            // the rows' statistics: max, sum, D
-            const auto stats = output_buffer(x, n_q, 3, "the row statistics of the backward of " + name);
-            const operand stats_operand = dense_operand(stats, n_q, 3, env.batch, env.heads);
+            // the rows' statistics: max, sum, D (pointwise weights have none: the kernels
+            // read nothing in their slot)
+            const operand stats_operand =
+                pointwise || !fused ? out
+                                     : dense_operand(output_buffer(x, n_q, 3, "the row statistics of the backward of " + name), n_q, 3,
+                                                     env.batch, env.heads);
+            const device::buffer_id stats = stats_operand.buffer;
             if (fused) {
-                if (given) {
+                if (pointwise) {
+                    // no statistics
+                } else if (given) {
                     const std::vector<float> max_and_sum = statistics_as_pairs(*given);
                     const operand forward_statistics =
                         x.upload(row_major(max_and_sum.data(), n_q, 2, env.batch, env.heads), "the forward's row statistics");
@@ -274,21 +284,27 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
                         chunked_launch(x, "product", description, element_prologue() + std::string(shader_sources::product), {a, b}, {},
                                        into, rows, cols, bh * rows * cols, inner, 1);
                 };
-                // S = epilogue(Qᵀ K), then P by the forward's softmax passes
+                // S = epilogue(Qᵀ K), then P by the forward's softmax passes (pointwise
+                // weights: P is S)
                 const operand raw = evaluate(core, x);
                 info.score_bytes += dev.buffer_bytes(raw.buffer);
-                const auto s = scores("the scores");
-                elementwise("AF_BWD_SCORES", "backward: S = epilogue(Qᵀ K)", {raw, raw, raw, raw, raw}, s, n_q, n_k);
+                const auto s = scores(pointwise ? "the weights" : "the scores");
+                elementwise("AF_BWD_SCORES", pointwise ? "backward: the weights P = w(Qᵀ K)" : "backward: S = epilogue(Qᵀ K)",
+                            {raw, raw, raw, raw, raw}, s, n_q, n_k);
                 const operand s_operand = dense(s, n_q, n_k);
-                const auto top = output_buffer(x, n_q, 1, "the row maxima"), sum = output_buffer(x, n_q, 1, "the row sums");
-                const std::string pass = row_pass_source();
-                chunked_launch(x, "row_max", "backward: softmax of S", "#define AF_MAX\n" + pass, {s_operand}, {}, top, n_q, 1, bh * n_q, n_k, 1);
-                chunked_launch(x, "row_sum_exp", "", "#define AF_ROW_SUM_EXP\n" + pass, {s_operand, dense(top, n_q, 1)}, {}, sum, n_q, 1,
-                               bh * n_q, n_k, 1);
-                const auto p = scores("the weights");
-                x.launch("softmax_write", "", element_prologue() + std::string(shader_sources::row_write),
-                         {s_operand, dense(top, n_q, 1), dense(sum, n_q, 1)}, {}, p, n_q, n_k, bh * n_q * n_k);
-                const operand p_operand = dense(p, n_q, n_k);
+                operand p_operand = s_operand;
+                if (!pointwise) {
+                    const auto top = output_buffer(x, n_q, 1, "the row maxima"), sum = output_buffer(x, n_q, 1, "the row sums");
+                    const std::string pass = row_pass_source();
+                    chunked_launch(x, "row_max", "backward: softmax of S", "#define AF_MAX\n" + pass, {s_operand}, {}, top, n_q, 1, bh * n_q,
+                                   n_k, 1);
+                    chunked_launch(x, "row_sum_exp", "", "#define AF_ROW_SUM_EXP\n" + pass, {s_operand, dense(top, n_q, 1)}, {}, sum, n_q,
+                                   1, bh * n_q, n_k, 1);
+                    const auto p = scores("the weights");
+                    x.launch("softmax_write", "", element_prologue() + std::string(shader_sources::row_write),
+                             {s_operand, dense(top, n_q, 1), dense(sum, n_q, 1)}, {}, p, n_q, n_k, bh * n_q * n_k);
+                    p_operand = dense(p, n_q, n_k);
+                }
                 operand dropped = p_operand;
                 if constexpr (with_dropout) {
                     const auto pd = scores("the dropped weights");
@@ -298,11 +314,16 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
                 }
                 const auto dp = scores("dP");
                 product("backward: dP = dO Vᵀ", d_out, hooks::transposed(v), dp, n_q, n_k, d_v);
-                const auto row_d = output_buffer(x, n_q, 1, "D = rowsum(dO ∘ O)");
-                elementwise("AF_BWD_ROW_DOT", "backward: D = rowsum(dO ∘ O)", {d_out, out, out, out, out}, row_d, n_q, 1);
+                const operand dp_operand = dense(dp, n_q, n_k);
+                operand row_d = dp_operand;  // pointwise weights read no D
+                if (!pointwise) {
+                    row_d = dense(output_buffer(x, n_q, 1, "D = rowsum(dO ∘ O)"), n_q, 1);
+                    elementwise("AF_BWD_ROW_DOT", "backward: D = rowsum(dO ∘ O)", {d_out, out, out, out, out}, row_d.buffer, n_q, 1);
+                }
                 const auto ds = scores("dS");
-                elementwise("AF_BWD_CORE_GRADIENT", "backward: dS = P ∘ (dP − D), through the epilogue",
-                            {raw, p_operand, dense(dp, n_q, n_k), dense(row_d, n_q, 1), raw}, ds, n_q, n_k);
+                elementwise("AF_BWD_CORE_GRADIENT",
+                            pointwise ? "backward: dS = dP ∘ w'(S), through the weights" : "backward: dS = P ∘ (dP − D), through the epilogue",
+                            {raw, p_operand, dp_operand, row_d, raw}, ds, n_q, n_k);
                 const operand ds_operand = dense(ds, n_q, n_k);
                 // per (batch, head), then summed into each source where an input serves several
                 auto per_source = [&](const auto& view, device::buffer_id full, std::size_t rows, std::size_t cols, const std::string& what) {
@@ -363,7 +384,10 @@ template <class E, class... Bindings>
 backward_result backward_given(device& dev, const E& e, const tensor& output, const tensor& d_output, const row_statistics* given,
                                const options& opt, const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
-    if constexpr (plan::general_attention_backward_v<E>) {
+    if constexpr (plan::hard_attention_backward_v<E>) {
+        return hard_attention_backward(e, output, d_output, [&](const auto& x, const auto&... b) { return vulkan::run(dev, x, opt, b...); },
+                                       bindings...);
+    } else if constexpr (plan::general_attention_backward_v<E>) {
         return general_core_backward(
             e, [&](const auto& x, const auto&... b) { return vulkan::run(dev, x, opt, b...); },
             [&](const auto& x, const auto&... b) { return backward_given(dev, x, output, d_output, given, opt, b...); }, bindings...);

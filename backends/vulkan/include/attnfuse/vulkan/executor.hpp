@@ -155,6 +155,11 @@ struct resident_binding {
     static constexpr std::size_t rows_static = R, cols_static = C;
     using element_type = El;
     const device_tensor* tensor = nullptr;
+    // the shape bound (shape_of_binding)
+    tensor_view<El> shape_view() const {
+        if (!tensor || !tensor->owner()) throw shape_error("input " + std::string(Name.view()) + ": bound to an empty device_tensor");
+        return tensor->template shape_view<El>();
+    }
 };
 
 template <fixed_string Name, std::size_t R, std::size_t C, class El>
