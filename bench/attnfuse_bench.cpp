@@ -179,13 +179,17 @@ void attnfuse_cpu(benchmark::State& state, af::run_options options) {
 // FLOPs (the five products against the forward's two), as FlashAttention does.
 // from_training_forward: the backward reads the row statistics of the
 // training forward's result (run_for_training) instead of computing them.
+// Attentions without row statistics (pointwise weights, hard) start from run.
 template <family F>
 void attnfuse_cpu_backward(benchmark::State& state, af::run_options options, bool from_training_forward = false) {
     const problem p(state.range(0), state.range(1), state.range(2), state.range(3));
     const auto qkv = host_qkv(p);
     std::size_t intermediate = 0;
     with_family<F>(p, qkv, [&](const auto& e, const auto&... b) {
-        const af::training_result forward = af::cpu::run_for_training(e, b...);
+        const af::training_result forward = [&] {
+            if constexpr (af::plan::keeps_statistics_v<decltype(e)>) return af::cpu::run_for_training(e, b...);
+            else return af::training_result{af::cpu::run(e, b...).output, {}, {}};
+        }();
         const af::tensor& d_output = forward.output;
         auto backward = [&] {
             return from_training_forward ? af::cpu::backward(e, forward, d_output, options, b...)
@@ -286,7 +290,10 @@ void attnfuse_vulkan_host_inputs(benchmark::State& state, double flop_factor, co
 template <family F>
 void attnfuse_vulkan_backward(benchmark::State& state, vk::execution mode, bool from_training_forward = false) {
     attnfuse_vulkan_host_inputs<F>(state, 2.5, [=](vk::device& dev, const auto& e, const auto&... b) {
-        auto forward = std::make_shared<const af::training_result>(vk::run_for_training(dev, e, b...));
+        auto forward = std::make_shared<const af::training_result>([&] {
+            if constexpr (af::plan::keeps_statistics_v<decltype(e)>) return vk::run_for_training(dev, e, b...);
+            else return af::training_result{vk::run(dev, e, b...).output, {}, {}};
+        }());
         return [=, &dev] {
             return (from_training_forward ? vk::backward(dev, e, *forward, forward->output, {mode}, b...)
                                           : vk::backward(dev, e, forward->output, forward->output, {mode}, b...))
@@ -679,6 +686,14 @@ void register_all() {
                 [](benchmark::State& st) { attnfuse_cpu_backward<family::sdpa>(st, {execution::fused}, true); })->UseRealTime();
             add("sdpa_causal_backward/cpu/fused_from_training_forward", args,
                 [](benchmark::State& st) { attnfuse_cpu_backward<family::causal>(st, {execution::fused}, true); })->UseRealTime();
+            // pointwise weights and hard attention (no row statistics)
+            for (const auto mode : {execution::fused, execution::unfused}) {
+                const std::string row = mode == execution::fused ? "fused" : "unfused";
+                add("sigmoid_causal_backward/cpu/" + row, args,
+                    [mode](benchmark::State& st) { attnfuse_cpu_backward<family::sigmoid>(st, {mode}); })->UseRealTime();
+                add("hard_backward/cpu/" + row, args,
+                    [mode](benchmark::State& st) { attnfuse_cpu_backward<family::hard>(st, {mode}); })->UseRealTime();
+            }
             // lavapipe: d 64 only
             if (vulkan_on_cpu && !smoke && d != 64) continue;
             for (const auto mode : {vk::execution::fused, vk::execution::unfused}) {
@@ -686,7 +701,11 @@ void register_all() {
                 for (auto* b : {add("sdpa_backward/vulkan/" + row, args,
                                     [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::sdpa>(st, mode); }),
                                 add("sdpa_causal_backward/vulkan/" + row, args,
-                                    [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::causal>(st, mode); })}) {
+                                    [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::causal>(st, mode); }),
+                                add("sigmoid_causal_backward/vulkan/" + row, args,
+                                    [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::sigmoid>(st, mode); }),
+                                add("hard_backward/vulkan/" + row, args,
+                                    [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::hard>(st, mode); })}) {
                     b->UseManualTime();
                     if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
                 }

@@ -61,7 +61,8 @@ uvec2 af_served(uint u, uint sb, uint sh) {
 uint af_row(uint r) { return gl_WorkGroupID.x * AF_WG * AF_R + r * AF_WG + gl_LocalInvocationID.x; }
 // The keys [x, y) that block `block` of queries (AF_WG AF_R rows, a
 // workgroup's) of (b, h) bh can give a weight to, or with of_keys the queries
-// that block `block` of keys can: outside them every score is -inf (the
+// that block `block` of keys can: outside them every score is -inf, every
+// pointwise weight 0 (the
 // host's interval bounds of the score, in the words after the output's
 // extents: whether they vary by (b, h), the query blocks, the key blocks,
 // then the pairs, the queries' blocks first).

@@ -103,10 +103,10 @@ TEST_CASE("the CPU backward, fused and unfused, agrees with the reference backwa
             const bool huge_scores = v.name.find("1e4") != std::string::npos;
             check_backward(v.name, e, huge_scores ? 1e-2 : 1e-4, count, bindings...);
         });
-        // the rows it covers: dot product, scaled, general, scores near 1e4, masked softmax, hard,
-        // local-m, the three relations, causal, both paddings, sliding window, soft-capping, GQA
-        // (f32 and bf16), MQA, decode, dropout, sigmoid and ReLU^2 attention
-        CHECK(count.variants == 22);
+        // the rows it covers: dot product, scaled, general, self-general (h^T W h), scores near 1e4,
+        // masked softmax, hard, local-m, the three relations, causal, both paddings, sliding window,
+        // soft-capping, GQA (f32 and bf16), MQA, decode, dropout, sigmoid and ReLU^2 attention
+        CHECK(count.variants == 23);
         CHECK(count.variants + count.outside >= 30);
     }
 }
@@ -187,6 +187,39 @@ TEST_CASE("the CPU backward gives Q and K no gradient where the score reads its 
     }
 }
 
+TEST_CASE("the CPU backward of an input read in several places is the sum over its places", "[cpu][backward]") {
+    // self-attention over one sequence X (d x n): X the queries, the keys and, transposed, the
+    // values; and X as queries and keys with V of its own
+    af::matrix<"X"> X;
+    af::matrix<"V"> V;
+    const std::size_t batch = 2, heads = 2, d = 5, n = 69, d_v = 3;
+    const std::vector<float> x = random_floats(batch * heads * d * n, 51), v = random_floats(batch * heads * n * d_v, 52);
+    const auto bx = af::bind(X, af::col_major(x.data(), d, n, batch, heads));
+    const auto bv = af::bind(V, af::row_major(v.data(), n, d_v, batch, heads));
+    auto check = [&](const auto& e, const auto&... bindings) {
+        const af::run_result forward = af::cpu::run(e, bindings...);
+        af::tensor d_output = forward.output;
+        d_output.values = random_floats(d_output.values.size(), 53);
+        const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                                std::vector<double>(d_output.values.begin(), d_output.values.end())};
+        const af::reference::gradients expected = af::reference::backward(e, d_reference, bindings...);
+        for (const execution mode : {execution::fused, execution::unfused}) {
+            INFO(af::to_string(e) << " | " << (mode == execution::fused ? "fused" : "unfused"));
+            const af::backward_result got = af::cpu::backward(e, forward.output, d_output, af::cpu::options{mode}, bindings...);
+            CHECK(got.without == expected.without);
+            REQUIRE(got.inputs.size() == expected.inputs.size());
+            for (const af::reference::input_gradient& want : expected.inputs) {
+                INFO("gradient of " << want.name);
+                CHECK(got.of(want.name).rows == want.rows);
+                CHECK(af::variants::relative_error(want.values, got.of(want.name).values) <= 1e-4);
+            }
+        }
+    };
+    STATIC_REQUIRE(af::plan::backend_backward_v<decltype(af::softmax(af::scale(X^af::T*X))*af::transpose(X))>);
+    check(af::softmax(af::mask(af::scale(X^af::T*X), af::causal))*af::transpose(X), bx);
+    check(af::softmax(af::scale(X^af::T*X))*V, bx, bv);
+}
+
 TEST_CASE("the CPU backward of hard attention sends each row's dO to the value row it chose", "[cpu][backward]") {
     // four query heads over two K/V heads, whole-number scores with many ties (the lowest key
     // wins), and queries 0 and 1 with every key masked (no key chosen, no gradient)
@@ -223,6 +256,20 @@ TEST_CASE("the CPU backward of hard attention sends each row's dO to the value r
         af::tensor wrong = d_output;
         wrong.cols = 4;
         CHECK_THROWS_WITH(af::cpu::backward(e, forward.output, wrong, bq, bk, bv), Catch::Contains("d_output") && Catch::Contains("70x4"));
+    }
+    {
+        // Q and K of one batch entry serving values of two: the output has the values' batch
+        const auto bq = af::bind(Q, af::col_major(q.data(), d, n_q, 1, heads));
+        const auto bk1 = af::bind(K, af::col_major(k.data(), d, n_k, 1, kv_heads));
+        const af::run_result forward = af::cpu::run(e, bq, bk1, bv);
+        REQUIRE(forward.output.batch == batch);
+        af::tensor d_output = forward.output;
+        d_output.values = random_floats(d_output.values.size(), 45);
+        const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                                std::vector<double>(d_output.values.begin(), d_output.values.end())};
+        const af::reference::gradients expected = af::reference::backward(e, d_reference, bq, bk1, bv);
+        const af::backward_result got = af::cpu::backward(e, forward.output, d_output, bq, bk1, bv);
+        CHECK(af::variants::relative_error(expected.of("V").values, got.of("V").values) <= 1e-6);
     }
     // a NaN score in a row (query 5 of batch 1, head 3): its weights are NaN, so every value
     // row of the K/V head it reads gets NaN where that row's dO is not 0, as in the reference

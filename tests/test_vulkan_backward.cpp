@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "row_statistics_check.hpp"
@@ -104,7 +105,7 @@ TEST_CASE("the Vulkan backward, fused and unfused, agrees with the reference bac
             const bool huge_scores = v.name.find("1e4") != std::string::npos;
             (check_backward(*dev, v.name, e, huge_scores ? 1e-2 : 1e-4, {execution::fused, execution::unfused}, bindings...) ? covered : outside) += 1;
         });
-        CHECK(covered == 22);  // the rows cpu::backward covers
+        CHECK(covered == 23);  // the rows cpu::backward covers
         CHECK(covered + outside >= 30);
     }
 }
@@ -277,6 +278,50 @@ TEST_CASE("the Vulkan backward of a fully masked row is zero, and its errors nam
     const auto wq = af::bind(Q, af::col_major(wide_q.data(), 300, 9));
     const auto wk = af::bind(K, af::col_major(wide_k.data(), 300, 11));
     CHECK_THROWS_WITH(vk::backward(*dev, e, output, d_output, wq, wk, bv), Catch::Contains("d = 300"));
+}
+
+TEST_CASE("the Vulkan backward of an input read in several places is the sum over its places", "[vulkan][backward]") {
+    vk::device* dev = shared_device();
+    if (!dev) return;
+    // self-attention over one sequence X: the values transpose(X), and X on the device as
+    // queries and keys with V of its own
+    af::matrix<"X"> X;
+    af::matrix<"V"> V;
+    const std::size_t batch = 2, heads = 2, d = 5, n = 69, d_v = 3;
+    const std::vector<float> x = random_floats(batch * heads * d * n, 51), v = random_floats(batch * heads * n * d_v, 52);
+    const auto x_view = af::col_major(x.data(), d, n, batch, heads);
+    const auto bx = af::bind(X, x_view);
+    const auto bv = af::bind(V, af::row_major(v.data(), n, d_v, batch, heads));
+    const vk::device_tensor resident_x(*dev, x_view, "X");
+    // the reference reads host_bindings; vk::backward the bindings given
+    auto check = [&](const auto& e, const auto& host_bindings, const auto&... bindings) {
+        std::apply(
+            [&](const auto&... b) {
+                const af::tensor output = rounded(af::reference::evaluate(e, b...));
+                af::tensor d_output = output;
+                d_output.values = random_floats(d_output.values.size(), 53);
+                const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                                        std::vector<double>(d_output.values.begin(), d_output.values.end())};
+                const af::reference::gradients want = af::reference::backward(e, d_reference, b...);
+                for (const execution mode : {execution::fused, execution::unfused}) {
+                    INFO(af::to_string(e) << " | " << (mode == execution::fused ? "fused" : "unfused"));
+                    const af::backward_result got = vk::backward(*dev, e, output, d_output, vk::options{mode}, bindings...);
+                    CHECK(got.without == want.without);
+                    REQUIRE(got.inputs.size() == want.inputs.size());
+                    for (const af::reference::input_gradient& w : want.inputs) {
+                        INFO("gradient of " << w.name);
+                        CHECK(af::variants::relative_error(w.values, got.of(w.name).values) <= 1e-4);
+                    }
+                }
+            },
+            host_bindings);
+    };
+    const auto self = af::softmax(af::mask(af::scale(X^af::T*X), af::causal))*af::transpose(X);
+    check(self, std::tuple{bx}, bx);
+    check(af::softmax(af::scale(X^af::T*X))*V, std::tuple{bx, bv}, vk::bind_resident(X, resident_x), bv);
+    // transposed values are read through a host view
+    const af::tensor output = rounded(af::reference::evaluate(self, bx));
+    CHECK_THROWS_WITH(vk::backward(*dev, self, output, output, vk::bind_resident(X, resident_x)), Catch::Contains("host memory"));
 }
 
 TEST_CASE("the Vulkan backward of hard attention sends each row's dO to the value row it chose", "[vulkan][backward]") {

@@ -140,7 +140,8 @@ inline std::string outside_attention_backward(std::string_view backend, const st
            "(sigmoid, ReLU^2) whose score is one Q^T*K of two bound inputs "
            "(or one Q^T*W*K of three) "
            "under pointwise operations whose other inputs get no gradient (scale, masks, lengths, soft-capping), with V bound, "
-           "and hard(score)*V of any score with V bound; `" +
+           "and hard(score)*V of any score with V bound; and any of these reading one input in several places, "
+           "its values perhaps transposed (softmax(h^T*W*h)*transpose(h)); `" +
            expression + "` is not of that form. reference::backward differentiates every expression";
 }
 

@@ -4,9 +4,12 @@
 // gradient, and V gets dV = Aᵀ dO: each query row's dO added to the value
 // row of the key it chose. Which key that is comes from the same
 // attention over a column of key numbers, hard(score)*J with J_t = t + 1,
-// run by the backend exactly as the forward runs (fused: nothing of
-// n_q x n_k stored; unfused: the backend's kernels per operation), so the
-// backward sees the forward's choice, ties and masks included. Its output
+// run by the backend as the forward runs (fused: nothing of n_q x n_k
+// stored; unfused: the backend's kernels per operation): the same scores and
+// the same rule (ties to the lowest key, masks), so it chooses the forward's
+// key. (A backend may pick another kernel for one value column than for
+// d_v, whose scores may round differently: scores nearer than their
+// rounding may then tie differently.) Its output
 // is t + 1 for the chosen key, 0 for a row every mask removes (no key, no
 // gradient) and NaN for a row with a NaN score, whose weights are NaN: every
 // value row then gets NaN where dO is not 0, as the reference's product
@@ -65,16 +68,23 @@ backward_result hard_attention_backward(const E& e, const tensor& output, const 
                                     std::string(V::name.view()) + " has " + std::to_string(n_k));
 
     // which key each query row chose: the same attention over the key numbers 1..n_k
+    // (one column, read by every (batch, head) V is bound for, so that the output has the forward's batch and heads)
     std::vector<float> numbers(n_k);
     for (std::size_t t = 0; t < n_k; ++t) numbers[t] = static_cast<float>(t + 1);
+    tensor_view<float> numbers_view = row_major(numbers.data(), n_k, 1);
+    numbers_view.batch = v_batch, numbers_view.heads = v_heads, numbers_view.batch_stride = numbers_view.head_stride = 0;
     const matrix<"hard_key_numbers"> key_numbers{};
     const run_result chosen =
-        run(make_node(kind::product{}, parts::weights(e), key_numbers), bind(key_numbers, row_major(numbers.data(), n_k, 1)), bindings...);
+        run(make_node(kind::product{}, parts::weights(e), key_numbers), bind(key_numbers, numbers_view), bindings...);
     const tensor& picks = chosen.output;
     const std::size_t batch = picks.batch, heads = picks.heads, n_q = picks.rows;
     check_backward_operands(output, d_output, batch, heads, runtime_shape{n_q, d_v});
 
     tensor dv{v_batch, v_heads, n_k, d_v, std::vector<float>(v_batch * v_heads * n_k * d_v, 0.0f)};
+    if (v_heads == 0 || heads % v_heads != 0 || (v_batch != 1 && v_batch != batch))
+        throw std::logic_error("attnfuse internal: the backward of hard attention has " + std::to_string(batch) + " x " +
+                               std::to_string(heads) + " rows of picks for values of " + std::to_string(v_batch) + " x " +
+                               std::to_string(v_heads));
     const std::size_t group = heads / v_heads;
     for (std::size_t b = 0; b < batch; ++b)
         for (std::size_t h = 0; h < heads; ++h) {
@@ -87,10 +97,10 @@ backward_result hard_attention_backward(const E& e, const tensor& output, const 
                         for (std::size_t c = 0; c < d_v; ++c)
                             if (from[c] != 0.0f) to[t * d_v + c] = std::numeric_limits<float>::quiet_NaN();
                 } else if (pick != 0.0f) {
-                    const auto t = static_cast<std::size_t>(pick) - 1;
-                    if (static_cast<float>(t + 1) != pick || t >= n_k)
+                    if (!(pick >= 1.0f && pick <= static_cast<float>(n_k) && pick == std::floor(pick)))
                         throw std::logic_error("attnfuse internal: the backward of hard attention read key number " + std::to_string(pick) +
                                                " for a row; the keys are 1.." + std::to_string(n_k));
+                    const auto t = static_cast<std::size_t>(pick) - 1;
                     for (std::size_t c = 0; c < d_v; ++c) to[t * d_v + c] += from[c];
                 }
             }

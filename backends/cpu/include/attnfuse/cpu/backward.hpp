@@ -664,6 +664,8 @@ backward_result backward_given(const E& e, const tensor& output, const tensor& d
     if constexpr (plan::hard_attention_backward_v<E>) {
         return hard_attention_backward(e, output, d_output, [&](const auto& x, const auto&... b) { return cpu::run(x, opt, b...); },
                                        bindings...);
+    } else if constexpr (plan::shared_input_backward_v<E>) {
+        return shared_input_backward(e, [&](const auto& x, const auto&... b) { return backward_given(x, output, d_output, given, opt, b...); }, bindings...);
     } else if constexpr (plan::general_attention_backward_v<E>) {
         return general_core_backward(
             e, [&](const auto& x, const auto&... b) { return cpu::run(x, opt, b...); },

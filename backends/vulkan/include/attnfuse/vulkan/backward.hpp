@@ -226,27 +226,26 @@ backward_result attention_backward(device& dev, const E& e, const tensor& output
             std::size_t dv_offset = 0;  // in floats
             const std::string name = to_string(e);
 
-            // the rows' statistics: max, sum, D (pointwise weights have none: the kernels
-            // read nothing in their slot)
-            const operand stats_operand =
-                pointwise || !fused ? out
-                                     : dense_operand(output_buffer(x, n_q, 3, "the row statistics of the backward of " + name), n_q, 3,
-                                                     env.batch, env.heads);
-            const device::buffer_id stats = stats_operand.buffer;
             if (fused) {
-                if (pointwise) {
-                    // no statistics
-                } else if (given) {
-                    const std::vector<float> max_and_sum = statistics_as_pairs(*given);
-                    const operand forward_statistics =
-                        x.upload(row_major(max_and_sum.data(), n_q, 2, env.batch, env.heads), "the forward's row statistics");
-                    x.launch("backward_given_statistics", "backward: the forward's max and sum of each row, and D = rowsum(dO ∘ O)",
-                             body("AF_BWD_GIVEN_STATISTICS"), with_slots({d_out, out, forward_statistics, out, out}), numbers, stats, n_q, 3,
-                             bh * n_q * 3);
-                } else {
-                    chunked_launch(x, "backward_stats", "backward: each row's max and sum of the softmax over every key, and D = rowsum(dO ∘ O)",
-                                   body("AF_BWD_STATS"), with_slots({q, k, v, d_out, out}), numbers, stats, n_q, 3, bh * n_q, n_k,
-                                   depth / tile_rows + rows_per_invocation + 2, fused_grid(n_q, bh), live);
+                // the rows' statistics of a softmax: max, sum, D (pointwise weights have none,
+                // and the kernels read nothing in their slot)
+                operand stats_operand = out;
+                if (!pointwise) {
+                    const auto stats = output_buffer(x, n_q, 3, "the row statistics of the backward of " + name);
+                    stats_operand = dense_operand(stats, n_q, 3, env.batch, env.heads);
+                    if (given) {
+                        const std::vector<float> max_and_sum = statistics_as_pairs(*given);
+                        const operand forward_statistics =
+                            x.upload(row_major(max_and_sum.data(), n_q, 2, env.batch, env.heads), "the forward's row statistics");
+                        x.launch("backward_given_statistics", "backward: the forward's max and sum of each row, and D = rowsum(dO ∘ O)",
+                                 body("AF_BWD_GIVEN_STATISTICS"), with_slots({d_out, out, forward_statistics, out, out}), numbers, stats,
+                                 n_q, 3, bh * n_q * 3);
+                    } else {
+                        chunked_launch(x, "backward_stats",
+                                       "backward: each row's max and sum of the softmax over every key, and D = rowsum(dO ∘ O)",
+                                       body("AF_BWD_STATS"), with_slots({q, k, v, d_out, out}), numbers, stats, n_q, 3, bh * n_q, n_k,
+                                       depth / tile_rows + rows_per_invocation + 2, fused_grid(n_q, bh), live);
+                    }
                 }
                 std::vector<operand> ops = with_slots({q, k, v, d_out, stats_operand});
                 serve(qv);
@@ -387,6 +386,8 @@ backward_result backward_given(device& dev, const E& e, const tensor& output, co
     if constexpr (plan::hard_attention_backward_v<E>) {
         return hard_attention_backward(e, output, d_output, [&](const auto& x, const auto&... b) { return vulkan::run(dev, x, opt, b...); },
                                        bindings...);
+    } else if constexpr (plan::shared_input_backward_v<E>) {
+        return shared_input_backward(e, [&](const auto& x, const auto&... b) { return backward_given(dev, x, output, d_output, given, opt, b...); }, bindings...);
     } else if constexpr (plan::general_attention_backward_v<E>) {
         return general_core_backward(
             e, [&](const auto& x, const auto&... b) { return vulkan::run(dev, x, opt, b...); },

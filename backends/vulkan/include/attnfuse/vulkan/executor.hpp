@@ -155,6 +155,11 @@ struct resident_binding {
     static constexpr std::size_t rows_static = R, cols_static = C;
     using element_type = El;
     const device_tensor* tensor = nullptr;
+    // the same tensor bound under another name (shared_input_backward)
+    template <fixed_string Other>
+    resident_binding<Other, R, C, El> renamed() const {
+        return {tensor};
+    }
     // the shape bound (shape_of_binding)
     tensor_view<El> shape_view() const {
         if (!tensor || !tensor->owner()) throw shape_error("input " + std::string(Name.view()) + ": bound to an empty device_tensor");
