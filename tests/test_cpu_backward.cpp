@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "hard_attention_inputs.hpp"
 #include "row_statistics_check.hpp"
 #include "variants.hpp"
 
@@ -136,6 +137,37 @@ TEST_CASE("the CPU backward of a fully masked row is zero, and its errors name w
     CHECK_THROWS_WITH(af::cpu::backward(e, forward.output, wrong, bq, bk, bv), Catch::Contains("d_output") && Catch::Contains("8x3"));
 }
 
+TEST_CASE("the CPU backward of pointwise weights over a batch entry with every key masked gives it no gradient", "[cpu][backward]") {
+    // sigmoid(-inf) is 0: a weightless (batch, head) has weights 0, not the -inf of a masked softmax score
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"L"> L;
+    const std::size_t batch = 2, d = 4, n_q = 9, n_k = 11, d_v = 3;
+    const std::vector<float> q = random_floats(batch * d * n_q, 61), k = random_floats(batch * d * n_k, 62),
+                             v = random_floats(batch * n_k * d_v, 63), lengths{0.0f, 7.0f};
+    const auto bq = af::bind(Q, af::col_major(q.data(), d, n_q, batch));
+    const auto bk = af::bind(K, af::col_major(k.data(), d, n_k, batch));
+    const auto bv = af::bind(V, af::row_major(v.data(), n_k, d_v, batch));
+    const auto bl = af::bind(L, af::row_major(lengths.data(), 1, 1, batch));
+    const auto e = af::sigmoid(af::mask(af::scale(Q^af::T*K), af::key_lengths(L))) * V;
+    const af::run_result forward = af::cpu::run(e, bq, bk, bv, bl);
+    af::tensor d_output = forward.output;
+    d_output.values = random_floats(d_output.values.size(), 64);
+    const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                            std::vector<double>(d_output.values.begin(), d_output.values.end())};
+    const af::reference::gradients expected = af::reference::backward(e, d_reference, bq, bk, bv, bl);
+    for (const execution mode : {execution::fused, execution::unfused}) {
+        INFO((mode == execution::fused ? "fused" : "unfused"));
+        const af::backward_result got = af::cpu::backward(e, forward.output, d_output, af::cpu::options{mode}, bq, bk, bv, bl);
+        for (const char* name : {"Q", "K", "V"}) {
+            INFO("gradient of " << name);
+            CHECK(af::variants::relative_error(expected.of(name).values, got.of(name).values) <= 1e-4);
+        }
+        for (std::size_t n = 0; n < n_k * d_v; ++n) CHECK(got.of("V").values[n] == 0.0f);  // batch entry 0
+    }
+}
+
 TEST_CASE("the CPU backward of queries shared by every head takes the pass that gives dQ its own", "[cpu][backward]") {
     // one query head for two K/V heads: the dQ of both heads goes to one gradient, which the
     // one-pass kernel (each K/V head writing the dQ of the heads it serves) cannot own
@@ -226,13 +258,12 @@ TEST_CASE("the CPU backward of hard attention sends each row's dO to the value r
     af::matrix<"Q"> Q;
     af::matrix<"K"> K;
     af::matrix<"V"> V;
-    const std::size_t batch = 2, heads = 4, kv_heads = 2, d = 3, n_q = 70, n_k = 75, d_v = 5;
-    auto coarse = [](std::vector<float> x) {
-        for (float& v : x) v = std::round(v * 1.5f);
-        return x;
-    };
-    std::vector<float> q = coarse(random_floats(batch * heads * d * n_q, 41)), k = coarse(random_floats(batch * kv_heads * d * n_k, 42));
-    const std::vector<float> v = random_floats(batch * kv_heads * n_k * d_v, 43);
+    using inputs = af::testing::hard_attention_inputs;
+    constexpr std::size_t batch = inputs::batch, heads = inputs::heads, kv_heads = inputs::kv_heads, d = inputs::d, n_q = inputs::n_q,
+                          n_k = inputs::n_k, d_v = inputs::d_v;
+    inputs in(random_floats);
+    std::vector<float>& q = in.q;
+    const std::vector<float>&k = in.k, &v = in.v;
     const auto bk = af::bind(K, af::col_major(k.data(), d, n_k, batch, kv_heads));
     const auto bv = af::bind(V, af::row_major(v.data(), n_k, d_v, batch, kv_heads));
     const auto e = af::hard(af::mask(Q^af::T*K, af::i >= 2)) * V;

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "hard_attention_inputs.hpp"
 #include "row_statistics_check.hpp"
 #include "variants.hpp"
 #include "vulkan_test_device.hpp"
@@ -332,13 +333,11 @@ TEST_CASE("the Vulkan backward of hard attention sends each row's dO to the valu
     af::matrix<"Q"> Q;
     af::matrix<"K"> K;
     af::matrix<"V"> V;
-    const std::size_t batch = 2, heads = 4, kv_heads = 2, d = 3, n_q = 70, n_k = 75, d_v = 5;
-    auto coarse = [](std::vector<float> x) {
-        for (float& v : x) v = std::round(v * 1.5f);
-        return x;
-    };
-    const std::vector<float> q = coarse(random_floats(batch * heads * d * n_q, 41)), k = coarse(random_floats(batch * kv_heads * d * n_k, 42)),
-                             v = random_floats(batch * kv_heads * n_k * d_v, 43);
+    using inputs = af::testing::hard_attention_inputs;
+    constexpr std::size_t batch = inputs::batch, heads = inputs::heads, kv_heads = inputs::kv_heads, d = inputs::d, n_q = inputs::n_q,
+                          n_k = inputs::n_k, d_v = inputs::d_v;
+    const inputs in(random_floats);
+    const std::vector<float>&q = in.q, &k = in.k, &v = in.v;
     const auto bq = af::bind(Q, af::col_major(q.data(), d, n_q, batch, heads));
     const auto bk = af::bind(K, af::col_major(k.data(), d, n_k, batch, kv_heads));
     const auto v_view = af::row_major(v.data(), n_k, d_v, batch, kv_heads);

@@ -246,14 +246,14 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
         if (masks_keep_all(tree, q0, q0 + rows, k0, k0 + cols)) run_epilogue(tree_unmasked);
         else run_epilogue(tree);
     };
-    // The scores of queries q0.., keys k0..: the product, then the epilogue; false when every
-    // mask removes the tile.
     // Does no key of the tile get a weight (every score -inf; every pointwise weight surely 0,
     // and so its slope)?
     auto weightless = [&](const auto& tree, std::size_t q0, std::size_t rows, std::size_t k0, std::size_t cols) {
         const interval bounds = tile_bounds(tree, q0, q0 + rows, k0, k0 + cols);
         return pointwise ? bounds.surely_zero() : bounds.all_minus_infinity();
     };
+    // The scores of queries q0.., keys k0..: the product, then the epilogue; false when the
+    // tile is weightless.
     auto scores = [&](const head_operands& hd, std::size_t bh, std::size_t q0, std::size_t rows, std::size_t k0, std::size_t cols,
                       float* s, float* slope, std::size_t lds, std::vector<float>& packing, const auto& tree, const auto& tree_unmasked) {
         if (weightless(tree, q0, rows, k0, cols)) return false;
@@ -563,11 +563,14 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
                                    (5 * tile * tile + tile * (d_pad + dv_pad) + tile * std::max(d_pad, dv_pad));
     } else {
         // ---- unfused: S, P, dP and dS whole, each its own kernel ---------------------------
+        // (pointwise weights: P is S, which holds the weights already)
         const std::size_t ld = kernels::round_up(n_k, kernels::panel_width), whole = env.batch * heads * n_q * ld;
-        std::vector<float> s(whole), slope(whole), p(whole), dp(whole);
-        info.intermediate_bytes += 4 * whole * sizeof(float);
-        info.score_bytes += 4 * whole * sizeof(float);
+        const std::size_t matrices = pointwise ? 3 : 4;
+        std::vector<float> s(whole), slope(whole), p(pointwise ? 0 : whole), dp(whole);
+        info.intermediate_bytes += matrices * whole * sizeof(float);
+        info.score_bytes += matrices * whole * sizeof(float);
         const auto bhs = static_cast<std::ptrdiff_t>(env.batch * heads);
+        std::vector<float>& weights = pointwise ? s : p;
         auto at = [&](std::vector<float>& m, std::size_t bh) { return m.data() + bh * n_q * ld; };
         auto each_head = [&](const auto& body) {
 #pragma omp parallel num_threads(threads)
@@ -581,13 +584,13 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
             const auto [_, hd, tree, tree_unmasked] = head_of(bh / heads, bh % heads);
             float* sb = at(s, bh);
             float* gb = at(slope, bh);
-            if (!scores(hd, bh, 0, n_q, 0, n_k, sb, gb, ld, packing, tree, tree_unmasked))
-                std::fill_n(sb, n_q * ld, -std::numeric_limits<float>::infinity());
+            if (!scores(hd, bh, 0, n_q, 0, n_k, sb, gb, ld, packing, tree, tree_unmasked))  // weightless: no weight, no slope
+                std::fill_n(sb, n_q * ld, pointwise ? 0.0f : -std::numeric_limits<float>::infinity());
         });
         info.kernels.push_back("backward: the scores and their slopes of " + to_string(parts::score(e)));
         each_head([&](std::size_t bh, std::vector<float>&) {  // P
-            std::copy_n(at(s, bh), n_q * ld, at(p, bh));
-            weights_of(bh, 0, n_q, n_k, at(p, bh), ld);
+            if constexpr (!pointwise) std::copy_n(at(s, bh), n_q * ld, at(weights, bh));
+            weights_of(bh, 0, n_q, n_k, at(weights, bh), ld);
         });
         info.kernels.push_back(pointwise ? "backward: the weights P = S (pointwise, as they are)" : "backward: the weights P");
         each_head([&](std::size_t bh, std::vector<float>& packing) {  // dP = dO Vᵀ
@@ -596,11 +599,11 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
                          false, packing);
         });
         info.kernels.push_back("backward: dP = dO Vᵀ");
-        each_head([&](std::size_t bh, std::vector<float>&) { core_gradient(bh, 0, n_q, 0, n_k, at(p, bh), at(dp, bh), at(slope, bh), ld); });
+        each_head([&](std::size_t bh, std::vector<float>&) { core_gradient(bh, 0, n_q, 0, n_k, at(weights, bh), at(dp, bh), at(slope, bh), ld); });
         info.kernels.push_back(pointwise ? "backward: dS = dP ∘ w'(S), through the weights" : "backward: dS = P ∘ (dP − D), through the epilogue");
         if constexpr (with_dropout)
             each_head([&](std::size_t bh, std::vector<float>&) {
-                kernels::dropout_tile(at(p, bh), n_q, n_k, static_cast<std::ptrdiff_t>(ld), 1, dropout_seed, dropout_threshold, keep_scale,
+                kernels::dropout_tile(at(weights, bh), n_q, n_k, static_cast<std::ptrdiff_t>(ld), 1, dropout_seed, dropout_threshold, keep_scale,
                                       static_cast<std::uint32_t>(bh), 0, 0);
             });
         // dV = Pᵀ dO and dK = dSᵀ Qᵀ per K/V source, dQᵀ = dS Kᵀ per Q source, summed over the heads they serve
@@ -618,7 +621,7 @@ backward_result attention_backward(const E& e, const tensor& output, const tenso
         };
         per_source(vv, [&](std::size_t source, std::size_t bh, std::vector<float>& packing) {
             std::vector<float> acc(n_k * dv_pad);
-            multiply_any(n_k, d_v, n_q, at(p, bh), 1, static_cast<std::ptrdiff_t>(ld), d_out_row(bh, 0), static_cast<std::ptrdiff_t>(d_v), 1,
+            multiply_any(n_k, d_v, n_q, at(weights, bh), 1, static_cast<std::ptrdiff_t>(ld), d_out_row(bh, 0), static_cast<std::ptrdiff_t>(d_v), 1,
                          acc.data(), dv_pad, false, packing);
             float* out = dvt.values.data() + source * n_k * d_v;
             for (std::size_t c = 0; c < n_k; ++c)
