@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "hard_attention_inputs.hpp"
+#include "projected_core_inputs.hpp"
 #include "row_statistics_check.hpp"
 #include "variants.hpp"
 
@@ -90,6 +91,30 @@ void check_backward(const std::string& name, const E& e, double tolerance, compa
     }
 }
 
+// Both modes of cpu::backward of e against the reference backward, for a
+// random output gradient.
+template <class E, class... B>
+void check_both_modes(const E& e, const B&... bindings) {
+    const af::run_result forward = af::cpu::run(e, bindings...);
+    af::tensor d_output = forward.output;
+    d_output.values = random_floats(d_output.values.size(), 53);
+    const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
+                                            std::vector<double>(d_output.values.begin(), d_output.values.end())};
+    const af::reference::gradients expected = af::reference::backward(e, d_reference, bindings...);
+    for (const execution mode : {execution::fused, execution::unfused}) {
+        INFO(af::to_string(e) << " | " << (mode == execution::fused ? "fused" : "unfused"));
+        const af::backward_result got = af::cpu::backward(e, forward.output, d_output, af::cpu::options{mode}, bindings...);
+        CHECK(got.without == expected.without);
+        REQUIRE(got.inputs.size() == expected.inputs.size());
+        for (const af::reference::input_gradient& want : expected.inputs) {
+            INFO("gradient of " << want.name);
+            CHECK(got.of(want.name).rows == want.rows);
+            CHECK(got.of(want.name).heads == want.heads);
+            CHECK(af::variants::relative_error(want.values, got.of(want.name).values) <= 1e-4);
+        }
+    }
+}
+
 }  // namespace
 
 TEST_CASE("the CPU backward, fused and unfused, agrees with the reference backward", "[cpu][backward]") {
@@ -104,10 +129,11 @@ TEST_CASE("the CPU backward, fused and unfused, agrees with the reference backwa
             const bool huge_scores = v.name.find("1e4") != std::string::npos;
             check_backward(v.name, e, huge_scores ? 1e-2 : 1e-4, count, bindings...);
         });
-        // the rows it covers: dot product, scaled, general, self-general (h^T W h), scores near 1e4,
+        // the rows it covers: dot product, scaled, general, self-general (h^T W h), self query-free
+        // (v^T tanh(W h)), weighted softmax (pairwise q . k), scores near 1e4,
         // masked softmax, hard, local-m, the three relations, causal, both paddings, sliding window,
         // soft-capping, GQA (f32 and bf16), MQA, decode, dropout, sigmoid and ReLU^2 attention
-        CHECK(count.variants == 23);
+        CHECK(count.variants == 25);
         CHECK(count.variants + count.outside >= 30);
     }
 }
@@ -228,28 +254,35 @@ TEST_CASE("the CPU backward of an input read in several places is the sum over i
     const std::vector<float> x = random_floats(batch * heads * d * n, 51), v = random_floats(batch * heads * n * d_v, 52);
     const auto bx = af::bind(X, af::col_major(x.data(), d, n, batch, heads));
     const auto bv = af::bind(V, af::row_major(v.data(), n, d_v, batch, heads));
-    auto check = [&](const auto& e, const auto&... bindings) {
-        const af::run_result forward = af::cpu::run(e, bindings...);
-        af::tensor d_output = forward.output;
-        d_output.values = random_floats(d_output.values.size(), 53);
-        const af::reference::result d_reference{d_output.batch, d_output.heads, d_output.rows, d_output.cols,
-                                                std::vector<double>(d_output.values.begin(), d_output.values.end())};
-        const af::reference::gradients expected = af::reference::backward(e, d_reference, bindings...);
-        for (const execution mode : {execution::fused, execution::unfused}) {
-            INFO(af::to_string(e) << " | " << (mode == execution::fused ? "fused" : "unfused"));
-            const af::backward_result got = af::cpu::backward(e, forward.output, d_output, af::cpu::options{mode}, bindings...);
-            CHECK(got.without == expected.without);
-            REQUIRE(got.inputs.size() == expected.inputs.size());
-            for (const af::reference::input_gradient& want : expected.inputs) {
-                INFO("gradient of " << want.name);
-                CHECK(got.of(want.name).rows == want.rows);
-                CHECK(af::variants::relative_error(want.values, got.of(want.name).values) <= 1e-4);
-            }
-        }
-    };
     STATIC_REQUIRE(af::plan::backend_backward_v<decltype(af::softmax(af::scale(X^af::T*X))*af::transpose(X))>);
-    check(af::softmax(af::mask(af::scale(X^af::T*X), af::causal))*af::transpose(X), bx);
-    check(af::softmax(af::scale(X^af::T*X))*V, bx, bv);
+    check_both_modes(af::softmax(af::mask(af::scale(X^af::T*X), af::causal))*af::transpose(X), bx);
+    check_both_modes(af::softmax(af::scale(X^af::T*X))*V, bx, bv);
+}
+
+TEST_CASE("the CPU backward of keys that are an activated projection, and of a bilinear pairwise score, through the dot-core backward",
+          "[cpu][backward]") {
+    // tiles crossed both ways
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"W"> W;
+    af::matrix<"w"> w;
+    const af::testing::projected_core_inputs in(67, 131, random_floats);
+    const auto bq = in.bind_q();
+    const auto bq_deep = in.bind_q_deep();
+    const auto bk = in.bind_k();
+    const auto bv = in.bind_v();
+    const auto bw_projection = in.bind_projection();
+    const auto bw_features = in.bind_features();
+
+    // numbers inside the activation, a causal mask, pointwise weights
+    check_both_modes(af::softmax(af::mask(af::scale(Q^af::T*(2 * af::tanh(W*K / 3))), af::causal))*V, bq_deep, bk, bv, bw_projection);
+    check_both_modes(af::sigmoid(Q^af::T*af::relu(W*K) - 2)*V, bq_deep, bk, bv, bw_projection);
+    // the features' product in either order, under a window
+    check_both_modes(af::softmax(af::mask(af::pairwise(w, Q, K, af::kf * af::qf), af::window(9)))*V, bq, bk, bv, bw_features);
+    check_both_modes(af::softmax(af::scale(af::pairwise(w, Q, K, af::qf * af::kf), 0.5))*V, bq, bk, bv, bw_features);
+    // any other combination of the features is not a dot product: refused, pointing to the reference
+    STATIC_REQUIRE_FALSE(af::plan::backend_backward_v<decltype(af::softmax(af::pairwise(w, Q, K, af::qf - af::kf))*V)>);
 }
 
 TEST_CASE("the CPU backward of hard attention sends each row's dO to the value row it chose", "[cpu][backward]") {

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "hard_attention_inputs.hpp"
+#include "projected_core_inputs.hpp"
 #include "row_statistics_check.hpp"
 #include "variants.hpp"
 #include "vulkan_test_device.hpp"
@@ -106,7 +107,7 @@ TEST_CASE("the Vulkan backward, fused and unfused, agrees with the reference bac
             const bool huge_scores = v.name.find("1e4") != std::string::npos;
             (check_backward(*dev, v.name, e, huge_scores ? 1e-2 : 1e-4, {execution::fused, execution::unfused}, bindings...) ? covered : outside) += 1;
         });
-        CHECK(covered == 23);  // the rows cpu::backward covers
+        CHECK(covered == 25);  // the rows cpu::backward covers
         CHECK(covered + outside >= 30);
     }
 }
@@ -323,6 +324,31 @@ TEST_CASE("the Vulkan backward of an input read in several places is the sum ove
     // transposed values are read through a host view
     const af::tensor output = rounded(af::reference::evaluate(self, bx));
     CHECK_THROWS_WITH(vk::backward(*dev, self, output, output, vk::bind_resident(X, resident_x)), Catch::Contains("host memory"));
+}
+
+TEST_CASE("the Vulkan backward of keys that are an activated projection, and of a bilinear pairwise score, through the dot-core backward",
+          "[vulkan][backward]") {
+    vk::device* dev = shared_device();
+    if (!dev) return;
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"W"> W;
+    af::matrix<"w"> w;
+    const af::testing::projected_core_inputs in(37, 70, random_floats);
+    const auto bq = in.bind_q();
+    const auto bq_deep = in.bind_q_deep();
+    const auto bk = in.bind_k();
+    const auto bv = in.bind_v();
+    const auto bw_projection = in.bind_projection();
+    const auto bw_features = in.bind_features();
+    const std::vector<execution> both{execution::fused, execution::unfused};
+    CHECK(check_backward(*dev, "activated keys", af::softmax(af::mask(af::scale(Q^af::T*(2 * af::tanh(W*K / 3))), af::causal))*V, 1e-4,
+                         both, bq_deep, bk, bv, bw_projection));
+    CHECK(check_backward(*dev, "activated keys, pointwise weights", af::sigmoid(Q^af::T*af::relu(W*K) - 2)*V, 1e-4, both, bq_deep, bk, bv,
+                         bw_projection));
+    CHECK(check_backward(*dev, "bilinear pairwise", af::softmax(af::mask(af::pairwise(w, Q, K, af::kf * af::qf), af::window(9)))*V, 1e-4,
+                         both, bq, bk, bv, bw_features));
 }
 
 TEST_CASE("the Vulkan backward of hard attention sends each row's dO to the value row it chose", "[vulkan][backward]") {

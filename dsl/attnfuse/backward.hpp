@@ -1,8 +1,10 @@
 // What the backends' backward passes run, and the parts of them that are
 // compositions of a backend's own run and kernels (shared, so that each
-// backend only passes its run in): the general core through the dot-core
-// backward (projected_backward.hpp), hard attention (hard_backward.hpp), and
-// an input read in several places (shared_input_backward.hpp).
+// backend only passes its run and its dot-core backward in): the cores over
+// a projection through the dot-core backward (the general core, activated
+// keys, the bilinear pairwise score: projected_backward.hpp), hard attention
+// (hard_backward.hpp), and an input read in several places
+// (shared_input_backward.hpp).
 #pragma once
 #include "gradient.hpp"
 #include "hard_backward.hpp"
@@ -16,4 +18,27 @@ namespace attnfuse::plan {
 // places?
 template <class E> inline constexpr bool backend_backward_v = direct_backward_v<E> || shared_input_backward_v<E>;
 
+// Is E's backward one of the compositions, rather than the dot-core kernels themselves?
+template <class E> inline constexpr bool composed_backward_v = backend_backward_v<E> && !attention_backward_v<E>;
+
 }  // namespace attnfuse::plan
+
+namespace attnfuse {
+
+// The backward of a composition (plan::composed_backward_v<E>), for output
+// and d_output of the forward's shape. `run(expression, bindings...)` is the
+// backend's run_result-returning run, in the mode asked for;
+// `backward(expression, bindings...)` its backward with the output, dO,
+// statistics and options already given.
+template <class E, class Run, class Backward, class... Bindings>
+backward_result composed_backward(const E& e, const tensor& output, const tensor& d_output, const Run& run, const Backward& backward,
+                                  const Bindings&... bindings) {
+    static_assert(plan::composed_backward_v<E>, "attnfuse internal: composed_backward of an attention that is no composition");
+    if constexpr (plan::hard_attention_backward_v<E>) return hard_attention_backward(e, output, d_output, run, bindings...);
+    else if constexpr (plan::shared_input_backward_v<E>) return shared_input_backward(e, backward, bindings...);
+    else if constexpr (plan::general_attention_backward_v<E>) return general_core_backward(e, run, backward, bindings...);
+    else if constexpr (plan::activated_keys_attention_backward_v<E>) return activated_keys_backward(e, run, backward, bindings...);
+    else return bilinear_backward(e, run, backward, bindings...);
+}
+
+}  // namespace attnfuse

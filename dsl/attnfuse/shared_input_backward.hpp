@@ -28,10 +28,13 @@ namespace attnfuse {
 
 namespace plan {
 
-// The backward a backend runs as such: the dot-core attention, the general
-// core through it, hard attention.
+// The backward a backend runs as such: the dot-core attention, the cores
+// over a projection through it (general, activated keys, bilinear
+// pairwise), hard attention.
 template <class E>
-inline constexpr bool direct_backward_v = attention_backward_v<E> || general_attention_backward_v<E> || hard_attention_backward_v<E>;
+inline constexpr bool direct_backward_v = attention_backward_v<E> || general_attention_backward_v<E> ||
+                                          activated_keys_attention_backward_v<E> || bilinear_attention_backward_v<E> ||
+                                          hard_attention_backward_v<E>;
 
 }  // namespace plan
 
@@ -150,18 +153,6 @@ auto bound_again(const B& b) {
                                         std::string(B::name.view()) + " in host memory for it");
         return b.template renamed<name>();
     }
-}
-
-template <fixed_string Name, class... Bindings>
-const auto& binding_named(const Bindings&... bindings) {
-    constexpr std::size_t at = [] {
-        constexpr std::array<bool, sizeof...(Bindings)> hits{(std::remove_cvref_t<Bindings>::name == Name)...};
-        for (std::size_t n = 0; n < hits.size(); ++n)
-            if (hits[n]) return n;
-        return hits.size();
-    }();
-    static_assert(at < sizeof...(Bindings), "attnfuse: an input of the expression has no binding; bind every input the expression reads");
-    return std::get<at>(std::forward_as_tuple(bindings...));
 }
 
 // t (rows x cols per matrix) transposed, each matrix of it.

@@ -664,14 +664,9 @@ template <class E, class... Bindings>
 backward_result backward_given(const E& e, const tensor& output, const tensor& d_output, const row_statistics* given, const options& opt,
                                const Bindings&... bindings) {
     attnfuse::check::no_pending_transpose<E>();
-    if constexpr (plan::hard_attention_backward_v<E>) {
-        return hard_attention_backward(e, output, d_output, [&](const auto& x, const auto&... b) { return cpu::run(x, opt, b...); },
-                                       bindings...);
-    } else if constexpr (plan::shared_input_backward_v<E>) {
-        return shared_input_backward(e, [&](const auto& x, const auto&... b) { return backward_given(x, output, d_output, given, opt, b...); }, bindings...);
-    } else if constexpr (plan::general_attention_backward_v<E>) {
-        return general_core_backward(
-            e, [&](const auto& x, const auto&... b) { return cpu::run(x, opt, b...); },
+    if constexpr (plan::composed_backward_v<E>) {
+        return composed_backward(
+            e, output, d_output, [&](const auto& x, const auto&... b) { return cpu::run(x, opt, b...); },
             [&](const auto& x, const auto&... b) { return backward_given(x, output, d_output, given, opt, b...); }, bindings...);
     } else if constexpr (!plan::attention_backward_v<E>) {
         throw std::invalid_argument(outside_attention_backward("cpu", to_string(e)));
