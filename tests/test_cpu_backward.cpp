@@ -283,6 +283,37 @@ TEST_CASE("the CPU backward of keys that are an activated projection, and of a b
     check_both_modes(af::softmax(af::scale(af::pairwise(w, Q, K, af::qf * af::kf), 0.5))*V, bq, bk, bv, bw_features);
     // any other combination of the features is not a dot product: refused, pointing to the reference
     STATIC_REQUIRE_FALSE(af::plan::backend_backward_v<decltype(af::softmax(af::pairwise(w, Q, K, af::qf - af::kf))*V)>);
+    // keys that are an elementwise function of an input, not of a projection: refused at run
+    // time, as before there were activated keys (these once stopped the build instead)
+    CHECK_THROWS_WITH(af::cpu::backward(af::softmax(Q^af::T*af::tanh(K))*V, af::tensor{}, af::tensor{}, bq, bk, bv),
+                      Catch::Contains("reference::backward"));
+    CHECK_THROWS_WITH(af::cpu::backward(af::softmax(Q^af::T*(K / 8))*V, af::tensor{}, af::tensor{}, bq, bk, bv),
+                      Catch::Contains("reference::backward"));
+    // values of fewer heads than the keys W K of a per-head W: a message naming all three
+    const std::vector<float> per_head = random_floats(2 * in.d_a * in.d, 67);
+    const auto bw_per_head = af::bind(W, af::row_major(per_head.data(), in.d_a, in.d, 1, 2));
+    const auto per_head_keys = af::softmax(Q^af::T*af::tanh(W*K))*V;
+    const af::tensor out = af::cpu::run(per_head_keys, bq_deep, bk, bv, bw_per_head).output;
+    CHECK_THROWS_WITH(af::cpu::backward(per_head_keys, out, out, bq_deep, bk, bv, bw_per_head),
+                      Catch::Contains("values V") && Catch::Contains("W and K"));
+}
+
+TEST_CASE("the CPU backward of activated keys chains a zero gradient through an infinite partial as the reference does",
+          "[cpu][backward]") {
+    // W and K nonnegative and key 4 all zero: Z = W K is 0 there, where sqrt's partial is
+    // infinite and square's is 0; the reference passes 0 on, not 0 * inf
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"W"> W;
+    const af::testing::projected_core_inputs in(23, 41, random_floats);
+    std::vector<float> k = in.k, weights = in.weights;
+    for (float& x : k) x = std::abs(x);
+    for (float& x : weights) x = std::abs(x);
+    for (std::size_t b = 0; b < in.batch; ++b)
+        for (std::size_t a = 0; a < in.d; ++a) k[(b * in.n_k + 4) * in.d + a] = 0.0f;
+    const auto bk = af::bind(K, af::col_major(k.data(), in.d, in.n_k, in.batch, 1));
+    const auto bw = af::bind(W, af::row_major(weights.data(), in.d_a, in.d));
+    check_both_modes(af::softmax(Q^af::T*af::square(af::sqrt(W*K)))*af::matrix<"V">{}, in.bind_q_deep(), bk, in.bind_v(), bw);
 }
 
 TEST_CASE("the CPU backward of hard attention sends each row's dO to the value row it chose", "[cpu][backward]") {

@@ -12,6 +12,7 @@
 #include <array>
 #include <cstddef>
 #include <initializer_list>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -63,7 +64,10 @@ template <class E> inline constexpr bool general_attention_backward_v = general_
 // f(W*Y): a pointwise activation f of the projection W*Y of two bound inputs,
 // f a chain of elementwise operations each of whose operands but one (the
 // chain's, carrying a gradient) is a number; the identity is a chain too.
-template <class F> struct activation_chain : std::false_type {};
+template <class F> struct activation_chain : std::false_type {
+    using weights = void;
+    using inputs = void;
+};
 template <class W, class Y> struct activation_chain<node<kind::product, W, Y>> {
     static constexpr bool value = is_input_v<W> && is_input_v<Y> && !(W::name == Y::name);
     using weights = W;
@@ -284,27 +288,47 @@ backward_result general_core_backward(const E& e, const Run& run, const Backward
 
 namespace detail {
 
-// f(z) and f'(z) of an activation chain (plan::activation_chain) at one
-// value z of its projection, in double, from each operation's apply and
-// partials; a zero slope stays zero through an infinite partial.
+// f(z) of an activation chain (plan::activation_chain) at one value z of
+// its projection, in double, from each operation's apply.
 template <class F>
-std::pair<double, double> activation_at(const F& f, double z) {
+double activation_at(const F& f, double z);
+
+// The operands of the chain's outermost operation at z, its chain operand's value among them.
+template <class F>
+auto activation_operands(const F& f, double z) {
+    constexpr std::size_t link = plan::activation_chain<F>::operand;
+    const double below = activation_at(std::get<link>(f.kids), z);
+    return [&]<std::size_t... I>(std::index_sequence<I...>) {
+        auto operand = [&]<std::size_t A>(std::integral_constant<std::size_t, A>) -> double {
+            if constexpr (A == link) return below;
+            else return std::get<A>(f.kids).value;
+        };
+        return std::array<double, sizeof...(I)>{operand(std::integral_constant<std::size_t, I>{})...};
+    }(std::make_index_sequence<std::tuple_size_v<decltype(f.kids)>>{});
+}
+
+template <class F>
+double activation_at(const F& f, double z) {
     if constexpr (has_kind_v<F, kind::product>) {
-        return {z, 1.0};
+        return z;
+    } else {
+        using Op = typename F::kind_type::op;
+        return std::apply([](auto... at) { return static_cast<double>(Op::apply(at...)); }, activation_operands(f, z));
+    }
+}
+
+// A gradient g of f(z) passed down the chain to z, outermost operation
+// first, as the reference chains it: a zero gradient stays zero through an
+// infinite partial.
+template <class F>
+double activation_gradient(const F& f, double z, double g) {
+    if constexpr (has_kind_v<F, kind::product>) {
+        return g;
     } else {
         using Op = typename F::kind_type::op;
         constexpr std::size_t link = plan::activation_chain<F>::operand;
-        const std::pair<double, double> below = activation_at(std::get<link>(f.kids), z);
-        return [&]<std::size_t... I>(std::index_sequence<I...>) {
-            auto operand = [&]<std::size_t A>(std::integral_constant<std::size_t, A>) -> double {
-                if constexpr (A == link) return below.first;
-                else return std::get<A>(f.kids).value;
-            };
-            const double at[] = {operand(std::integral_constant<std::size_t, I>{})...};
-            const double value = Op::apply(at[I]...);
-            const double partial = Op::partials(at[I]...)[link];
-            return std::pair{value, below.second == 0.0 ? 0.0 : below.second * partial};
-        }(std::make_index_sequence<std::tuple_size_v<decltype(f.kids)>>{});
+        const double partial = std::apply([](auto... at) { return static_cast<double>(Op::partials(at...)[link]); }, activation_operands(f, z));
+        return activation_gradient(std::get<link>(f.kids), z, g == 0.0 ? 0.0 : g * partial);
     }
 }
 
@@ -319,11 +343,12 @@ auto bound_tensor(const tensor& t) {
 // The backward of an attention whose keys are an activated projection,
 // X^T * f(W*Y) (plan::activated_keys_attention_backward_v<E>; the query-free
 // self score v^T tanh(W h)), for any backend: the backend runs Z = W*Y, the
-// keys f(Z) and their slope f'(Z) follow on the host (d_a x n_k, no more), the
-// dot-core backward of the same attention over those keys gives dX, the
-// keys' gradient dF and dV, and the projection gives dZ = dF % f'(Z),
-// dW = dZ Y^T and dY = W^T dZ, each summed over the (batch, head)s its input
-// serves. Nothing of n_q x n_k is added to what the dot-core backward keeps.
+// keys f(Z) follow on the host (d_a x n_k, no more), the dot-core backward of
+// the same attention over those keys gives dX, the keys' gradient dF and dV,
+// dF passed down the chain gives dZ = dF % f'(Z) (as the reference chains
+// it), and the projection gives dW = dZ Y^T and dY = W^T dZ, each summed over
+// the (batch, head)s its input serves. Nothing of n_q x n_k is added to what
+// the dot-core backward keeps.
 template <class E, class Run, class Backward, class... Bindings>
 backward_result activated_keys_backward(const E& e, const Run& run, const Backward& backward, const Bindings&... bindings) {
     static_assert(plan::activated_keys_attention_backward_v<E>,
@@ -337,12 +362,18 @@ backward_result activated_keys_backward(const E& e, const Run& run, const Backwa
 
     // only W and Y bound: the projection has their batch and heads, which the keys must have
     const run_result z = run(W{} * Y{}, detail::binding_named<W::name>(bindings...), detail::binding_named<Y::name>(bindings...));
-    tensor keys = z.output, slope = z.output;
-    for (std::size_t n = 0; n < keys.values.size(); ++n) {
-        const auto [value, derivative] = detail::activation_at(activation, z.output.values[n]);
-        keys.values[n] = static_cast<float>(value);
-        slope.values[n] = static_cast<float>(derivative);
-    }
+    using Values = typename plan::attention_pattern<E>::values;
+    const auto [values_batch, values_heads] = detail::bound_extents<Values::name>(bindings...);
+    if (z.output.batch != values_batch || z.output.heads != values_heads)
+        throw std::invalid_argument("attnfuse: the backward of activated keys f(" + std::string(W::name.view()) + "*" +
+                                    std::string(Y::name.view()) + ") runs them as keys of batch " + std::to_string(z.output.batch) +
+                                    " and heads " + std::to_string(z.output.heads) + ", those of " + std::string(W::name.view()) +
+                                    " and " + std::string(Y::name.view()) + " together, and needs the values " +
+                                    std::string(Values::name.view()) + " bound with the same (they have batch " +
+                                    std::to_string(values_batch) + " and heads " + std::to_string(values_heads) +
+                                    "); reference::backward takes any");
+    tensor keys = z.output;
+    for (float& key : keys.values) key = static_cast<float>(detail::activation_at(activation, key));
     const auto over_activated = detail::replace_node<core>(e, transpose(X{}) * matrix<"activated_keys">{});
     static_assert(plan::attention_backward_v<decltype(over_activated)>,
                   "attnfuse internal: the attention over its activated keys is not a dot-core attention");
@@ -351,11 +382,12 @@ backward_result activated_keys_backward(const E& e, const Run& run, const Backwa
     backward_result result;
     result.info = std::move(inner.info);
     detail::add_run(result.info, z.info);
-    result.info.intermediate_bytes += 2 * keys.values.size() * sizeof(float);
+    result.info.intermediate_bytes += 2 * keys.values.size() * sizeof(float);  // Z and the keys
     std::vector<named_gradient> computed;
     if (inner.has("activated_keys")) {
         tensor dz = inner.of("activated_keys");
-        for (std::size_t n = 0; n < dz.values.size(); ++n) dz.values[n] *= slope.values[n];
+        for (std::size_t n = 0; n < dz.values.size(); ++n)
+            dz.values[n] = static_cast<float>(detail::activation_gradient(activation, z.output.values[n], dz.values[n]));
         const auto bound_gradient = detail::bound_tensor<"projection_gradient">(dz);
         const matrix<"projection_gradient"> projection_gradient{};
         // only the operands bound: the products have dZ's batch and heads, not those of every input
