@@ -30,6 +30,20 @@ namespace attnfuse {
 
 namespace plan {
 
+// Are A, B and C three bound inputs of three names (value), and does a name
+// name none of them (distinct_from)? The cores over a projection read three.
+template <class A, class B, class C> struct three_distinct_inputs {
+    static constexpr bool value = [] {
+        if constexpr (is_input_v<A> && is_input_v<B> && is_input_v<C>)
+            return !(A::name == B::name) && !(A::name == C::name) && !(B::name == C::name);
+        else return false;
+    }();
+    static constexpr bool distinct_from(std::string_view name) {
+        if constexpr (value) return name != A::name.view() && name != B::name.view() && name != C::name.view();
+        else return false;
+    }
+};
+
 // X, W and Y of a general core X^T*W*Y, and whether they are three bound
 // inputs of three names.
 template <class Core> struct general_core_parts {
@@ -37,20 +51,11 @@ template <class Core> struct general_core_parts {
     static constexpr bool distinct_from(std::string_view) { return false; }
 };
 template <class X, class W, class Y>
-struct general_core_parts<node<kind::product, node<kind::product, node<kind::transpose, X>, W>, Y>> {
+struct general_core_parts<node<kind::product, node<kind::product, node<kind::transpose, X>, W>, Y>> : three_distinct_inputs<X, W, Y> {
     using queries = X;
     using weights = W;
     using keys = Y;
-    static constexpr bool distinct = [] {
-        if constexpr (is_input_v<X> && is_input_v<W> && is_input_v<Y>)
-            return !(X::name == W::name) && !(X::name == Y::name) && !(W::name == Y::name);
-        else return false;
-    }();
-    // names an input none of the three is
-    static constexpr bool distinct_from(std::string_view name) {
-        if constexpr (distinct) return name != X::name.view() && name != W::name.view() && name != Y::name.view();
-        else return false;
-    }
+    static constexpr bool distinct = three_distinct_inputs<X, W, Y>::value;
 };
 
 // The same attentions over one X^T*W*Y of three bound inputs, V a fourth:
@@ -101,19 +106,12 @@ template <class Core> struct activated_keys_core : std::false_type {
 };
 template <class X, class F>
     requires(activation_chain<F>::value)
-struct activated_keys_core<node<kind::product, node<kind::transpose, X>, F>> {
+struct activated_keys_core<node<kind::product, node<kind::transpose, X>, F>>
+    : three_distinct_inputs<X, typename activation_chain<F>::weights, typename activation_chain<F>::inputs> {
     using queries = X;
     using activated = F;
     using weights = typename activation_chain<F>::weights;
     using keys = typename activation_chain<F>::inputs;
-    static constexpr bool value = [] {
-        if constexpr (is_input_v<X>) return !(X::name == weights::name) && !(X::name == keys::name);
-        else return false;
-    }();
-    static constexpr bool distinct_from(std::string_view name) {
-        if constexpr (value) return name != X::name.view() && name != weights::name.view() && name != keys::name.view();
-        else return false;
-    }
 };
 template <class E> using activated_keys_attention_backward = weighted_attention_over<activated_keys_core, E>;
 template <class E>
@@ -129,19 +127,10 @@ template <class Combine> inline constexpr bool feature_product_v =
     std::is_same_v<Combine, node<kind::elementwise<op::multiply>, pair_key_feature, pair_query_feature>>;
 template <class Combine, class Wt, class X, class Y>
     requires feature_product_v<Combine>
-struct bilinear_pairwise_core<node<kind::pairwise<Combine>, Wt, X, Y>> {
+struct bilinear_pairwise_core<node<kind::pairwise<Combine>, Wt, X, Y>> : three_distinct_inputs<Wt, X, Y> {
     using weights = Wt;
     using queries = X;
     using keys = Y;
-    static constexpr bool value = [] {
-        if constexpr (is_input_v<Wt> && is_input_v<X> && is_input_v<Y>)
-            return !(Wt::name == X::name) && !(Wt::name == Y::name) && !(X::name == Y::name);
-        else return false;
-    }();
-    static constexpr bool distinct_from(std::string_view name) {
-        if constexpr (value) return name != Wt::name.view() && name != X::name.view() && name != Y::name.view();
-        else return false;
-    }
 };
 template <class E> using bilinear_attention_backward = weighted_attention_over<bilinear_pairwise_core, E>;
 template <class E> inline constexpr bool bilinear_attention_backward_v = bilinear_attention_backward<std::remove_cvref_t<E>>::value;
