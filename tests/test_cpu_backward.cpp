@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "bias_factor_cases.hpp"
 #include "hard_attention_inputs.hpp"
 #include "projected_core_inputs.hpp"
 #include "row_statistics_check.hpp"
@@ -132,8 +133,8 @@ TEST_CASE("the CPU backward, fused and unfused, agrees with the reference backwa
         // the rows it covers: dot product, scaled, general, self-general (h^T W h), self query-free
         // (v^T tanh(W h)), weighted softmax (pairwise q . k), scores near 1e4,
         // masked softmax, hard, local-m, the three relations, causal, both paddings, sliding window,
-        // soft-capping, GQA (f32 and bf16), MQA, decode, dropout, sigmoid and ReLU^2 attention
-        CHECK(count.variants == 25);
+        // ALiBi, soft-capping, GQA (f32 and bf16), MQA, decode, dropout, sigmoid and ReLU^2 attention
+        CHECK(count.variants == 26);
         CHECK(count.variants + count.outside >= 30);
     }
 }
@@ -296,6 +297,39 @@ TEST_CASE("the CPU backward of keys that are an activated projection, and of a b
     const af::tensor out = af::cpu::run(per_head_keys, bq_deep, bk, bv, bw_per_head).output;
     CHECK_THROWS_WITH(af::cpu::backward(per_head_keys, out, out, bq_deep, bk, bv, bw_per_head),
                       Catch::Contains("values V") && Catch::Contains("W and K"));
+}
+
+TEST_CASE("the CPU backward of a learned factor of a positional bias: ALiBi's slopes, a factor per query row", "[cpu][backward]") {
+    // tiles crossed both ways
+    af::testing::for_each_bias_factor_case(67, 131, random_floats, [](const char* name, const auto& e, const auto&... bindings) {
+        INFO(name);
+        check_both_modes(e, bindings...);
+    });
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"c"> c;
+    af::matrix<"m"> m;
+    const af::testing::projected_core_inputs in(23, 41, random_floats);
+    // a factor of one value per key: no forward gives its gradient, so a message naming it
+    const std::vector<float> per_key = random_floats(in.n_k, 72);
+    const auto bc = af::bind(c, af::row_major(per_key.data(), 1, in.n_k));
+    const auto per_key_bias = af::softmax(af::scale(Q^af::T*K) + c * (0.1 * af::j))*V;
+    const af::tensor out = af::cpu::run(per_key_bias, in.bind_q(), in.bind_k(), in.bind_v(), bc).output;
+    CHECK_THROWS_WITH(af::cpu::backward(per_key_bias, out, out, in.bind_q(), in.bind_k(), in.bind_v(), bc),
+                      Catch::Contains("bias factor c") && Catch::Contains("bound 1 x 41") && Catch::Contains("detach(c)"));
+    // under soft-capping the bias's gradient is not linear in the score's: refused, pointing to the reference
+    const float slope = 0.25f;
+    const auto bm = af::bind(m, af::row_major(&slope, 1, 1));
+    // read under detach, the slopes get no gradient (and the attention is the dot core's)
+    using frozen = decltype(af::softmax(af::mask(af::scale(Q^af::T*K) - af::detach(m) * (af::i - af::j), af::causal))*V);
+    STATIC_REQUIRE_FALSE(af::gets_gradient_v<frozen, "m">);
+    STATIC_REQUIRE(af::gets_gradient_v<frozen, "Q">);
+    STATIC_REQUIRE(af::plan::attention_backward_v<frozen>);
+    const auto capped = af::softmax(8 * af::tanh((af::scale(Q^af::T*K) - m * (af::i - af::j)) / 8))*V;
+    STATIC_REQUIRE_FALSE(af::plan::backend_backward_v<decltype(capped)>);
+    CHECK_THROWS_WITH(af::cpu::backward(capped, af::tensor{}, af::tensor{}, in.bind_q(), in.bind_k(), in.bind_v(), bm),
+                      Catch::Contains("reference::backward"));
 }
 
 TEST_CASE("the CPU backward of activated keys chains a zero gradient through an infinite partial as the reference does",

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bias_factor_cases.hpp"
 #include "hard_attention_inputs.hpp"
 #include "projected_core_inputs.hpp"
 #include "row_statistics_check.hpp"
@@ -107,7 +108,7 @@ TEST_CASE("the Vulkan backward, fused and unfused, agrees with the reference bac
             const bool huge_scores = v.name.find("1e4") != std::string::npos;
             (check_backward(*dev, v.name, e, huge_scores ? 1e-2 : 1e-4, {execution::fused, execution::unfused}, bindings...) ? covered : outside) += 1;
         });
-        CHECK(covered == 25);  // the rows cpu::backward covers
+        CHECK(covered == 26);  // the rows cpu::backward covers
         CHECK(covered + outside >= 30);
     }
 }
@@ -176,8 +177,9 @@ std::size_t check_every_partial(vk::device& dev, af::op::op_list<Ops...>) {
 TEST_CASE("each operation's GLSL derivative agrees with its partials through the reference backward", "[vulkan][backward]") {
     vk::device* dev = shared_device();
     if (!dev) return;
-    // 12 unary operations, 14 binary ones and `where`, each operand that can hold the core
-    CHECK(check_every_partial(*dev, af::op::all{}) == 12 + 2 * 14 + 2);
+    // 13 unary operations (detach among them: Q and K get none), 14 binary ones and `where`,
+    // each operand that can hold the core
+    CHECK(check_every_partial(*dev, af::op::all{}) == 13 + 2 * 14 + 2);
 }
 
 namespace {
@@ -349,6 +351,27 @@ TEST_CASE("the Vulkan backward of keys that are an activated projection, and of 
                          bw_projection));
     CHECK(check_backward(*dev, "bilinear pairwise", af::softmax(af::mask(af::pairwise(w, Q, K, af::kf * af::qf), af::window(9)))*V, 1e-4,
                          both, bq, bk, bv, bw_features));
+}
+
+TEST_CASE("the Vulkan backward of a learned factor of a positional bias: ALiBi's slopes, a factor per query row", "[vulkan][backward]") {
+    vk::device* dev = shared_device();
+    if (!dev) return;
+    const std::vector<execution> both{execution::fused, execution::unfused};
+    af::testing::for_each_bias_factor_case(37, 70, random_floats, [&](const char* name, const auto& e, const auto&... bindings) {
+        CHECK(check_backward(*dev, name, e, 1e-4, both, bindings...));
+    });
+    // a factor of one value per key: a message naming it
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"c"> c;
+    const af::testing::projected_core_inputs in(23, 41, random_floats);
+    const std::vector<float> per_key = random_floats(in.n_k, 72);
+    const auto bc = af::bind(c, af::row_major(per_key.data(), 1, in.n_k));
+    const auto per_key_bias = af::softmax(af::scale(Q^af::T*K) + c * (0.1 * af::j))*V;
+    const af::tensor out = rounded(af::reference::evaluate(per_key_bias, in.bind_q(), in.bind_k(), in.bind_v(), bc));
+    CHECK_THROWS_WITH(vk::backward(*dev, per_key_bias, out, out, in.bind_q(), in.bind_k(), in.bind_v(), bc),
+                      Catch::Contains("bias factor c") && Catch::Contains("bound 1 x 41"));
 }
 
 TEST_CASE("the Vulkan backward of hard attention sends each row's dO to the value row it chose", "[vulkan][backward]") {

@@ -2,7 +2,8 @@
 // compositions of a backend's own run and kernels (shared, so that each
 // backend only passes its run and its dot-core backward in): the cores over
 // a projection through the dot-core backward (the general core, activated
-// keys, the bilinear pairwise score: projected_backward.hpp), hard attention
+// keys, the bilinear pairwise score: projected_backward.hpp), a learned
+// factor of a positional bias (bias_factor_backward.hpp), hard attention
 // (hard_backward.hpp), and an input read in several places
 // (shared_input_backward.hpp).
 #pragma once
@@ -36,6 +37,7 @@ backward_result composed_backward(const E& e, const tensor& output, const tensor
     static_assert(plan::composed_backward_v<E>, "attnfuse internal: composed_backward of an attention that is no composition");
     if constexpr (plan::hard_attention_backward_v<E>) return hard_attention_backward(e, output, d_output, run, bindings...);
     else if constexpr (plan::shared_input_backward_v<E>) return shared_input_backward(e, backward, bindings...);
+    else if constexpr (plan::bias_factor_attention_backward_v<E>) return bias_factor_backward(e, output, d_output, run, backward, bindings...);
     else if constexpr (plan::general_attention_backward_v<E>) return general_core_backward(e, run, backward, bindings...);
     else if constexpr (plan::activated_keys_attention_backward_v<E>) return activated_keys_backward(e, run, backward, bindings...);
     else return bilinear_backward(e, run, backward, bindings...);

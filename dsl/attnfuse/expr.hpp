@@ -473,6 +473,7 @@ ATTNFUSE_UNARY_FUNCTION(sqrt, op::sqrt_)
 ATTNFUSE_UNARY_FUNCTION(square, op::square)
 ATTNFUSE_UNARY_FUNCTION(softplus, op::softplus)
 ATTNFUSE_UNARY_FUNCTION(erf, op::erf_)
+ATTNFUSE_UNARY_FUNCTION(detach, op::detach)
 #undef ATTNFUSE_UNARY_FUNCTION
 
 template <class A, class B>

@@ -139,7 +139,8 @@ inline std::string outside_attention_backward(std::string_view backend, const st
            "::backward covers softmax(score)*V, dropout(softmax(score), p, seed)*V and pointwise weights w(score)*V "
            "(sigmoid, ReLU^2) whose score is one Q^T*K of two bound inputs "
            "(or one Q^T*W*K of three, one X^T*f(W*Y) of keys an activated projection, or one pairwise(w, Q, K, qf * kf)) "
-           "under pointwise operations whose other inputs get no gradient (scale, masks, lengths, soft-capping), with V bound, "
+           "under pointwise operations whose other inputs get no gradient (scale, masks, lengths, soft-capping, detach), with V bound, "
+           "or a softmax of such a score plus a learned factor of a positional bias (m*(i - j), m one value per head or query row), "
            "and hard(score)*V of any score with V bound; and any of these reading one input in several places, "
            "its values perhaps transposed (softmax(h^T*W*h)*transpose(h)); `" +
            expression + "` is not of that form. reference::backward differentiates every expression";

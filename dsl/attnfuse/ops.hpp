@@ -208,6 +208,23 @@ ATTNFUSE_UNARY_FUNCTION(erf_, "erf", "af_erf",
 };
 #undef ATTNFUSE_UNARY_FUNCTION
 
+// detach(x): x itself, through which no gradient flows (PyTorch's detach,
+// JAX's stop_gradient): the backward treats what it reads as a constant,
+// as a model does with frozen ALiBi slopes or a fixed bias table.
+struct detach {
+    static constexpr std::string_view name = "detach";
+    static constexpr bool prefix = false;
+    static constexpr std::string_view glsl = "af_detach";
+    static constexpr bool glsl_infix = false;
+    static constexpr std::string_view glsl_definition = "float af_detach(float x) { return x; }";
+    template <class F> static constexpr F apply(F x) { return x; }
+    template <class L> static typename L::vec lanes(typename L::vec a) { return a; }
+    static interval bounds(interval a) { return a; }
+    static constexpr std::array<bool, 1> carries_gradient{false};
+    template <class F> static constexpr std::array<F, 1> partials(F) { return {F(0)}; }
+    static constexpr std::array<std::string_view, 1> glsl_partials{"0.0"};
+};
+
 // ---- binary ------------------------------------------------------------
 // `symbol` empty means the operation prints as a function call name(a, b);
 // Carries is whether a gradient flows to the operands.
@@ -338,7 +355,7 @@ struct select {
 // Every operation above, for the stages that emit a definition of each
 // (the GLSL prelude): an operation is added by adding it here too.
 template <class... Ops> struct op_list {};
-using all = op_list<negate, logical_not, exp_, log_, tanh_, sigmoid, relu, abs_, sqrt_, square, softplus, erf_, add, subtract,
+using all = op_list<negate, logical_not, exp_, log_, tanh_, sigmoid, relu, abs_, sqrt_, square, softplus, erf_, detach, add, subtract,
                     multiply, divide, maximum, minimum, less, less_equal, greater, greater_equal, equal, not_equal, logical_and,
                     logical_or, select>;
 

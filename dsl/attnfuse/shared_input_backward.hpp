@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "bind.hpp"
+#include "bias_factor_backward.hpp"
 #include "expr.hpp"
 #include "gradient.hpp"
 #include "hard_backward.hpp"
@@ -30,11 +31,12 @@ namespace plan {
 
 // The backward a backend runs as such: the dot-core attention, the cores
 // over a projection through it (general, activated keys, bilinear
-// pairwise), hard attention.
+// pairwise), a learned factor of a positional bias over any of them, hard
+// attention.
 template <class E>
 inline constexpr bool direct_backward_v = attention_backward_v<E> || general_attention_backward_v<E> ||
                                           activated_keys_attention_backward_v<E> || bilinear_attention_backward_v<E> ||
-                                          hard_attention_backward_v<E>;
+                                          bias_factor_attention_backward_v<E> || hard_attention_backward_v<E>;
 
 }  // namespace plan
 

@@ -1,0 +1,40 @@
+// The attentions both backends' backward tests run with a learned factor of
+// a positional bias (bias_factor_backward.hpp): ALiBi's slopes per head over
+// grouped-query keys, a factor per (batch, head) and query row reached
+// through a product, scale(., c) and a quotient under a window, the general
+// core under a negated bias, and the slopes read under detach (no gradient
+// for them; Q, K and V through the dot-core backward).
+#pragma once
+#include <cstddef>
+#include <vector>
+
+#include <attnfuse/dsl.hpp>
+
+#include "projected_core_inputs.hpp"
+
+namespace attnfuse::testing {
+
+// check(name, expression, bindings...) for each attention, at n_q x n_k.
+template <class Random, class Check>
+void for_each_bias_factor_case(std::size_t n_q, std::size_t n_k, const Random& random, const Check& check) {
+    const matrix<"Q"> Q;
+    const matrix<"K"> K;
+    const matrix<"V"> V;
+    const matrix<"W"> W;
+    const matrix<"m"> m;  // one slope per head
+    const matrix<"r"> r;  // one factor per (batch, head) and query row
+    const projected_core_inputs in(n_q, n_k, random);
+    const std::size_t batch = projected_core_inputs::batch, heads = projected_core_inputs::heads;
+    const std::vector<float> slopes{0.5f, 0.125f}, rows = random(batch * heads * n_q, 71);
+    const auto bm = bind(m, row_major(slopes.data(), 1, 1, 1, heads));
+    const auto br = bind(r, row_major(rows.data(), n_q, 1, batch, heads));
+    check("ALiBi, GQA keys", softmax(mask(scale(Q^T*K) - m * (i - j), causal))*V, in.bind_q(), in.bind_k(), in.bind_v(), bm);
+    check("a factor per query row, windowed", softmax(mask(scale(Q^T*K) + scale((j - i) * r, 0.5) / 4, window(9)))*V, in.bind_q(),
+          in.bind_k(), in.bind_v(), br);
+    check("general core, negated bias", softmax(-(m * (i - j)) + (Q^T*W*K))*V, in.bind_q_deep(), in.bind_projection(), in.bind_k(),
+          in.bind_v(), bm);
+    check("ALiBi, slopes detached", softmax(mask(scale(Q^T*K) - detach(m) * (i - j), causal))*V, in.bind_q(), in.bind_k(), in.bind_v(),
+          bm);
+}
+
+}  // namespace attnfuse::testing
