@@ -693,6 +693,9 @@ void register_all() {
                     [mode](benchmark::State& st) { attnfuse_cpu_backward<family::sigmoid>(st, {mode}); })->UseRealTime();
                 add("hard_backward/cpu/" + row, args,
                     [mode](benchmark::State& st) { attnfuse_cpu_backward<family::hard>(st, {mode}); })->UseRealTime();
+                // ALiBi with its slopes trained: the causal dot-core backward plus two forwards of softmax(s) % G
+                add("alibi_backward/cpu/" + row, args,
+                    [mode](benchmark::State& st) { attnfuse_cpu_backward<family::alibi>(st, {mode}); })->UseRealTime();
             }
             // lavapipe: d 64 only
             if (vulkan_on_cpu && !smoke && d != 64) continue;
@@ -705,7 +708,9 @@ void register_all() {
                                 add("sigmoid_causal_backward/vulkan/" + row, args,
                                     [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::sigmoid>(st, mode); }),
                                 add("hard_backward/vulkan/" + row, args,
-                                    [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::hard>(st, mode); })}) {
+                                    [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::hard>(st, mode); }),
+                                add("alibi_backward/vulkan/" + row, args,
+                                    [mode](benchmark::State& st) { attnfuse_vulkan_backward<family::alibi>(st, mode); })}) {
                     b->UseManualTime();
                     if (!smoke) b->Iterations(vulkan_on_cpu ? 2 : 5);
                 }

@@ -2,8 +2,9 @@
 // a positional bias (bias_factor_backward.hpp): ALiBi's slopes per head over
 // grouped-query keys, a factor per (batch, head) and query row reached
 // through a product, scale(., c) and a quotient under a window, the general
-// core under a negated bias, and the slopes read under detach (no gradient
-// for them; Q, K and V through the dot-core backward).
+// core under a negated bias, one slope for every head in a where's other
+// branch, and the slopes or a bias table read under detach (no gradient for
+// them; Q, K and V through the dot-core backward).
 #pragma once
 #include <cstddef>
 #include <vector>
@@ -33,6 +34,16 @@ void for_each_bias_factor_case(std::size_t n_q, std::size_t n_k, const Random& r
           in.bind_k(), in.bind_v(), br);
     check("general core, negated bias", softmax(-(m * (i - j)) + (Q^T*W*K))*V, in.bind_q_deep(), in.bind_projection(), in.bind_k(),
           in.bind_v(), bm);
+    // the path in a where's other branch and through a product by a number; one slope for every head
+    const float one_slope = 0.3f;
+    const auto bs = bind(matrix<"s">{}, row_major(&one_slope, 1, 1));
+    check("one slope, where's other branch", softmax(where(j > i, minus_infinity, scale(Q^T*K) - (matrix<"s">{} * (i - j)) * 0.5))*V,
+          in.bind_q(), in.bind_k(), in.bind_v(), bs);
+    // a fixed table read under detach: the dot-core backward, no gradient for it
+    const std::vector<float> table = random(heads * (n_q + n_k - 1), 73);
+    const auto bt = bind(matrix<"Bt">{}, row_major(table.data(), 1, n_q + n_k - 1, 1, heads));
+    check("relative position bias, table detached", softmax(scale(Q^T*K) + detach(matrix<"Bt">{}[i - j + double(n_k - 1)]))*V,
+          in.bind_q(), in.bind_k(), in.bind_v(), bt);
     check("ALiBi, slopes detached", softmax(mask(scale(Q^T*K) - detach(m) * (i - j), causal))*V, in.bind_q(), in.bind_k(), in.bind_v(),
           bm);
 }

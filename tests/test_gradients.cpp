@@ -232,6 +232,35 @@ TEST_CASE("which inputs get a gradient is decided from the expression", "[gradie
     CHECK(std::abs(dv.at(0, 0, 0, 0) + dv.at(0, 0, 1, 0) - 2.0) < 1e-12);
 }
 
+TEST_CASE("detach passes no gradient: an input read only under it gets none, inside a pairwise combination too", "[gradients]") {
+    using af::matrix;
+    matrix<"Q"> Q;
+    matrix<"K"> K;
+    matrix<"V"> V;
+    matrix<"w"> w;
+    matrix<"m"> m;
+    using frozen_slopes = decltype(af::softmax(af::scale(Q^af::T*K) - af::detach(m) * (af::i - af::j)) * V);
+    STATIC_REQUIRE_FALSE(af::gets_gradient_v<frozen_slopes, "m">);
+    STATIC_REQUIRE(af::gets_gradient_v<frozen_slopes, "K">);
+    // the query features under detach: Q gets none, K and w do
+    const auto frozen_queries = af::softmax(af::pairwise(w, Q, K, af::detach(af::sqrt(af::qf)) * af::kf)) * V;
+    STATIC_REQUIRE_FALSE(af::gets_gradient_v<decltype(frozen_queries), "Q">);
+    STATIC_REQUIRE(af::gets_gradient_v<decltype(frozen_queries), "K">);
+    STATIC_REQUIRE(af::gets_gradient_v<decltype(frozen_queries), "w">);
+    // a query feature of 0, where sqrt's partial is infinite: detach's 0 adds nothing, not 0 * inf
+    const std::vector<float> q{0.0f, 0.25f, 0.5f, 1.0f}, k{0.1f, 0.2f, -0.3f, 0.4f, 0.5f, -0.6f}, v{1, 2, 3, 4, 5, 6}, weights{0.7f, -0.4f};
+    const auto bq = af::bind(Q, af::col_major(q.data(), 2, 2));
+    const auto bk = af::bind(K, af::col_major(k.data(), 2, 3));
+    const auto bv = af::bind(V, v.data(), 3, 2);
+    const auto bw = af::bind(w, weights.data(), 2, 1);
+    af::reference::result d_output = af::reference::evaluate(frozen_queries, bq, bk, bv, bw);
+    d_output.values.assign(d_output.values.size(), 1.0);
+    const af::reference::gradients g = af::reference::backward(frozen_queries, d_output, bq, bk, bv, bw);
+    CHECK(g.without == std::vector<std::string>{"Q"});
+    for (const char* name : {"K", "V", "w"})
+        for (const double x : g.of(name).values) CHECK(std::isfinite(x));
+}
+
 TEST_CASE("the reference backward of a fully masked row is zero, not NaN", "[gradients]") {
     using af::matrix;
     matrix<"Q"> Q;

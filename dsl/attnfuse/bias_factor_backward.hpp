@@ -210,6 +210,9 @@ backward_result bias_factor_backward(const E& e, const tensor& output, const ten
     const bound_shape factor_shape = shape_of_binding(detail::binding_named<Factor::name>(bindings...));
     const bound_shape values_shape = shape_of_binding(detail::binding_named<Values::name>(bindings...));
     const std::size_t n_q = output.rows, n_k = values_shape.rows, d_v = output.cols;
+    const auto detached = detail::replace_node<Term>(e, detail::detached_term(term));
+    // the inner backward checks the output and dO against the expression first
+    backward_result inner = backward(detached, bindings...);
     if (factor_shape.cols != 1 || (factor_shape.rows != 1 && factor_shape.rows != n_q))
         throw std::invalid_argument("attnfuse: backward gives the bias factor " + factor_name + " of " + to_string(term) +
                                     " a gradient when it has one value per (batch, head) or per query row (1 x 1 or " +
@@ -217,17 +220,18 @@ backward_result bias_factor_backward(const E& e, const tensor& output, const ten
                                     std::to_string(factor_shape.cols) + "; read it under detach(" + factor_name +
                                     ") if it is not trained, or reference::backward takes any");
 
-    const auto detached = detail::replace_node<Term>(e, detail::detached_term(term));
-    backward_result inner = backward(detached, bindings...);
-
     // A = (P % G) V and B = (P % G) 1, the softmax's P as the forward has it
-    const auto slope_weighted = hadamard(plan::attention_parts<std::remove_cvref_t<decltype(detached)>>::weights(detached), detail::bias_slope<Term>(parts::score(e)));
+    using Detached = std::remove_cvref_t<decltype(detached)>;
+    const auto slope_weighted = hadamard(plan::attention_parts<Detached>::weights(detached), detail::bias_slope<Term>(parts::score(e)));
     const run_result weighted_values = run(slope_weighted * Values{}, bindings...);
     const tensor ones{1, 1, n_k, 1, std::vector<float>(n_k, 1.0f)};
-    const run_result weight_sums = run(slope_weighted * matrix<"bias_factor_ones">{}, detail::bound_tensor<"bias_factor_ones">(ones), bindings...);
+    const run_result weight_sums =
+        run(slope_weighted * matrix<"bias_factor_ones">{}, detail::bound_tensor<"bias_factor_ones">(ones), bindings...);
+    const std::size_t heads_out = output.batch * output.heads, rows = factor_shape.rows;
+    if (weighted_values.output.values.size() != output.values.size() || weight_sums.output.values.size() != heads_out * n_q)
+        throw std::logic_error("attnfuse internal: the bias factor's forwards have other extents than the attention's output");
 
     // each row's share dO_i . A_i - D_i B_i, per (batch, head) of the output, summed to the factor's rows
-    const std::size_t heads_out = output.batch * output.heads, rows = factor_shape.rows;
     tensor shares{output.batch, output.heads, rows, 1, std::vector<float>(heads_out * rows, 0.0f)};
     for (std::size_t m = 0; m < heads_out; ++m) {
         double total = 0;
@@ -249,6 +253,8 @@ backward_result bias_factor_backward(const E& e, const tensor& output, const ten
     backward_result result;
     result.info = std::move(inner.info);
     for (const report* r : {&weighted_values.info, &weight_sums.info}) detail::add_run(result.info, *r);
+    result.info.intermediate_bytes +=
+        (weighted_values.output.values.size() + weight_sums.output.values.size() + ones.values.size() + shares.values.size()) * sizeof(float);
     std::vector<named_gradient> computed;
     computed.push_back({factor_name, detail::summed_to(std::move(shares), factor_shape.batch, factor_shape.heads)});
     detail::hand_out_composed<Bindings...>(result, inner, std::move(computed), {Factor::name.view()});

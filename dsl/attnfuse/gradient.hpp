@@ -9,12 +9,13 @@
 //                 operands, nor to a where's condition, since the result is
 //                 piecewise constant there; masks and lengths pass nothing;
 //   lookup        to the table (accumulated per index), not to the index;
+//   pairwise      to w, and to a feature where the combining function
+//                 passes a gradient to qf or kf (not through detach);
 //   hard          to nothing: one-hot weights are piecewise constant in the
 //                 scores, so the scores (and the Q and K under them) get no
 //                 gradient, while V and a post factor still do;
 //   every other   to every operand (products, transposes, scales, softmax,
-//                 dropout with the forward's mask, reductions, pairwise
-//                 scores, concat_heads).
+//                 dropout with the forward's mask, reductions, concat_heads).
 #pragma once
 #include <cstddef>
 #include <string>
@@ -34,6 +35,28 @@ template <class Table, class Index, std::size_t I>
 struct carries_gradient_to<node<kind::lookup, Table, Index>, I> : std::bool_constant<I == 0> {};
 template <class Scores, std::size_t I>
 struct carries_gradient_to<node<kind::hard, Scores>, I> : std::false_type {};
+
+// Does a pairwise score's combining function pass a gradient to Feature (qf
+// or kf): along operands that carry one (not through detach or a comparison)?
+template <class F, class Feature> struct combine_carries_to : std::is_same<F, Feature> {};
+template <class Kind, class... Kids, class Feature>
+struct combine_carries_to<node<Kind, Kids...>, Feature> : std::bool_constant<(combine_carries_to<Kids, Feature>::value || ...)> {};
+template <class Op, class... Kids, class Feature>
+struct combine_carries_to<node<kind::elementwise<Op>, Kids...>, Feature> {
+private:
+    template <std::size_t... I>
+    static constexpr bool any(std::index_sequence<I...>) {
+        return ((Op::carries_gradient[I] && combine_carries_to<std::tuple_element_t<I, std::tuple<Kids...>>, Feature>::value) || ...);
+    }
+
+public:
+    static constexpr bool value = any(std::index_sequence_for<Kids...>{});
+};
+// pairwise(w, Qf, Kf, f): to w always (the score is linear in it), to the
+// features where f passes one to qf or kf
+template <class Combine, class W, class QF, class KF, std::size_t I>
+struct carries_gradient_to<node<kind::pairwise<Combine>, W, QF, KF>, I>
+    : std::bool_constant<I == 0 || combine_carries_to<Combine, std::conditional_t<I == 1, pair_query_feature, pair_key_feature>>::value> {};
 
 // Does the output of E depend differentiably on the input named Name: is
 // there a path from E to it along which every node carries a gradient?
@@ -140,7 +163,7 @@ inline std::string outside_attention_backward(std::string_view backend, const st
            "(sigmoid, ReLU^2) whose score is one Q^T*K of two bound inputs "
            "(or one Q^T*W*K of three, one X^T*f(W*Y) of keys an activated projection, or one pairwise(w, Q, K, qf * kf)) "
            "under pointwise operations whose other inputs get no gradient (scale, masks, lengths, soft-capping, detach), with V bound, "
-           "or a softmax of such a score plus a learned factor of a positional bias (m*(i - j), m one value per head or query row), "
+           "or a softmax of such a score plus a learned factor of a positional bias (m*(i - j), m one value per (batch, head) or per query row), "
            "and hard(score)*V of any score with V bound; and any of these reading one input in several places, "
            "its values perhaps transposed (softmax(h^T*W*h)*transpose(h)); `" +
            expression + "` is not of that form. reference::backward differentiates every expression";

@@ -199,6 +199,7 @@ inline void add_run(report& into, const report& run) {
     into.kernels.insert(into.kernels.end(), run.kernels.begin(), run.kernels.end());
     into.dispatches += run.dispatches;
     into.intermediate_bytes += run.intermediate_bytes;
+    into.score_bytes += run.score_bytes;
     into.wall_seconds += run.wall_seconds;
     into.device_seconds += run.device_seconds;
     into.build_seconds += run.build_seconds;

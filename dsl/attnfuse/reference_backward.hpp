@@ -159,7 +159,15 @@ combined combine_with_partials(const F& f, double q, double k) {
                 return [&]<std::size_t... I>(std::index_sequence<I...>) {
                     const auto partials = Op::partials(parts[I].value...);
                     combined out{Op::apply(parts[I].value...), 0, 0};
-                    ((out.d_query += chained(parts[I].d_query, partials[I]), out.d_key += chained(parts[I].d_key, partials[I])), ...);
+                    // an operand the operation carries no gradient to (detach's, a comparison's) adds nothing,
+                    // not 0 * inf
+                    auto pull = [&]<std::size_t A>(std::integral_constant<std::size_t, A>) {
+                        if constexpr (Op::carries_gradient[A]) {
+                            out.d_query += chained(parts[A].d_query, partials[A]);
+                            out.d_key += chained(parts[A].d_key, partials[A]);
+                        }
+                    };
+                    (pull(std::integral_constant<std::size_t, I>{}), ...);
                     return out;
                 }(std::make_index_sequence<sizeof...(kids)>{});
             },
