@@ -4,7 +4,8 @@
 // through a product, scale(., c) and a quotient under a window, the general
 // core under a negated bias, one slope for every head in a where's other
 // branch, and the slopes or a bias table read under detach (no gradient for
-// them; Q, K and V through the dot-core backward).
+// them; Q, K and V through the dot-core backward); and a factor of one value
+// per key, which is refused.
 #pragma once
 #include <cstddef>
 #include <vector>
@@ -46,6 +47,19 @@ void for_each_bias_factor_case(std::size_t n_q, std::size_t n_k, const Random& r
           in.bind_q(), in.bind_k(), in.bind_v(), bt);
     check("ALiBi, slopes detached", softmax(mask(scale(Q^T*K) - detach(m) * (i - j), causal))*V, in.bind_q(), in.bind_k(), in.bind_v(),
           bm);
+}
+
+// refuse(expression, bindings...) for an attention whose bias factor c has
+// one value per key (1 x 41), which the backends' backward refuses.
+template <class Random, class Refuse>
+void with_per_key_factor(const Random& random, const Refuse& refuse) {
+    const matrix<"Q"> Q;
+    const matrix<"K"> K;
+    const matrix<"V"> V;
+    const matrix<"c"> c;
+    const projected_core_inputs in(23, 41, random);
+    const std::vector<float> per_key = random(in.n_k, 72);
+    refuse(softmax(scale(Q^T*K) + c * (0.1 * j))*V, in.bind_q(), in.bind_k(), in.bind_v(), bind(c, row_major(per_key.data(), 1, in.n_k)));
 }
 
 }  // namespace attnfuse::testing

@@ -305,19 +305,17 @@ TEST_CASE("the CPU backward of a learned factor of a positional bias: ALiBi's sl
         INFO(name);
         check_both_modes(e, bindings...);
     });
+    // a factor of one value per key: no forward gives its gradient, so a message naming it
+    af::testing::with_per_key_factor(random_floats, [](const auto& per_key_bias, const auto&... bindings) {
+        const af::tensor out = af::cpu::run(per_key_bias, bindings...).output;
+        CHECK_THROWS_WITH(af::cpu::backward(per_key_bias, out, out, bindings...),
+                          Catch::Contains("bias factor c") && Catch::Contains("bound 1 x 41") && Catch::Contains("detach(c)"));
+    });
     af::matrix<"Q"> Q;
     af::matrix<"K"> K;
     af::matrix<"V"> V;
-    af::matrix<"c"> c;
     af::matrix<"m"> m;
     const af::testing::projected_core_inputs in(23, 41, random_floats);
-    // a factor of one value per key: no forward gives its gradient, so a message naming it
-    const std::vector<float> per_key = random_floats(in.n_k, 72);
-    const auto bc = af::bind(c, af::row_major(per_key.data(), 1, in.n_k));
-    const auto per_key_bias = af::softmax(af::scale(Q^af::T*K) + c * (0.1 * af::j))*V;
-    const af::tensor out = af::cpu::run(per_key_bias, in.bind_q(), in.bind_k(), in.bind_v(), bc).output;
-    CHECK_THROWS_WITH(af::cpu::backward(per_key_bias, out, out, in.bind_q(), in.bind_k(), in.bind_v(), bc),
-                      Catch::Contains("bias factor c") && Catch::Contains("bound 1 x 41") && Catch::Contains("detach(c)"));
     // under soft-capping the bias's gradient is not linear in the score's: refused, pointing to the reference
     const float slope = 0.25f;
     const auto bm = af::bind(m, af::row_major(&slope, 1, 1));

@@ -361,17 +361,11 @@ TEST_CASE("the Vulkan backward of a learned factor of a positional bias: ALiBi's
         CHECK(check_backward(*dev, name, e, 1e-4, both, bindings...));
     });
     // a factor of one value per key: a message naming it
-    af::matrix<"Q"> Q;
-    af::matrix<"K"> K;
-    af::matrix<"V"> V;
-    af::matrix<"c"> c;
-    const af::testing::projected_core_inputs in(23, 41, random_floats);
-    const std::vector<float> per_key = random_floats(in.n_k, 72);
-    const auto bc = af::bind(c, af::row_major(per_key.data(), 1, in.n_k));
-    const auto per_key_bias = af::softmax(af::scale(Q^af::T*K) + c * (0.1 * af::j))*V;
-    const af::tensor out = rounded(af::reference::evaluate(per_key_bias, in.bind_q(), in.bind_k(), in.bind_v(), bc));
-    CHECK_THROWS_WITH(vk::backward(*dev, per_key_bias, out, out, in.bind_q(), in.bind_k(), in.bind_v(), bc),
-                      Catch::Contains("bias factor c") && Catch::Contains("bound 1 x 41"));
+    af::testing::with_per_key_factor(random_floats, [&](const auto& per_key_bias, const auto&... bindings) {
+        const af::tensor out = rounded(af::reference::evaluate(per_key_bias, bindings...));
+        CHECK_THROWS_WITH(vk::backward(*dev, per_key_bias, out, out, bindings...),
+                          Catch::Contains("bias factor c") && Catch::Contains("bound 1 x 41"));
+    });
 }
 
 TEST_CASE("the Vulkan backward of hard attention sends each row's dO to the value row it chose", "[vulkan][backward]") {

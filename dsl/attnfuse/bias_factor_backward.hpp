@@ -86,15 +86,16 @@ template <class Kind, class... Kids> struct find_bias_term<node<Kind, Kids...>, 
 private:
     static constexpr std::array<bool, sizeof...(Kids)> holds{!std::is_void_v<typename find_bias_term<Kids>::type>...};
     static constexpr std::size_t count = (std::size_t{!std::is_void_v<typename find_bias_term<Kids>::type>} + ...);
-    static constexpr std::size_t at = [] {
+
+public:
+    // the operand the path to the term runs through
+    static constexpr std::size_t path_operand = [] {
         for (std::size_t k = 0; k < holds.size(); ++k)
             if (holds[k]) return k;
         return std::size_t{0};
     }();
-    using below = typename find_bias_term<std::tuple_element_t<at, std::tuple<Kids...>>>::type;
-
-public:
-    using type = std::conditional_t<count == 1 && linear_in_operand<node<Kind, Kids...>, at>::value, below, void>;
+    using type = std::conditional_t<count == 1 && linear_in_operand<node<Kind, Kids...>, path_operand>::value,
+                                    typename find_bias_term<std::tuple_element_t<path_operand, std::tuple<Kids...>>>::type, void>;
 };
 
 // How many places of E read the input named Name.
@@ -115,27 +116,16 @@ constexpr auto detached_term(const Term& t) {
     else return elementwise<op::multiply>(t.template kid<0>(), detach(t.template kid<1>()));
 }
 
-template <class Term, class S> struct holds_term : std::is_same<S, Term> {};
-template <class Term, class Kind, class... Kids>
-struct holds_term<Term, node<Kind, Kids...>> : std::bool_constant<std::is_same_v<node<Kind, Kids...>, Term> || (holds_term<Term, Kids>::value || ...)> {};
-
 // d s / d L for a score s holding the bias term L*H once along linear
 // operands (plan::find_bias_term): H passed up the path, as an expression.
-template <class Term, class S>
+template <class S>
 constexpr auto bias_slope(const S& s) {
-    if constexpr (std::is_same_v<S, Term>) {
-        if constexpr (plan::bias_factor_term<Term>::factor_first) return s.template kid<1>();
+    if constexpr (plan::bias_factor_term<S>::value) {
+        if constexpr (plan::bias_factor_term<S>::factor_first) return s.template kid<1>();
         else return s.template kid<0>();
     } else {
-        constexpr std::size_t at = [] {
-            constexpr std::array<bool, std::tuple_size_v<typename S::kids_type>> holds = []<class... Kids>(std::tuple<Kids...>*) {
-                return std::array<bool, sizeof...(Kids)>{holds_term<Term, Kids>::value...};
-            }(static_cast<typename S::kids_type*>(nullptr));
-            for (std::size_t k = 0; k < holds.size(); ++k)
-                if (holds[k]) return k;
-            return holds.size();
-        }();
-        const auto below = bias_slope<Term>(s.template kid<at>());
+        constexpr std::size_t at = plan::find_bias_term<S>::path_operand;
+        const auto below = bias_slope(s.template kid<at>());
         using Kind = typename S::kind_type;
         if constexpr (std::is_same_v<Kind, kind::elementwise<op::subtract>>) {
             if constexpr (at == 0) return below;
@@ -222,7 +212,7 @@ backward_result bias_factor_backward(const E& e, const tensor& output, const ten
 
     // A = (P % G) V and B = (P % G) 1, the softmax's P as the forward has it
     using Detached = std::remove_cvref_t<decltype(detached)>;
-    const auto slope_weighted = hadamard(plan::attention_parts<Detached>::weights(detached), detail::bias_slope<Term>(parts::score(e)));
+    const auto slope_weighted = hadamard(plan::attention_parts<Detached>::weights(detached), detail::bias_slope(parts::score(e)));
     const run_result weighted_values = run(slope_weighted * Values{}, bindings...);
     const tensor ones{1, 1, n_k, 1, std::vector<float>(n_k, 1.0f)};
     const run_result weight_sums =
