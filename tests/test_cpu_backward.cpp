@@ -15,6 +15,7 @@
 
 #include "bias_factor_cases.hpp"
 #include "hard_attention_inputs.hpp"
+#include "layer_backward_cases.hpp"
 #include "projected_core_inputs.hpp"
 #include "row_statistics_check.hpp"
 #include "variants.hpp"
@@ -133,8 +134,9 @@ TEST_CASE("the CPU backward, fused and unfused, agrees with the reference backwa
         // the rows it covers: dot product, scaled, general, self-general (h^T W h), self query-free
         // (v^T tanh(W h)), weighted softmax (pairwise q . k), scores near 1e4,
         // masked softmax, hard, local-m, the three relations, causal, both paddings, sliding window,
-        // ALiBi, soft-capping, GQA (f32 and bf16), MQA, decode, dropout, sigmoid and ReLU^2 attention
-        CHECK(count.variants == 26);
+        // ALiBi, soft-capping, GQA (f32 and bf16), MQA, decode, dropout, sigmoid and ReLU^2 attention,
+        // the multi-head layer
+        CHECK(count.variants == 27);
         CHECK(count.variants + count.outside >= 30);
     }
 }
@@ -328,6 +330,32 @@ TEST_CASE("the CPU backward of a learned factor of a positional bias: ALiBi's sl
     STATIC_REQUIRE_FALSE(af::plan::backend_backward_v<decltype(capped)>);
     CHECK_THROWS_WITH(af::cpu::backward(capped, af::tensor{}, af::tensor{}, in.bind_q(), in.bind_k(), in.bind_v(), bm),
                       Catch::Contains("reference::backward"));
+}
+
+TEST_CASE("the CPU backward of a multi-head layer: projections of the operands and the output projection", "[cpu][backward]") {
+    af::testing::for_each_layer_case(9, 13, random_floats, [](const char* name, const auto& e, const auto&... bindings) {
+        INFO(name);
+        STATIC_REQUIRE(af::plan::backend_backward_v<std::remove_cvref_t<decltype(e)>>);
+        check_both_modes(e, bindings...);
+        // an output gradient of another shape is named before anything runs
+        af::tensor output = af::cpu::run(e, bindings...).output, wrong = output;
+        wrong.cols += 1;
+        wrong.values.resize(wrong.batch * wrong.heads * wrong.rows * wrong.cols);
+        CHECK_THROWS_AS(af::cpu::backward(e, output, wrong, bindings...), af::shape_error);
+        CHECK_THROWS_WITH(af::cpu::backward(e, output, wrong, bindings...), Catch::Contains("d_output"));
+    });
+    // the attention under W_o must be one the backend differentiates: a soft-capped score plus a trained slope is not
+    af::matrix<"Q"> Q;
+    af::matrix<"K"> K;
+    af::matrix<"V"> V;
+    af::matrix<"m"> m;
+    af::matrix<"Wo"> Wo;
+    using capped = decltype(af::concat_heads(af::softmax(8 * af::tanh((af::scale(Q^af::T*K) - m * (af::i - af::j)) / 8))*V) * Wo);
+    STATIC_REQUIRE_FALSE(af::plan::backend_backward_v<capped>);
+    // the attentions the kernels run as such stay theirs
+    using plain = decltype(af::softmax(af::scale(Q^af::T*K))*V);
+    STATIC_REQUIRE_FALSE(af::plan::projected_operands_backward_v<plain>);
+    STATIC_REQUIRE(af::plan::output_projection_backward_v<decltype(af::concat_heads(af::softmax(af::scale(Q^af::T*K))*V) * Wo)>);
 }
 
 TEST_CASE("the CPU backward of activated keys chains a zero gradient through an infinite partial as the reference does",

@@ -19,6 +19,7 @@
 
 #include "bias_factor_cases.hpp"
 #include "hard_attention_inputs.hpp"
+#include "layer_backward_cases.hpp"
 #include "projected_core_inputs.hpp"
 #include "row_statistics_check.hpp"
 #include "variants.hpp"
@@ -108,7 +109,7 @@ TEST_CASE("the Vulkan backward, fused and unfused, agrees with the reference bac
             const bool huge_scores = v.name.find("1e4") != std::string::npos;
             (check_backward(*dev, v.name, e, huge_scores ? 1e-2 : 1e-4, {execution::fused, execution::unfused}, bindings...) ? covered : outside) += 1;
         });
-        CHECK(covered == 26);  // the rows cpu::backward covers
+        CHECK(covered == 27);  // the rows cpu::backward covers
         CHECK(covered + outside >= 30);
     }
 }
@@ -365,6 +366,20 @@ TEST_CASE("the Vulkan backward of a learned factor of a positional bias: ALiBi's
         const af::tensor out = rounded(af::reference::evaluate(per_key_bias, bindings...));
         CHECK_THROWS_WITH(vk::backward(*dev, per_key_bias, out, out, bindings...),
                           Catch::Contains("bias factor c") && Catch::Contains("bound 1 x 41"));
+    });
+}
+
+TEST_CASE("the Vulkan backward of a multi-head layer: projections of the operands and the output projection", "[vulkan][backward]") {
+    vk::device* dev = shared_device();
+    if (!dev) return;
+    const std::vector<execution> both{execution::fused, execution::unfused};
+    af::testing::for_each_layer_case(9, 13, random_floats, [&](const char* name, const auto& e, const auto&... bindings) {
+        CHECK(check_backward(*dev, name, e, 1e-4, both, bindings...));
+        const af::tensor output = rounded(af::reference::evaluate(e, bindings...));
+        af::tensor wrong = output;
+        wrong.rows += 1;
+        wrong.values.resize(wrong.batch * wrong.heads * wrong.rows * wrong.cols);
+        CHECK_THROWS_AS(vk::backward(*dev, e, output, wrong, bindings...), af::shape_error);
     });
 }
 

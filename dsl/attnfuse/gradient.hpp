@@ -165,7 +165,9 @@ inline std::string outside_attention_backward(std::string_view backend, const st
            "under pointwise operations whose other inputs get no gradient (scale, masks, lengths, soft-capping, detach), with V bound, "
            "or a softmax of such a score plus a learned factor of a positional bias (m*(i - j), m one value per (batch, head) or per query row), "
            "and hard(score)*V of any score with V bound; and any of these reading one input in several places, "
-           "its values perhaps transposed (softmax(h^T*W*h)*transpose(h)); `" +
+           "its values perhaps transposed (softmax(h^T*W*h)*transpose(h)), or with Q, K or V linear projections W*X or W*X + b "
+           "of bound inputs (transpose(Wq*X)*(Wk*X), transpose(Wv*X)), or under an output projection "
+           "concat_heads(attention)*Wo + bo (Wo perhaps transposed, bo and concat_heads perhaps absent); `" +
            expression + "` is not of that form. reference::backward differentiates every expression";
 }
 

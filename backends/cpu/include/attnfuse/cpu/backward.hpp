@@ -667,7 +667,9 @@ backward_result backward_given(const E& e, const tensor& output, const tensor& d
     if constexpr (plan::composed_backward_v<E>) {
         return composed_backward(
             e, output, d_output, [&](const auto& x, const auto&... b) { return cpu::run(x, opt, b...); },
-            [&](const auto& x, const auto&... b) { return backward_given(x, output, d_output, given, opt, b...); }, bindings...);
+            [&](const auto& x, const auto&... b) { return backward_given(x, output, d_output, given, opt, b...); },
+            [&](const auto& x, const tensor& o, const tensor& d_o, const auto&... b) { return backward_given(x, o, d_o, nullptr, opt, b...); },
+            bindings...);
     } else if constexpr (!plan::attention_backward_v<E>) {
         throw std::invalid_argument(outside_attention_backward("cpu", to_string(e)));
     } else {
