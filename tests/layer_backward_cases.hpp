@@ -20,6 +20,7 @@ struct layer_inputs {
     std::size_t n_q, n_k;
     std::vector<float> xq, xk, wq, wk, wv, bq, bk, bv, wo, wo_t, bo, slopes;
     std::vector<std::uint8_t> padded;  // 1: the key is padding
+    // bo holds d_model values: the layers with W_o of d_model columns read them all, torch's form its first d_out
 
     // random(n, seed): n deterministic values in [-1, 1)
     template <class Random>
@@ -27,7 +28,7 @@ struct layer_inputs {
         : n_q(queries), n_k(keys), xq(random(batch * d_model * n_q, 81)), xk(random(batch * d_model * n_k, 82)),
           wq(random(heads * d * d_model, 83)), wk(random(heads * d * d_model, 84)), wv(random(heads * d_v * d_model, 85)),
           bq(random(heads * d, 86)), bk(random(heads * d, 87)), bv(random(heads * d, 88)), wo(random(heads * d_v * d_model, 89)),
-          wo_t(random(d_out * heads * d, 90)), bo(random(d_out, 91)), slopes{0.5f, 0.25f, 0.125f, 0.0625f},
+          wo_t(random(d_out * heads * d, 90)), bo(random(d_model, 91)), slopes{0.5f, 0.25f, 0.125f, 0.0625f},
           padded(batch * keys, 0) {
         // batch entry b pads its last b + 2 keys and key 1: no prefix length
         for (std::size_t b = 0; b < batch; ++b)
